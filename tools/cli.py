@@ -1,0 +1,106 @@
+"""Command-line plumbing shared by every script: one-line errors, option groups, split parsing."""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable, Sequence
+
+DATASET_NAMES = ("cifar10", "cifar100", "imagenet", "imagenet_lt", "fashion_mnist", "folder")
+BACKBONE_NAMES = ("compress", "moco", "torchvision", "random")
+
+
+class UsageError(Exception):
+    """Bad input from the user: reported as one line on stderr with exit status 2."""
+
+
+class Parser(argparse.ArgumentParser):
+    """ArgumentParser whose errors are a single line (no usage dump), exit status 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def run_main(main: Callable[[Sequence[str] | None], None], argv: Sequence[str] | None = None) -> None:
+    """Run a script's main; a UsageError becomes one stderr line and exit status 2."""
+    try:
+        main(argv)
+    except UsageError as err:
+        prog = sys.argv[0].rsplit("/", 1)[-1]
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+def add_data_args(parser: argparse.ArgumentParser) -> None:
+    """Dataset, folders and run-wide flags common to all scripts."""
+    parser.add_argument("data", metavar="DIR", nargs="?", default=None,
+                        help="dataset root (optional with --feats)")
+    parser.add_argument("--dataset", default="imagenet", choices=DATASET_NAMES,
+                        help="dataset name (default: imagenet)")
+    parser.add_argument("-j", "--workers", default=4, type=int, metavar="N",
+                        help="data loading workers (default: 4)")
+    parser.add_argument("-b", "--batch-size", default=256, type=int, metavar="N",
+                        help="batch size (default: 256)")
+    parser.add_argument("-p", "--print-freq", default=10, type=int, metavar="N",
+                        help="print frequency (default: 10)")
+    parser.add_argument("--start-epoch", default=0, type=int, metavar="N",
+                        help="accepted for compatibility with the original scripts")
+    parser.add_argument("--save", default="./output", type=str,
+                        help="folder for the feature cache and results (default: ./output)")
+    parser.add_argument("--indices", default="./indices", type=str,
+                        help="folder of index files (default: ./indices)")
+    parser.add_argument("--seed", default=0, type=int,
+                        help="seed for Python, NumPy, torch and faiss (default: 0)")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                        help="auto = CUDA when available (default: auto)")
+    parser.add_argument("--download", action="store_true",
+                        help="allow torchvision to download the dataset")
+    parser.add_argument("--lt-list", default="data/ImageNet_LT_train.txt",
+                        help="ImageNet-LT train list (default: data/ImageNet_LT_train.txt)")
+    parser.add_argument("--image-size", default=None, type=int, metavar="PX",
+                        help="resize images to PX before the backbone (default: the dataset's own "
+                             "protocol: 224 for ImageNet and folders, native 32/28 for CIFAR/Fashion-MNIST)")
+    parser.add_argument("--results", default=None, type=str,
+                        help="JSON-lines file results are appended to (default: {save}/results.jsonl)")
+
+
+def add_backbone_args(parser: argparse.ArgumentParser, weights_required: bool = False) -> None:
+    """Backbone and feature-cache flags of the scripts that embed images."""
+    parser.add_argument("-a", "--arch", default="resnet50", metavar="ARCH",
+                        help="any torchvision classification architecture (default: resnet50)")
+    parser.add_argument("--weights", default="", type=str, required=weights_required,
+                        help="backbone checkpoint")
+    parser.add_argument("--backbone", default="compress", choices=BACKBONE_NAMES,
+                        help="checkpoint format (default: compress)")
+    parser.add_argument("--load_cache", action="store_true",
+                        help="reuse cached features when they match this backbone and dataset")
+    parser.add_argument("--feats", default=None, type=str, metavar="FILE",
+                        help="precomputed train features (.npy, .npz with feats/labels, or a "
+                             "(feats, labels) .pth/.pth.tar); data and --weights are then optional")
+
+
+def add_split_args(parser: argparse.ArgumentParser, names: Sequence[str]) -> None:
+    """--splits and --name, as in every original script."""
+    parser.add_argument("--splits", default="", type=str,
+                        help="comma-separated budgets, e.g. 1000,3000")
+    parser.add_argument("--name", default="", type=str,
+                        help="strategy name: " + ", ".join(names))
+
+
+def parse_splits(text: str) -> list[int]:
+    """'10,20' -> [10, 20]; anything but positive integers is a UsageError naming --splits."""
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    if not parts:
+        raise UsageError("--splits: give at least one budget, e.g. --splits 100,200")
+    try:
+        splits = [int(p) for p in parts]
+    except ValueError:
+        raise UsageError(f"--splits: {text!r} is not a comma-separated list of integers") from None
+    if min(splits) <= 0:
+        raise UsageError(f"--splits: budgets must be positive, got {text!r}")
+    return splits
+
+
+def results_path(args: argparse.Namespace) -> str:
+    """Where this run's result lines go."""
+    return args.results or f"{args.save.rstrip('/')}/results.jsonl"

@@ -1,0 +1,246 @@
+"""Datasets of the paper plus Fashion-MNIST and any image folder, with labels known without decoding.
+
+The index of a training image is its position exactly as in the original code: the torchvision
+array order for CIFAR (and Fashion-MNIST), `ImageFolder.samples` order for ImageNet and folders, the
+line number of the list file for ImageNet-LT.
+"""
+from __future__ import annotations
+
+import gzip
+import os
+import pickle
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from torchvision import datasets as tv_datasets
+from torchvision import transforms as T
+
+from tools.cli import UsageError
+
+IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What the original hard-codes per dataset: sizes, normalisation, native resolution."""
+    num_images: int | None  # usual training-set size (None: any)
+    num_classes: int | None
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    image_size: int  # the inference protocol's input size
+
+
+DATASET_INFO = {
+    "imagenet": DatasetInfo(1281167, 1000, *IMAGENET_STATS, 224),
+    "imagenet_lt": DatasetInfo(115846, 1000, *IMAGENET_STATS, 224),
+    "cifar10": DatasetInfo(50000, 10, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), 32),
+    "cifar100": DatasetInfo(50000, 100, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), 32),
+    "fashion_mnist": DatasetInfo(60000, 10, (0.2860,) * 3, (0.3530,) * 3, 28),
+    "folder": DatasetInfo(None, None, *IMAGENET_STATS, 224),
+}
+
+
+class ArrayImages:
+    """Images held in memory as uint8 (N, C, H, W) with their labels (CIFAR, Fashion-MNIST).
+
+    Inference transforms whole batches as tensors: no per-image PIL work.
+    """
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray):
+        self.images = images
+        self.labels = labels.astype(np.int64)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def describe(self) -> str:
+        return f"arrays{tuple(self.images.shape[1:])}"
+
+
+class FileImages(Dataset):
+    """Image files with their labels (ImageNet, ImageNet-LT, folders); decoded only when iterated."""
+
+    def __init__(self, paths: list[str], labels: list[int] | np.ndarray, transform=None):
+        self.paths = paths
+        self.labels = np.asarray(labels, dtype=np.int64)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        with open(self.paths[i], "rb") as f:
+            image = Image.open(f).convert("RGB")
+        return self.transform(image)
+
+    def describe(self) -> str:
+        return "files"
+
+
+Images = ArrayImages | FileImages
+
+
+# ---------------------------------------------------------------- CIFAR (our own pickle reader)
+
+def _unpickle(path: str) -> dict:
+    with open(path, "rb") as f:
+        return pickle.load(f, encoding="bytes")
+
+
+def _cifar_dir(root: str, folder: str, probe: str, download: bool, name: str) -> str:
+    for candidate in (os.path.join(root, folder), root):
+        if os.path.isfile(os.path.join(candidate, probe)):
+            return candidate
+    if download:
+        cls = tv_datasets.CIFAR10 if name == "cifar10" else tv_datasets.CIFAR100
+        cls(root, train=True, download=True)
+        return os.path.join(root, folder)
+    raise UsageError(f"data: no {name} batches under {root!r} (expected {folder}/{probe}; "
+                     "pass --download to fetch them)")
+
+
+def load_cifar(root: str, name: str, split: str, download: bool = False) -> ArrayImages:
+    """CIFAR-10/100 from the python pickle batches, in torchvision's order."""
+    if name == "cifar10":
+        folder, files, key = "cifar-10-batches-py", (
+            [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]), b"labels"
+    else:
+        folder, files, key = "cifar-100-python", (["train"] if split == "train" else ["test"]), b"fine_labels"
+    directory = _cifar_dir(root, folder, files[0], download, name)
+    images, labels = [], []
+    for file in files:
+        path = os.path.join(directory, file)
+        if not os.path.isfile(path):
+            raise UsageError(f"data: missing CIFAR batch {path!r}")
+        batch = _unpickle(path)
+        images.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+        labels.extend(batch[key])
+    return ArrayImages(np.concatenate(images), np.asarray(labels))
+
+
+# ---------------------------------------------------------------- Fashion-MNIST (IDX files)
+
+FASHION_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+                 "val": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+DEBIAN_FASHION_DIR = "/usr/share/datasets/fashion-mnist"
+
+
+def _find_idx(directories: list[str], name: str) -> str | None:
+    for directory in directories:
+        for candidate in (name, name + ".gz"):
+            path = os.path.join(directory, candidate)
+            if os.path.isfile(path):
+                return path
+    return None
+
+
+def _read_idx(path: str, header: int) -> np.ndarray:
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rb") as f:
+        return np.frombuffer(f.read(), dtype=np.uint8, offset=header)
+
+
+def load_fashion_mnist(root: str, split: str, download: bool = False) -> ArrayImages:
+    """Fashion-MNIST from IDX files: torchvision layout, a flat folder, or Debian's dataset package."""
+    directories = [os.path.join(root, "FashionMNIST", "raw"), os.path.join(root, "raw"), root,
+                   DEBIAN_FASHION_DIR]
+    image_name, label_name = FASHION_FILES[split]
+    if _find_idx(directories, image_name) is None and download:
+        tv_datasets.FashionMNIST(root, train=True, download=True)
+    image_path, label_path = _find_idx(directories, image_name), _find_idx(directories, label_name)
+    if image_path is None or label_path is None:
+        raise UsageError(f"data: no Fashion-MNIST files under {root!r} (expected FashionMNIST/raw/"
+                         f"{image_name}[.gz]; apt-get install dataset-fashion-mnist or pass --download)")
+    grey = _read_idx(image_path, 16).reshape(-1, 1, 28, 28)
+    return ArrayImages(grey, _read_idx(label_path, 8))
+
+
+# ---------------------------------------------------------------- image files
+
+def _image_folder(root: str, flag: str = "data") -> FileImages:
+    if not os.path.isdir(root):
+        raise UsageError(f"{flag}: no image folder at {root!r}")
+    try:
+        folder = tv_datasets.ImageFolder(root)
+    except (FileNotFoundError, RuntimeError) as err:
+        raise UsageError(f"{flag}: {root!r} is not a class-per-folder image tree ({err})") from None
+    paths, labels = zip(*folder.samples) if folder.samples else ((), ())
+    return FileImages(list(paths), list(labels))
+
+
+def load_lt_list(root: str, list_file: str) -> FileImages:
+    """ImageNet-LT: one `relative/path label` per line, joined to the ImageNet root."""
+    if not os.path.isfile(list_file):
+        raise UsageError(f"--lt-list: no ImageNet-LT list at {list_file!r}")
+    paths, labels = [], []
+    with open(list_file) as f:
+        for number, line in enumerate(f, 1):
+            parts = line.split()
+            if not parts:
+                continue
+            if len(parts) != 2 or not parts[1].lstrip("-").isdigit():
+                raise UsageError(f"--lt-list: line {number} of {list_file!r} is not 'path label'")
+            paths.append(os.path.join(root, parts[0]))
+            labels.append(int(parts[1]))
+    return FileImages(paths, labels)
+
+
+def load_images(name: str, root: str | None, split: str, lt_list: str = "data/ImageNet_LT_train.txt",
+                download: bool = False) -> Images:
+    """The train or val ('val' = the official test/val set) images of dataset `name`, labels included."""
+    if root is None:
+        raise UsageError(f"data: dataset {name!r} needs its root folder (or pass --feats)")
+    if name in ("cifar10", "cifar100"):
+        return load_cifar(root, name, split, download)
+    if name == "fashion_mnist":
+        return load_fashion_mnist(root, split, download)
+    if not os.path.isdir(root):
+        raise UsageError(f"data: no dataset folder at {root!r}")
+    if name == "imagenet_lt" and split == "train":
+        return load_lt_list(root, lt_list)
+    return _image_folder(os.path.join(root, split))
+
+
+# ---------------------------------------------------------------- inference batches
+
+def inference_size(name: str, image_size: int | None) -> int:
+    return image_size or DATASET_INFO[name].image_size
+
+
+def describe_transform(name: str, image_size: int | None) -> str:
+    """A short text naming the inference transform, stored in the feature cache's metadata."""
+    info, size = DATASET_INFO[name], inference_size(name, image_size)
+    if name in ("cifar10", "cifar100", "fashion_mnist"):
+        resize = "" if size == info.image_size else f"resize{size}-"
+        return f"{resize}normalize{info.mean}{info.std}"
+    return f"resize{round(size * 256 / 224)}-centercrop{size}-normalize{info.mean}{info.std}"
+
+
+def _array_batches(images: ArrayImages, info: DatasetInfo, size: int, batch_size: int
+                   ) -> Iterator[torch.Tensor]:
+    mean = torch.tensor(info.mean).view(1, 3, 1, 1)
+    std = torch.tensor(info.std).view(1, 3, 1, 1)
+    for start in range(0, len(images), batch_size):
+        x = torch.from_numpy(images.images[start:start + batch_size]).float().div_(255)
+        if x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)
+        if x.shape[-1] != size or x.shape[-2] != size:
+            x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        yield (x - mean) / std
+
+
+def inference_batches(images: Images, name: str, batch_size: int, workers: int = 0,
+                      image_size: int | None = None) -> Iterator[torch.Tensor]:
+    """Normalised image batches in dataset order with the original's centre-crop inference transform."""
+    info, size = DATASET_INFO[name], inference_size(name, image_size)
+    if isinstance(images, ArrayImages):
+        yield from _array_batches(images, info, size, batch_size)
+        return
+    images.transform = T.Compose([T.Resize(round(size * 256 / 224)), T.CenterCrop(size), T.ToTensor(),
+                                  T.Normalize(info.mean, info.std)])
+    yield from DataLoader(images, batch_size=batch_size, shuffle=False, num_workers=workers)

@@ -1,0 +1,44 @@
+"""Exact nearest-neighbour search and k-means with faiss, on CPU or on all GPUs."""
+from __future__ import annotations
+
+import faiss
+import numpy as np
+
+FAISS_SEED_OFFSET = 1234  # faiss' own default k-means seed: --seed 0 reproduces the original's clustering
+
+
+def _as_float32(x: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def flat_index(base: np.ndarray, gpu: bool) -> faiss.Index:
+    """Exact squared-L2 index over `base`, cloned to all GPUs (sharded) when `gpu`."""
+    base = _as_float32(base)
+    index = faiss.IndexFlatL2(base.shape[1])
+    if gpu:
+        options = faiss.GpuMultipleClonerOptions()
+        options.shard = True
+        index = faiss.index_cpu_to_all_gpus(index, co=options)
+    index.add(base)
+    return index
+
+
+def flat_search(base: np.ndarray, queries: np.ndarray, k: int, gpu: bool = False
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """k exact nearest rows of `base` for every query: (squared distances, indices)."""
+    return flat_index(base, gpu).search(_as_float32(queries), k)
+
+
+def kmeans(feats: np.ndarray, k: int, seed: int = 0, niter: int = 20, nredo: int = 5,
+           gpu: bool = False, verbose: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """faiss k-means on all points (no subsampling), as the original: (centroids, assignment, sq. distance).
+
+    max_points_per_centroid = 2N // k keeps faiss from subsampling; the best of `nredo` runs is kept.
+    """
+    feats = _as_float32(feats)
+    n, dim = feats.shape
+    km = faiss.Kmeans(dim, k, niter=niter, nredo=nredo, verbose=verbose, seed=FAISS_SEED_OFFSET + seed,
+                      max_points_per_centroid=max(1, 2 * n // k), gpu=gpu)
+    km.train(feats)
+    dist, assign = flat_search(km.centroids, feats, 1, gpu)
+    return km.centroids, assign[:, 0], dist[:, 0]

@@ -1,0 +1,34 @@
+"""Seeding and device selection: the one place that decides CPU or CUDA, torch or faiss GPU."""
+from __future__ import annotations
+
+import os
+import random
+
+import faiss
+import numpy as np
+import torch
+
+from tools.cli import UsageError
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (all devices) so that a run can be repeated."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    os.environ.setdefault("PYTHONHASHSEED", str(seed))
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' -> cuda when available else cpu; asking for cuda without one is a UsageError."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA device is available")
+    return torch.device(name)
+
+
+def faiss_uses_gpu(device: torch.device) -> bool:
+    """faiss runs on all GPUs only when it was built with GPU support and the device is CUDA."""
+    return (device.type == "cuda" and hasattr(faiss, "index_cpu_to_all_gpus")
+            and faiss.get_num_gpus() > 0)
