@@ -17,4 +17,4 @@ test: setup
 	$(PY) -m pytest -q
 
 bench: setup
-	$(PY) benchmarks/bench_strategies.py
+	$(PY) benchmarks/bench_strategies.py --skip-imagenet

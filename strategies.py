@@ -141,9 +141,11 @@ def accu_kmeans_select(feats: np.ndarray, labeled: np.ndarray, budget: int, seed
 
 # ---------------------------------------------------------------- core-set (greedy k-center)
 
-def _sq_dist_to(x: torch.Tensor, sq_norms: torch.Tensor, point: torch.Tensor) -> torch.Tensor:
-    """Squared L2 distance of every row of x to one point, without an N x D temporary."""
-    return (sq_norms - 2 * torch.mv(x, point) + point.dot(point)).clamp_(min=0)
+def _sq_dist_to(x, sq_norms, point):
+    """Squared L2 distance of every row of x to one point, without an N x D temporary.
+    Works on NumPy arrays (CPU: its threaded BLAS matrix-vector product is the fastest here) and on
+    torch tensors (CUDA)."""
+    return sq_norms - 2 * (x @ point) + (point @ point)
 
 
 def coreset_select(feats: np.ndarray, labeled: np.ndarray, budget: int, device: str | torch.device = "cpu",
@@ -156,21 +158,24 @@ def coreset_select(feats: np.ndarray, labeled: np.ndarray, budget: int, device: 
     """
     labeled = np.asarray(labeled, dtype=np.int64)
     _check_budget(budget, len(feats) - len(labeled))
-    x = torch.as_tensor(np.ascontiguousarray(feats, dtype=np.float32)).to(device)
-    sq_norms = torch.linalg.vector_norm(x, dim=1).square_()
+    feats = np.ascontiguousarray(feats, dtype=np.float32)
+    on_cpu = torch.device(device).type == "cpu"
+    xp = np if on_cpu else torch
+    x = feats if on_cpu else torch.as_tensor(feats).to(device)
+    sq_norms = xp.einsum("ij,ij->i", x, x)
     if len(labeled):
-        min_dist, _ = faiss_ops.flat_search(feats[labeled], feats, 1, gpu_faiss)
-        min_dist = torch.as_tensor(min_dist[:, 0]).to(device).clamp_(min=0)
-        min_dist[torch.as_tensor(labeled, device=device)] = -1
-        first = None
+        nearest, _ = faiss_ops.flat_search(feats[labeled], feats, 1, gpu_faiss)
+        min_dist = nearest[:, 0] if on_cpu else torch.as_tensor(nearest[:, 0]).to(device)
+        min_dist[labeled] = -1
+        picks = []
     else:
-        first = int(torch.argmin(_sq_dist_to(x, sq_norms, x.mean(0))))
+        first = int(xp.argmin(_sq_dist_to(x, sq_norms, x.mean(0))))
         min_dist = _sq_dist_to(x, sq_norms, x[first])
         min_dist[first] = -1
-    picks = [] if first is None else [first]
+        picks = [first]
     for _ in tqdm(range(budget - len(picks)), desc="select candidates", disable=not progress or None):
-        pick = int(torch.argmax(min_dist))
-        torch.minimum(min_dist, _sq_dist_to(x, sq_norms, x[pick]), out=min_dist)
+        pick = int(xp.argmax(min_dist))
+        xp.minimum(min_dist, _sq_dist_to(x, sq_norms, x[pick]), out=min_dist)
         min_dist[pick] = -1
         picks.append(pick)
     return Selection(np.asarray(picks, dtype=np.int64), 0)

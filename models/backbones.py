@@ -95,10 +95,12 @@ def load_backbone_weights(model: nn.Module, head: str, state: dict[str, torch.Te
     """Copy every backbone tensor; drop the head; stop on a missing or mis-shaped backbone tensor."""
     expected = model.state_dict()
     ignored = [k for k in state if k not in expected and not k.startswith(head + ".")]
-    missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]
+    required = [k for k in expected if not k.endswith("num_batches_tracked")]  # absent in old files
+    missing = [k for k in required if k not in state]
     if missing:
-        hint = " (a MoCo file? use --backbone moco)" if any(k.startswith(HEAD_PREFIX_MOCO) for k in state) else ""
-        raise UsageError(f"--weights: {path!r} lacks {len(missing)} of {len(expected)} backbone tensors, "
+        moco_file = any(k.startswith(HEAD_PREFIX_MOCO) for k in state)
+        hint = " (a MoCo file? use --backbone moco)" if moco_file else " (wrong --arch or --backbone?)"
+        raise UsageError(f"--weights: {path!r} lacks {len(missing)} of {len(required)} backbone tensors, "
                          f"e.g. {missing[0]!r}{hint}")
     for key, value in expected.items():
         if key in state and state[key].shape != value.shape:

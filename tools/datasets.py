@@ -142,7 +142,7 @@ def _find_idx(directories: list[str], name: str) -> str | None:
 def _read_idx(path: str, header: int) -> np.ndarray:
     opener = gzip.open if path.endswith(".gz") else open
     with opener(path, "rb") as f:
-        return np.frombuffer(f.read(), dtype=np.uint8, offset=header)
+        return np.frombuffer(bytearray(f.read()), dtype=np.uint8, offset=header)
 
 
 def load_fashion_mnist(root: str, split: str, download: bool = False) -> ArrayImages:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import zipfile
 from dataclasses import dataclass
 
 import numpy as np
@@ -91,7 +92,7 @@ def read_cache(path: str, meta: dict) -> tuple[np.ndarray, np.ndarray] | None:
                 print(f"=> cache {path} does not match this run ({', '.join(changed)}); recomputing")
                 return None
             feats, labels = data["feats"], data["labels"]
-    except (OSError, ValueError, KeyError, EOFError) as err:
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
         print(f"=> cache {path} is unreadable ({type(err).__name__}); recomputing")
         return None
     if len(feats) != meta["num_images"] or len(labels) != meta["num_images"]:

@@ -1,0 +1,104 @@
+"""Feature extraction and the cache: equal to a direct forward pass, reused only when it matches."""
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import sampler
+from models import build_backbone
+from tests.conftest import call_main, compress_checkpoint, resnet_backbone_state
+from tools import datasets
+from tools.features import read_feats_file
+
+
+@pytest.fixture
+def compress_weights(tmp_path):
+    path = tmp_path / "compress18.pth"
+    torch.save(compress_checkpoint(resnet_backbone_state("resnet18", seed=3), head_dim=2048), path)
+    return path
+
+
+def run_kmeans(tmp_path, cifar10_root, capsys, *extra):
+    return call_main(sampler.main, [cifar10_root, "--dataset", "cifar10", "--arch", "resnet18",
+                                    "--save", tmp_path / "out", "--indices", tmp_path / "idx",
+                                    "--splits", "5", "--name", "kmeans", "-j", "0", "-b", "64", *extra], capsys)
+
+
+def cache_file(tmp_path):
+    files = sorted((tmp_path / "out").glob("feats_*.npz"))
+    assert len(files) == 1
+    return files[0]
+
+
+def test_cli_features_equal_a_direct_forward_pass(tmp_path, cifar10_root, compress_weights, capsys):
+    status, out, err = run_kmeans(tmp_path, cifar10_root, capsys, "--weights", compress_weights)
+    assert status == 0, err
+    path = cache_file(tmp_path)
+    assert path.name.startswith("feats_cifar10_train_resnet18_compress_")
+    with np.load(path) as data:
+        feats, labels, meta = data["feats"], data["labels"], json.loads(str(data["meta"]))
+    images = datasets.load_images("cifar10", str(cifar10_root), "train")
+    assert np.array_equal(labels, images.labels)
+    assert meta["dataset"] == "cifar10" and meta["split"] == "train" and meta["arch"] == "resnet18"
+
+    model, _ = build_backbone("resnet18", "compress", str(compress_weights))
+    info = datasets.DATASET_INFO["cifar10"]
+    x = torch.from_numpy(images.images).float() / 255
+    x = (x - torch.tensor(info.mean).view(1, 3, 1, 1)) / torch.tensor(info.std).view(1, 3, 1, 1)
+    with torch.no_grad():
+        direct = F.normalize(model(x), dim=1).numpy()
+    np.testing.assert_allclose(feats, direct, atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(feats, axis=1), 1, atol=1e-5)
+
+
+def test_cache_reused_only_with_load_cache_and_a_match(tmp_path, cifar10_root, compress_weights, capsys):
+    assert run_kmeans(tmp_path, cifar10_root, capsys, "--weights", compress_weights)[0] == 0
+    status, out, _ = run_kmeans(tmp_path, cifar10_root, capsys, "--weights", compress_weights, "--load_cache")
+    assert status == 0 and "from cache" in out
+    status, out, _ = run_kmeans(tmp_path, cifar10_root, capsys, "--weights", compress_weights)
+    assert "from cache" not in out and "get inference feats" in out
+
+    path = cache_file(tmp_path)
+    with np.load(path) as data:
+        arrays = dict(data)
+    meta = json.loads(str(arrays["meta"]))
+    meta["transform"] = "something else"
+    np.savez(path, feats=arrays["feats"], labels=arrays["labels"], meta=np.array(json.dumps(meta)))
+    status, out, _ = run_kmeans(tmp_path, cifar10_root, capsys, "--weights", compress_weights, "--load_cache")
+    assert status == 0 and "does not match this run (transform)" in out and "from cache" not in out
+
+    path.write_bytes(path.read_bytes()[:100])  # truncated
+    status, out, _ = run_kmeans(tmp_path, cifar10_root, capsys, "--weights", compress_weights, "--load_cache")
+    assert status == 0 and "unreadable" in out
+    status, out, _ = run_kmeans(tmp_path, cifar10_root, capsys, "--weights", compress_weights, "--load_cache")
+    assert "from cache" in out  # rewritten whole
+
+
+def test_other_weights_get_another_cache(tmp_path, cifar10_root, compress_weights, capsys):
+    assert run_kmeans(tmp_path, cifar10_root, capsys, "--weights", compress_weights)[0] == 0
+    other = tmp_path / "other.pth"
+    torch.save(compress_checkpoint(resnet_backbone_state("resnet18", seed=4), head_dim=None), other)
+    status, out, _ = run_kmeans(tmp_path, cifar10_root, capsys, "--weights", other, "--load_cache")
+    assert status == 0 and "from cache" not in out
+    assert len(list((tmp_path / "out").glob("feats_*.npz"))) == 2
+
+
+@pytest.mark.parametrize("suffix", [".npy", ".npz", ".pth.tar"])
+def test_feats_file_formats(tmp_path, suffix):
+    rng = np.random.default_rng(0)
+    feats, labels = rng.standard_normal((30, 6)).astype(np.float32), rng.integers(0, 3, 30)
+    path = tmp_path / f"feats{suffix}"
+    if suffix == ".npy":
+        np.save(path, feats)
+    elif suffix == ".npz":
+        np.savez(path, feats=feats, labels=labels)
+    else:
+        torch.save((torch.from_numpy(feats), torch.from_numpy(labels)), path)
+    pool = read_feats_file(str(path), "cifar10")
+    np.testing.assert_allclose(pool.feats, feats / np.linalg.norm(feats, axis=1, keepdims=True), atol=1e-6)
+    if suffix == ".npy":
+        assert pool.labels is None and pool.num_classes is None
+    else:
+        assert pool.labels.tolist() == labels.tolist() and pool.num_classes == 3

@@ -1,0 +1,206 @@
+"""sampler.py end to end: every strategy, exact budgets, seeds, sidecars, results, and bad input."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import sampler
+from tests.conftest import call_main, compress_checkpoint, resnet_backbone_state, run_cli, write_image_tree
+
+
+def base_args(tmp_path, root, name, splits, *extra):
+    return [root, "--dataset", "cifar10", "--arch", "resnet18", "--backbone", "random", "--load_cache",
+            "--save", tmp_path / "out", "--indices", tmp_path / "idx", "--splits", splits, "--name", name,
+            "-j", "0", "-b", "100", *extra]
+
+
+def load(tmp_path, name, size):
+    return np.load(tmp_path / "idx" / f"{name}_cifar10_{size}.npy")
+
+
+@pytest.mark.parametrize("name", ["uniform", "random", "kmeans"])
+def test_absolute_budgets(tmp_path, cifar10_root, capsys, name):
+    status, out, err = call_main(sampler.main, base_args(tmp_path, cifar10_root, name, "10,30"), capsys)
+    assert status == 0, err
+    for size in (10, 30):
+        pool = load(tmp_path, name, size)
+        assert pool.dtype == np.int64 and len(pool) == size and len(np.unique(pool)) == size
+        assert pool.min() >= 0 and pool.max() < 200
+        meta = json.loads((tmp_path / "idx" / f"{name}_cifar10_{size}.json").read_text())
+        assert meta["strategy"] == name and meta["size"] == size and meta["seed"] == 0
+    assert "% of all categories is seen" in out and "30 indices are sampled in total, 30 of them are unique" in out
+    results = [json.loads(line) for line in (tmp_path / "out" / "results.jsonl").read_text().splitlines()]
+    assert [(r["name"], r["split"], r["metric"]) for r in results] == [(name, 10, "coverage"), (name, 30, "coverage")]
+    assert all(0 < r["value"] <= 100 for r in results)
+
+
+def test_uniform_is_class_balanced_and_needs_no_backbone(tmp_path, cifar10_root, capsys):
+    status, out, _ = call_main(sampler.main, base_args(tmp_path, cifar10_root, "uniform", "20"), capsys)
+    assert status == 0 and "get inference feats" not in out
+    labels = np.concatenate([np.asarray(__import__("pickle").loads(
+        (cifar10_root / "cifar-10-batches-py" / f"data_batch_{i}").read_bytes())[b"labels"]) for i in range(1, 6)])
+    counts = np.bincount(labels[load(tmp_path, "uniform", 20)], minlength=10)
+    assert counts.sum() == 20 and counts.max() - counts.min() <= 1 or counts.min() == 0
+
+
+@pytest.mark.parametrize("name", ["accu_kmeans", "coreset"])
+def test_incremental_rounds_from_a_pool(tmp_path, cifar10_root, capsys, name):
+    assert call_main(sampler.main, base_args(tmp_path, cifar10_root, "random", "10"), capsys)[0] == 0
+    initial = tmp_path / "idx" / "random_cifar10_10.npy"
+    status, out, err = call_main(sampler.main, base_args(tmp_path, cifar10_root, name, "10,20",
+                                                         "--resume-indices", initial), capsys)
+    assert status == 0, err
+    first, second = load(tmp_path, name, 20), load(tmp_path, name, 40)
+    assert np.array_equal(first[:10], np.load(initial)) and np.array_equal(second[:20], first)
+    assert len(np.unique(second)) == 40
+    meta = json.loads((tmp_path / "idx" / f"{name}_cifar10_40.json").read_text())
+    assert meta["params"]["increment"] == 20 and meta["initial_pool"]["size"] == 10
+
+
+@pytest.mark.parametrize("name", ["accu_kmeans", "coreset"])
+def test_incremental_without_pool_starts_empty(tmp_path, cifar10_root, capsys, name):
+    status, out, err = call_main(sampler.main, base_args(tmp_path, cifar10_root, name, "10,20"), capsys)
+    assert status == 0, err
+    assert "starts from an empty pool" in out
+    assert len(load(tmp_path, name, 10)) == 10 and len(np.unique(load(tmp_path, name, 30))) == 30
+
+
+@pytest.mark.parametrize("name", ["random", "uniform", "kmeans", "accu_kmeans", "coreset"])
+def test_seeded_runs_write_identical_files(tmp_path, cifar10_root, name):
+    outputs = []
+    for run in ("a", "b"):
+        result = run_cli("sampler.py", *base_args(tmp_path / run, cifar10_root, name, "10,15", "--seed", "3"))
+        assert result.returncode == 0, result.stderr
+        outputs.append([(tmp_path / run / "idx" / f"{name}_cifar10_{n}.npy").read_bytes()
+                        for n in ((10, 15) if name in ("random", "uniform", "kmeans") else (10, 25))])
+    assert outputs[0] == outputs[1]
+
+
+def test_feats_file_without_data_and_row_warning(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    feats_path = tmp_path / "f.npz"
+    np.savez(feats_path, feats=rng.standard_normal((120, 16)).astype(np.float32), labels=rng.integers(0, 4, 120))
+    status, out, err = call_main(sampler.main, ["--feats", feats_path, "--dataset", "cifar10", "--name", "kmeans",
+                                                "--splits", "8", "--indices", tmp_path / "idx",
+                                                "--save", tmp_path / "out"], capsys)
+    assert status == 0, err
+    assert "has 120 rows, cifar10 usually has 50000" in out
+    assert len(load(tmp_path, "kmeans", 8)) == 8
+
+
+def test_imagenet_lt_uniform_reads_labels_without_decoding(tmp_path, capsys):
+    # the image files are not images at all: uniform must never open them
+    lines, label = [], 0
+    for cls, count in enumerate([1, 2, 30, 30]):
+        for i in range(count):
+            path = tmp_path / "train" / f"c{cls}" / f"{i}.JPEG"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(b"garbage")
+            lines.append(f"train/c{cls}/{i}.JPEG {cls}")
+    (tmp_path / "lt.txt").write_text("\n".join(lines) + "\n")
+    status, out, err = call_main(sampler.main, [tmp_path, "--dataset", "imagenet_lt", "--lt-list", tmp_path / "lt.txt",
+                                                "--name", "uniform", "--splits", "20", "--weights", "none.pth",
+                                                "--indices", tmp_path / "idx", "--save", tmp_path / "out"], capsys)
+    assert status == 0, err
+    pool = np.load(tmp_path / "idx" / "uniform_imagenet_lt_20.npy")
+    labels = np.repeat(np.arange(4), [1, 2, 30, 30])
+    assert len(np.unique(pool)) == 20 and np.bincount(labels[pool]).tolist()[:2] == [1, 2]
+    assert "100.0% of all categories is seen" in out
+
+
+def test_folder_dataset_with_random_backbone(tmp_path, folder_root, capsys):
+    status, out, err = call_main(sampler.main, [folder_root, "--dataset", "folder", "--arch", "resnet18",
+                                                "--backbone", "random", "--image-size", "32", "--name", "coreset",
+                                                "--splits", "4", "-j", "0", "--indices", tmp_path / "idx",
+                                                "--save", tmp_path / "out"], capsys)
+    assert status == 0, err
+    assert len(np.unique(np.load(tmp_path / "idx" / "coreset_folder_4.npy"))) == 4
+
+
+# ---------------------------------------------------------------- bad input: one line, status 2, nothing written
+
+def assert_usage_error(tmp_path, status, err, pattern):
+    assert status == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert pattern in lines[0], lines[0]
+    assert not list((tmp_path / "idx").glob("*")) if (tmp_path / "idx").exists() else True
+
+
+@pytest.fixture
+def resnet18_ckpt(tmp_path):
+    path = tmp_path / "ckpt.pth"
+    torch.save(compress_checkpoint(resnet_backbone_state("resnet18"), head_dim=128), path)
+    return path
+
+
+def bad_index(tmp_path, values):
+    path = tmp_path / "pool.npy"
+    np.save(path, np.asarray(values))
+    return path
+
+
+@pytest.mark.parametrize("case,pattern", [
+    (lambda t, r: [t / "missing", "--splits", "5", "--name", "kmeans"], "data: no cifar10 batches"),
+    (lambda t, r: [r, "--backbone", "compress", "--weights", t / "nope.pth", "--splits", "5", "--name", "kmeans"],
+     "--weights: no checkpoint found"),
+    (lambda t, r: [r, "--backbone", "compress", "--splits", "5", "--name", "kmeans"], "--weights: --backbone compress"),
+    (lambda t, r: [r, "--name", "kmeans", "--splits", "500"], "--splits: kmeans needs 500 images but only 200"),
+    (lambda t, r: [r, "--name", "coreset", "--splits", "150,60"], "--splits: coreset needs 210"),
+    (lambda t, r: [r, "--name", "vaal", "--splits", "5"], "--name: unknown strategy 'vaal'"),
+    (lambda t, r: [r, "--name", "kmeans", "--splits", ""], "--splits: give at least one budget"),
+    (lambda t, r: [r, "--name", "kmeans", "--splits", "10,x"], "--splits: '10,x' is not"),
+    (lambda t, r: [r, "--name", "kmeans", "--splits", "0"], "--splits: budgets must be positive"),
+    (lambda t, r: [r, "--name", "coreset", "--splits", "5", "--resume-indices", bad_index(t, [1, 200])],
+     "has indices outside [0, 200)"),
+    (lambda t, r: [r, "--name", "coreset", "--splits", "5", "--resume-indices", bad_index(t, [1, 2, 2])],
+     "1 duplicate indices"),
+    (lambda t, r: [r, "--name", "coreset", "--splits", "5", "--resume-indices", bad_index(t, [0.5, 2.0])],
+     "must be a 1-D integer array"),
+    (lambda t, r: [r, "--name", "coreset", "--splits", "5", "--resume-indices", t / "none.npy"],
+     "--resume-indices: no index file"),
+    (lambda t, r: [r, "--name", "kmeans", "--splits", "5", "--arch", "resnet_x"], "--arch: unknown"),
+    (lambda t, r: [r, "--name", "kmeans", "--splits", "5", "--device", "cuda"], "--device cuda"),
+])
+def test_bad_input(tmp_path, cifar10_root, capsys, monkeypatch, case, pattern):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    args = [str(a) for a in case(tmp_path, cifar10_root)]
+    args = args[:1] + ["--dataset", "cifar10", "--arch", "resnet18", "--backbone", "random", "-j", "0",
+                       "--indices", str(tmp_path / "idx"), "--save", str(tmp_path / "out")] + args[1:]
+    status, _, err = call_main(sampler.main, args, capsys)
+    assert_usage_error(tmp_path, status, err, pattern)
+
+
+def test_checkpoint_without_backbone_weights(tmp_path, cifar10_root, capsys):
+    path = tmp_path / "headonly.pth"
+    torch.save({"model": {"module.fc.weight": torch.zeros(128, 512)}}, path)
+    status, _, err = call_main(sampler.main, [cifar10_root, "--dataset", "cifar10", "--arch", "resnet18",
+                                              "--weights", path, "--name", "kmeans", "--splits", "5", "-j", "0",
+                                              "--indices", tmp_path / "idx", "--save", tmp_path / "out"], capsys)
+    assert_usage_error(tmp_path, status, err, "lacks 100 of 100 backbone tensors")
+    assert not list((tmp_path / "out").glob("feats_*"))
+
+
+def test_truncated_feats_file_and_uniform_without_labels(tmp_path, capsys):
+    np.save(tmp_path / "f.npy", np.random.default_rng(0).standard_normal((50, 4)).astype(np.float32))
+    status, _, err = call_main(sampler.main, ["--feats", tmp_path / "f.npy", "--dataset", "cifar10",
+                                              "--name", "uniform", "--splits", "5", "--indices", tmp_path / "idx"], capsys)
+    assert_usage_error(tmp_path, status, err, "--name uniform needs labels")
+    (tmp_path / "g.npy").write_bytes((tmp_path / "f.npy").read_bytes()[:90])
+    status, _, err = call_main(sampler.main, ["--feats", tmp_path / "g.npy", "--dataset", "cifar10",
+                                              "--name", "kmeans", "--splits", "5", "--indices", tmp_path / "idx"], capsys)
+    assert_usage_error(tmp_path, status, err, "--feats: cannot read")
+
+
+def test_real_cli_error_is_one_line_without_traceback(tmp_path, cifar10_root):
+    result = run_cli("sampler.py", cifar10_root, "--dataset", "cifar10", "--name", "kmeans", "--splits", "5",
+                     "--backbone", "random", "--arch", "resnet18", "--resume-indices", tmp_path / "none.npy",
+                     "--indices", tmp_path / "idx", "--save", tmp_path / "out")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"sampler.py: error: --resume-indices: no index file at '{tmp_path / 'none.npy'}'; "
+        "no index files for cifar10 there"]
+    unknown = run_cli("sampler.py", "--dataset", "mnist")
+    assert unknown.returncode == 2 and len(unknown.stderr.strip().splitlines()) == 1
+    assert "--dataset" in unknown.stderr

@@ -1,0 +1,202 @@
+"""Query strategies: exact budgets, uniqueness, seeds, and equality with brute-force references."""
+import numpy as np
+import pytest
+
+import strategies as S
+from tests.conftest import unit_rows
+from tools import faiss_ops
+
+
+def assert_valid(indices, budget, n, exclude=()):
+    assert indices.dtype == np.int64 and indices.ndim == 1
+    assert len(indices) == budget
+    assert len(np.unique(indices)) == budget
+    assert indices.min() >= 0 and indices.max() < n
+    assert not np.intersect1d(indices, np.asarray(exclude, dtype=np.int64)).size
+
+
+# ---------------------------------------------------------------- random / uniform
+
+def test_random_pools_nested_seeded_exact():
+    pools = S.random_pools(1000, [10, 50, 200], seed=3)
+    for budget, pool in pools.items():
+        assert_valid(pool, budget, 1000)
+    assert np.array_equal(pools[50][:10], pools[10]) and np.array_equal(pools[200][:50], pools[50])
+    again = S.random_pools(1000, [10, 50, 200], seed=3)
+    assert all(np.array_equal(again[b], pools[b]) for b in pools)
+    assert not np.array_equal(S.random_pools(1000, [200], seed=4)[200], pools[200])
+
+
+def test_random_budget_larger_than_pool():
+    with pytest.raises(ValueError):
+        S.random_pools(10, [11])
+
+
+def test_uniform_balanced_and_exact_when_divisible():
+    labels = np.repeat(np.arange(10), 30)
+    pools = S.uniform_pools(labels, [10, 100], seed=0)
+    for budget, pool in pools.items():
+        assert_valid(pool, budget, len(labels))
+        assert np.all(np.bincount(labels[pool], minlength=10) == budget // 10)
+
+
+def test_uniform_remainder_spread_one_per_class():
+    labels = np.repeat(np.arange(10), 30)
+    pool = S.uniform_pools(labels, [25], seed=1)[25]
+    counts = np.bincount(labels[pool], minlength=10)
+    assert len(pool) == 25 and counts.max() - counts.min() <= 1 and counts.sum() == 25
+
+
+def test_uniform_long_tail_small_classes_give_everything():
+    # ImageNet-LT-like: classes of 1, 2 and 50 images; quota 5 per class cannot be met by the small ones.
+    labels = np.concatenate([np.full(1, 0), np.full(2, 1), np.full(50, 2), np.full(50, 3)])
+    pool = S.uniform_pools(labels, [20], seed=0)[20]
+    assert_valid(pool, 20, len(labels))
+    counts = np.bincount(labels[pool], minlength=4)
+    assert counts[0] == 1 and counts[1] == 2 and sorted(counts[2:]) == [8, 9]
+
+
+def test_uniform_pools_nested_across_budgets():
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 7, 400)
+    labels[:3] = 6  # make sure all classes exist
+    budgets = [7, 10, 33, 70, 150]
+    pools = S.uniform_pools(labels, budgets, seed=5)
+    for small, large in zip(budgets, budgets[1:]):
+        assert set(pools[small]) <= set(pools[large])
+
+
+@pytest.mark.parametrize("budget", range(1, 60))
+def test_class_quotas_water_filling(budget):
+    sizes = np.array([1, 3, 10, 20, 25])
+    priority = np.array([4, 2, 0, 3, 1])
+    counts = S.class_quotas(sizes, budget, priority)
+    assert counts.sum() == budget and np.all(counts <= sizes)
+    open_counts = counts[counts < sizes]  # classes that could take more are within one of each other
+    assert open_counts.size == 0 or open_counts.max() - open_counts.min() <= 1
+    assert np.all(counts[counts < sizes] >= counts.max() - 1)
+    if budget > 1:
+        assert np.all(S.class_quotas(sizes, budget - 1, priority) <= counts)  # monotone -> nested pools
+
+
+# ---------------------------------------------------------------- k-means family
+
+def nearest_member_reference(feats, centroids):
+    """Brute force: assign every point to its nearest centroid, then each cluster's nearest member."""
+    d = ((feats[:, None, :].astype(np.float64) - centroids[None].astype(np.float64)) ** 2).sum(-1)
+    assign = d.argmin(1)
+    picks = []
+    for c in range(len(centroids)):
+        members = np.flatnonzero(assign == c)
+        if members.size:
+            picks.append(members[np.argmin(d[members, c])])
+    return np.array(picks)
+
+
+def test_kmeans_picks_member_nearest_each_centroid():
+    feats = unit_rows(600, 16, seed=1)
+    centroids, _, _ = faiss_ops.kmeans(feats, 20, seed=0)
+    selection = S.kmeans_select(feats, 20, seed=0)
+    assert_valid(selection.indices, 20, 600)
+    assert selection.filled == 0
+    assert np.array_equal(np.sort(selection.indices), np.sort(nearest_member_reference(feats, centroids)))
+
+
+def test_kmeans_on_separated_blobs_takes_each_blob_centre():
+    rng = np.random.default_rng(0)
+    centres = np.eye(8, dtype=np.float32)[:3] * 10
+    feats = np.concatenate([c + rng.standard_normal((40, 8)).astype(np.float32) * 0.1 for c in centres])
+    picks = S.kmeans_select(feats, 3, seed=0).indices
+    expected = [b * 40 + np.argmin(((feats[b * 40:(b + 1) * 40] - feats[b * 40:(b + 1) * 40].mean(0)) ** 2).sum(1))
+                for b in range(3)]
+    assert sorted(picks.tolist()) == sorted(expected)
+
+
+def test_kmeans_is_seeded():
+    feats = unit_rows(500, 16, seed=2)
+    a = S.kmeans_select(feats, 25, seed=7).indices
+    assert np.array_equal(a, S.kmeans_select(feats, 25, seed=7).indices)
+
+
+def test_kmeans_with_duplicate_points_still_meets_budget():
+    feats = np.repeat(unit_rows(10, 8, seed=3), 5, axis=0)  # 10 distinct points, 50 rows
+    selection = S.kmeans_select(feats, 20, seed=0)
+    assert_valid(selection.indices, 20, 50)
+    assert selection.filled >= 10  # only 10 clusters can be non-empty
+
+
+def test_cluster_representatives_fill_rule_is_documented_order():
+    # clusters 0 (4 points), 1 (empty), 2 (2 points); budget 3 -> one per non-empty cluster, then the
+    # largest cluster (0) gives its next-nearest point.
+    assign = np.array([0, 0, 0, 0, 2, 2])
+    dist = np.array([0.4, 0.1, 0.3, 0.2, 0.5, 0.6])
+    selection = S.cluster_representatives(assign, dist, np.ones(6, bool), 3)
+    assert selection.indices.tolist() == [1, 4, 3] and selection.filled == 1
+
+
+def test_accu_kmeans_avoids_labelled_and_fills_covered_clusters():
+    rng = np.random.default_rng(0)
+    a = np.array([10, 0, 0, 0], np.float32) + rng.standard_normal((30, 4)).astype(np.float32) * 0.1
+    b = np.array([0, 10, 0, 0], np.float32) + rng.standard_normal((30, 4)).astype(np.float32) * 0.1
+    feats = np.concatenate([a, b])
+    labelled = np.arange(30)  # blob a is fully labelled
+    selection = S.accu_kmeans_select(feats, labelled, 2, seed=0)
+    assert_valid(selection.indices, 2, 60, exclude=labelled)
+    assert selection.filled == 1 and np.all(selection.indices >= 30)
+
+
+def test_accu_kmeans_properties_and_empty_pool_equals_kmeans():
+    feats = unit_rows(800, 16, seed=4)
+    labelled = np.random.default_rng(1).choice(800, 100, replace=False)
+    selection = S.accu_kmeans_select(feats, labelled, 40, seed=0)
+    assert_valid(selection.indices, 40, 800, exclude=labelled)
+    assert np.array_equal(S.accu_kmeans_select(feats, np.zeros(0, np.int64), 30, seed=0).indices,
+                          S.kmeans_select(feats, 30, seed=0).indices)
+
+
+def test_kmeans_budget_larger_than_pool():
+    with pytest.raises(ValueError):
+        S.kmeans_select(unit_rows(10, 4), 11)
+    with pytest.raises(ValueError):
+        S.accu_kmeans_select(unit_rows(10, 4), np.arange(5), 6)
+
+
+# ---------------------------------------------------------------- core-set
+
+def coreset_reference(feats, labelled, budget):
+    """Plain greedy k-center in float64, one point at a time, as in Sener & Savarese."""
+    x = feats.astype(np.float64)
+    if len(labelled):
+        min_dist = ((x[:, None] - x[labelled][None]) ** 2).sum(-1).min(1)
+        picks = []
+    else:
+        first = int(np.argmin(((x - x.mean(0)) ** 2).sum(1)))
+        min_dist, picks = ((x - x[first]) ** 2).sum(1), [first]
+    taken = set(labelled.tolist()) | set(picks)
+    while len(picks) < budget:
+        order = np.argsort(-min_dist, kind="stable")
+        pick = int(next(i for i in order if i not in taken))
+        picks.append(pick)
+        taken.add(pick)
+        min_dist = np.minimum(min_dist, ((x - x[pick]) ** 2).sum(1))
+    return np.array(picks)
+
+
+@pytest.mark.parametrize("n_labelled", [0, 1, 25])
+def test_coreset_equals_brute_force(n_labelled):
+    feats = unit_rows(300, 8, seed=5)
+    labelled = np.random.default_rng(2).choice(300, n_labelled, replace=False)
+    selection = S.coreset_select(feats, labelled, 40, progress=False)
+    assert_valid(selection.indices, 40, 300, exclude=labelled)
+    assert np.array_equal(selection.indices, coreset_reference(feats, labelled, 40))
+
+
+def test_coreset_with_duplicates_never_repeats_a_point():
+    feats = np.repeat(unit_rows(5, 4, seed=6), 4, axis=0)
+    selection = S.coreset_select(feats, np.array([0]), 12, progress=False)
+    assert_valid(selection.indices, 12, 20, exclude=[0])
+
+
+def test_coreset_budget_larger_than_unlabelled():
+    with pytest.raises(ValueError):
+        S.coreset_select(unit_rows(10, 4), np.arange(5), 6, progress=False)
