@@ -62,7 +62,7 @@ def test_uniform_pools_nested_across_budgets():
     labels[:3] = 6  # make sure all classes exist
     budgets = [7, 10, 33, 70, 150]
     pools = S.uniform_pools(labels, budgets, seed=5)
-    for small, large in zip(budgets, budgets[1:]):
+    for small, large in zip(budgets, budgets[1:], strict=False):
         assert set(pools[small]) <= set(pools[large])
 
 

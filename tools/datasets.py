@@ -241,6 +241,7 @@ def inference_batches(images: Images, name: str, batch_size: int, workers: int =
     if isinstance(images, ArrayImages):
         yield from _array_batches(images, info, size, batch_size)
         return
-    images.transform = T.Compose([T.Resize(round(size * 256 / 224)), T.CenterCrop(size), T.ToTensor(),
-                                  T.Normalize(info.mean, info.std)])
-    yield from DataLoader(images, batch_size=batch_size, shuffle=False, num_workers=workers)
+    transform = T.Compose([T.Resize(round(size * 256 / 224)), T.CenterCrop(size), T.ToTensor(),
+                           T.Normalize(info.mean, info.std)])
+    yield from DataLoader(FileImages(images.paths, images.labels, transform), batch_size=batch_size,
+                          shuffle=False, num_workers=workers, pin_memory=torch.cuda.is_available())

@@ -33,10 +33,6 @@ class Features:
     labels: np.ndarray | None
     fingerprint: str  # identifies the features (cache metadata hash or --feats file hash)
 
-    @property
-    def num_classes(self) -> int | None:
-        return None if self.labels is None else int(len(np.unique(self.labels)))
-
 
 def l2_normalize(x: torch.Tensor) -> torch.Tensor:
     return F.normalize(x, p=2, dim=1)

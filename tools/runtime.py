@@ -1,7 +1,6 @@
 """Seeding and device selection: the one place that decides CPU or CUDA, torch or faiss GPU."""
 from __future__ import annotations
 
-import os
 import random
 
 import faiss
@@ -16,7 +15,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-    os.environ.setdefault("PYTHONHASHSEED", str(seed))
 
 
 def resolve_device(name: str) -> torch.device:
