@@ -18,6 +18,7 @@ from tools import cli
 from tools.cli import UsageError
 from tools.features import train_features, train_labels
 from tools.indices import index_path, read_indices, write_indices
+from tools.metrics import coverage
 from tools.results import append_result
 from tools.runtime import faiss_uses_gpu, resolve_device, seed_everything
 
@@ -35,13 +36,6 @@ def build_parser() -> argparse.ArgumentParser:
                         help="initial labelled pool (.npy) that accu_kmeans and coreset add to; "
                              "without it they start from an empty pool")
     return parser
-
-
-def coverage(labels: np.ndarray | None, pool: np.ndarray) -> float | None:
-    """Percentage of the pool's classes that have at least one image in `pool` (None without labels)."""
-    if labels is None:
-        return None
-    return 100.0 * len(np.unique(labels[pool])) / len(np.unique(labels))
 
 
 def check_budgets(name: str, splits: Sequence[int], pool_size: int, initial: int) -> None:

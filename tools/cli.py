@@ -31,18 +31,18 @@ def run_main(main: Callable[[Sequence[str] | None], None], argv: Sequence[str] |
         sys.exit(2)
 
 
-def add_data_args(parser: argparse.ArgumentParser) -> None:
-    """Dataset, folders and run-wide flags common to all scripts."""
+def add_data_args(parser: argparse.ArgumentParser, workers: int = 4, print_freq: int = 10) -> None:
+    """Dataset, folders and run-wide flags common to all scripts (defaults as each original script)."""
     parser.add_argument("data", metavar="DIR", nargs="?", default=None,
                         help="dataset root (optional with --feats)")
     parser.add_argument("--dataset", default="imagenet", choices=DATASET_NAMES,
                         help="dataset name (default: imagenet)")
-    parser.add_argument("-j", "--workers", default=4, type=int, metavar="N",
-                        help="data loading workers (default: 4)")
+    parser.add_argument("-j", "--workers", default=workers, type=int, metavar="N",
+                        help=f"data loading workers (default: {workers})")
     parser.add_argument("-b", "--batch-size", default=256, type=int, metavar="N",
                         help="batch size (default: 256)")
-    parser.add_argument("-p", "--print-freq", default=10, type=int, metavar="N",
-                        help="print frequency (default: 10)")
+    parser.add_argument("-p", "--print-freq", default=print_freq, type=int, metavar="N",
+                        help=f"print frequency (default: {print_freq})")
     parser.add_argument("--start-epoch", default=0, type=int, metavar="N",
                         help="accepted for compatibility with the original scripts")
     parser.add_argument("--save", default="./output", type=str,
@@ -64,12 +64,11 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
                         help="JSON-lines file results are appended to (default: {save}/results.jsonl)")
 
 
-def add_backbone_args(parser: argparse.ArgumentParser, weights_required: bool = False) -> None:
+def add_backbone_args(parser: argparse.ArgumentParser, arch: str = "resnet50") -> None:
     """Backbone and feature-cache flags of the scripts that embed images."""
-    parser.add_argument("-a", "--arch", default="resnet50", metavar="ARCH",
-                        help="any torchvision classification architecture (default: resnet50)")
-    parser.add_argument("--weights", default="", type=str, required=weights_required,
-                        help="backbone checkpoint")
+    parser.add_argument("-a", "--arch", default=arch, metavar="ARCH",
+                        help=f"any torchvision classification architecture (default: {arch})")
+    parser.add_argument("--weights", default="", type=str, help="backbone checkpoint")
     parser.add_argument("--backbone", default="compress", choices=BACKBONE_NAMES,
                         help="checkpoint format (default: compress)")
     parser.add_argument("--load_cache", action="store_true",
@@ -77,6 +76,12 @@ def add_backbone_args(parser: argparse.ArgumentParser, weights_required: bool = 
     parser.add_argument("--feats", default=None, type=str, metavar="FILE",
                         help="precomputed train features (.npy, .npz with feats/labels, or a "
                              "(feats, labels) .pth/.pth.tar); data and --weights are then optional")
+
+
+def add_val_feats_arg(parser: argparse.ArgumentParser) -> None:
+    """--val-feats, the evaluators' twin of --feats."""
+    parser.add_argument("--val-feats", default=None, type=str, metavar="FILE",
+                        help="precomputed evaluation-set features with labels, formats as --feats")
 
 
 def add_split_args(parser: argparse.ArgumentParser, names: Sequence[str]) -> None:

@@ -45,6 +45,11 @@ DATASET_INFO = {
 }
 
 
+def open_rgb(path: str) -> Image.Image:
+    with open(path, "rb") as f:
+        return Image.open(f).convert("RGB")
+
+
 class ArrayImages:
     """Images held in memory as uint8 (N, C, H, W) with their labels (CIFAR, Fashion-MNIST).
 
@@ -74,9 +79,7 @@ class FileImages(Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        with open(self.paths[i], "rb") as f:
-            image = Image.open(f).convert("RGB")
-        return self.transform(image)
+        return self.transform(open_rgb(self.paths[i]))
 
     def describe(self) -> str:
         return "files"
@@ -245,3 +248,29 @@ def inference_batches(images: Images, name: str, batch_size: int, workers: int =
                            T.Normalize(info.mean, info.std)])
     yield from DataLoader(FileImages(images.paths, images.labels, transform), batch_size=batch_size,
                           shuffle=False, num_workers=workers, pin_memory=torch.cuda.is_available())
+
+
+# ---------------------------------------------------------------- augmented training images
+
+class AugmentedSubset(Dataset):
+    """The images at `indices` with the original's train augmentation (RandomResizedCrop to the
+    inference size, horizontal flip, normalise): (tensor, label). Arrays are augmented as uint8
+    tensors, files as PIL images."""
+
+    def __init__(self, images: Images, indices: np.ndarray, name: str, image_size: int | None = None):
+        info = DATASET_INFO[name]
+        self.images, self.indices = images, np.asarray(indices)
+        self.augment = T.Compose([T.RandomResizedCrop(inference_size(name, image_size)), T.RandomHorizontalFlip()])
+        self.normalize = T.Normalize(info.mean, info.std)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        j = int(self.indices[i])
+        if isinstance(self.images, ArrayImages):
+            x = torch.from_numpy(self.images.images[j]).expand(3, -1, -1)
+            x = self.augment(x).float().div_(255)
+        else:
+            x = T.functional.to_tensor(self.augment(open_rgb(self.images.paths[j])))
+        return self.normalize(x), int(self.images.labels[j])

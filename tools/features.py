@@ -7,6 +7,7 @@ written atomically, and a cache whose metadata differs from the request is recom
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import zipfile
@@ -22,6 +23,7 @@ from models import build_backbone, weights_fingerprint
 from tools import datasets
 from tools.cli import UsageError
 from tools.fileio import atomic_write, file_digest, text_digest
+from tools.runtime import on_device
 
 CACHE_VERSION = 1
 
@@ -52,9 +54,7 @@ def normalize_rows(feats: np.ndarray) -> np.ndarray:
 def extract(model: nn.Module, images: datasets.Images, dataset: str, batch_size: int, workers: int,
             device: torch.device, image_size: int | None = None, desc: str = "features") -> np.ndarray:
     """L2-normalised features of every image in dataset order; eval mode, inference mode."""
-    model = model.to(device).eval()
-    if device.type == "cuda" and torch.cuda.device_count() > 1:
-        model = nn.DataParallel(model)
+    model = on_device(model.eval(), device)
     rows = []
     batches = datasets.inference_batches(images, dataset, batch_size, workers, image_size)
     total = -(-len(images) // batch_size)
@@ -97,6 +97,12 @@ def read_cache(path: str, meta: dict) -> tuple[np.ndarray, np.ndarray] | None:
     return feats, labels
 
 
+@functools.lru_cache(maxsize=1)
+def _backbone(arch: str, backbone: str, weights: str) -> nn.Module:
+    """The frozen backbone, built once per run even when train and val features are both extracted."""
+    return build_backbone(arch, backbone, weights)[0]
+
+
 def backbone_features(args: argparse.Namespace, split: str, device: torch.device) -> Features:
     """Features of the `split` images: from the cache with --load_cache, else extracted and cached."""
     images = datasets.load_images(args.dataset, args.data, split, args.lt_list, args.download)
@@ -112,7 +118,7 @@ def backbone_features(args: argparse.Namespace, split: str, device: torch.device
         print(f"=> loading {'inference' if split == 'train' else 'val'} feats of {args.dataset} from cache: {path}")
         feats, labels = cached
     else:
-        model, _ = build_backbone(args.arch, args.backbone, args.weights)
+        model = _backbone(args.arch, args.backbone, args.weights)
         print(f"get {'inference' if split == 'train' else 'val'} feats =>")
         feats = extract(model, images, args.dataset, args.batch_size, args.workers, device, args.image_size,
                         desc=f"{split} feats")
@@ -184,3 +190,18 @@ def train_labels(args: argparse.Namespace) -> tuple[int, np.ndarray | None]:
         return len(pool.feats), pool.labels
     labels = datasets.load_images(args.dataset, args.data, "train", args.lt_list, args.download).labels
     return len(labels), labels
+
+
+def val_features(args: argparse.Namespace, device: torch.device) -> Features:
+    """The evaluation set's features: --val-feats when given, else the backbone's (cached)."""
+    if args.val_feats:
+        return read_feats_file(args.val_feats, args.dataset, flag="--val-feats", split="val")
+    return backbone_features(args, "val", device)
+
+
+def require_labels(features: Features, flag: str) -> np.ndarray:
+    """Evaluation needs the oracle's labels: a UsageError naming `flag` when the source has none."""
+    if features.labels is None:
+        raise UsageError(f"{flag}: the features have no labels; evaluation needs them (.npz with 'labels' "
+                         "or a (feats, labels) .pth)")
+    return features.labels

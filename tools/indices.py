@@ -36,8 +36,7 @@ def write_indices(path: str, indices: np.ndarray, meta: dict) -> None:
 def read_indices(path: str, num_images: int, flag: str = "--resume-indices",
                  dataset: str | None = None) -> np.ndarray:
     """A validated index file: exists, 1-D integers, within [0, num_images), no duplicates."""
-    if not os.path.isfile(path):
-        raise UsageError(f"{flag}: no index file at {path!r}{_listing_hint(path, dataset)}")
+    require_files([path], flag, dataset)
     try:
         indices = np.load(path, allow_pickle=False)
     except (OSError, ValueError) as err:
@@ -50,6 +49,13 @@ def read_indices(path: str, num_images: int, flag: str = "--resume-indices",
     if len(np.unique(indices)) != len(indices):
         raise UsageError(f"{flag}: {path!r} contains {len(indices) - len(np.unique(indices))} duplicate indices")
     return indices.astype(np.int64)
+
+
+def require_files(paths: list[str], flag: str, dataset: str | None = None) -> None:
+    """Stop before any heavy work when an index file is missing, listing those that exist."""
+    for path in paths:
+        if not os.path.isfile(path):
+            raise UsageError(f"{flag}: no index file at {path!r}{_listing_hint(path, dataset)}")
 
 
 def _listing_hint(path: str, dataset: str | None) -> str:

@@ -6,6 +6,7 @@ import random
 import faiss
 import numpy as np
 import torch
+from torch import nn
 
 from tools.cli import UsageError
 
@@ -30,3 +31,11 @@ def faiss_uses_gpu(device: torch.device) -> bool:
     """faiss runs on all GPUs only when it was built with GPU support and the device is CUDA."""
     return (device.type == "cuda" and hasattr(faiss, "index_cpu_to_all_gpus")
             and faiss.get_num_gpus() > 0)
+
+
+def on_device(model: nn.Module, device: torch.device) -> nn.Module:
+    """`model` on `device`; wrapped in DataParallel when several GPUs are visible, as the original."""
+    model = model.to(device)
+    if device.type == "cuda" and torch.cuda.device_count() > 1:
+        model = nn.DataParallel(model)
+    return model

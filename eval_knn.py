@@ -1,0 +1,72 @@
+"""k-NN classification (k=1 by default) of the evaluation set from the labelled pool of each index file.
+
+Features are the cached, L2-normalised backbone features (or --feats / --val-feats), so squared-L2
+neighbours are cosine neighbours. Ties in the vote go to the nearest neighbour's class among the tied.
+"""
+from __future__ import annotations
+
+import argparse
+from typing import Sequence
+
+import numpy as np
+
+from tools import cli, faiss_ops
+from tools.features import require_labels, train_features, val_features
+from tools.indices import index_path, read_indices, require_files
+from tools.metrics import class_mean_accuracy, coverage, majority_vote, top1
+from tools.results import append_result
+from tools.runtime import faiss_uses_gpu, resolve_device, seed_everything
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = cli.Parser(description=__doc__.splitlines()[0])
+    cli.add_data_args(parser, workers=8, print_freq=90)
+    cli.add_backbone_args(parser, arch="resnet18")
+    cli.add_val_feats_arg(parser)
+    cli.add_split_args(parser, ["any strategy that wrote {indices}/{name}_{dataset}_{split}.npy"])
+    parser.add_argument("-k", default=1, type=int, help="number of neighbours (default: 1)")
+    return parser
+
+
+def knn_predict(train_feats: np.ndarray, train_labels: np.ndarray, query_feats: np.ndarray, k: int,
+                gpu: bool = False) -> np.ndarray:
+    """Majority label of each query's k nearest training rows (exact search)."""
+    k = min(k, len(train_feats))
+    _, neighbors = faiss_ops.flat_search(train_feats, query_feats, k, gpu)
+    return majority_vote(train_labels[neighbors])
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    if not args.name:
+        raise cli.UsageError("--name: give the strategy whose index files to evaluate, e.g. --name kmeans")
+    if args.k < 1:
+        raise cli.UsageError(f"-k: must be at least 1, got {args.k}")
+    splits = cli.parse_splits(args.splits)
+    paths = {split: index_path(args.indices, args.name, args.dataset, split) for split in splits}
+    require_files(list(paths.values()), "--splits", args.dataset)
+    seed_everything(args.seed)
+    device = resolve_device(args.device)
+    train, val = train_features(args, device), val_features(args, device)
+    train_labels, val_labels = require_labels(train, "--feats"), require_labels(val, "--val-feats")
+    if train.feats.shape[1] != val.feats.shape[1]:
+        raise cli.UsageError(f"--val-feats: dimension {val.feats.shape[1]} differs from the train "
+                             f"features' {train.feats.shape[1]}")
+    pools = {split: read_indices(path, len(train.feats), flag="--splits") for split, path in paths.items()}
+    gpu = faiss_uses_gpu(device)
+    for split, pool in pools.items():
+        print(f"current_indices loaded from {paths[split]} with {len(pool)} indices.")
+        predictions = knn_predict(train.feats[pool], train_labels[pool], val.feats, args.k, gpu)
+        measures = {"coverage": coverage(train_labels, pool), "knn_top1": top1(predictions, val_labels),
+                    "knn_class_mean": class_mean_accuracy(predictions, val_labels)}
+        print(f"{measures['coverage']}% of all categories is seen")
+        print(f" * Acc for {split} samples is {measures['knn_top1']:.2f} "
+              f"(per-class mean {measures['knn_class_mean']:.2f}, k={args.k})")
+        for metric, value in measures.items():
+            append_result(cli.results_path(args), script="eval_knn", dataset=args.dataset, name=args.name,
+                          split=split, metric=metric, value=value, k=args.k, seed=args.seed,
+                          arch=None if args.feats else args.arch, backbone=None if args.feats else args.backbone)
+
+
+if __name__ == "__main__":
+    cli.run_main(main)

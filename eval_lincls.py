@@ -1,0 +1,140 @@
+"""Linear classifier on the frozen backbone, trained on the labelled pool of each index file.
+
+Default: the original protocol, so numbers compare with the paper: the frozen backbone runs on
+augmented labelled images every epoch (RandomResizedCrop + flip), head = L2-normalise + Linear, Adam
+without weight decay, MultiStepLR at --lr_schedule, validation every --print-freq epochs and after the
+last; the last validation's top-1 is reported (and the best, labelled as such). Validation uses the
+cached centre-crop features of the evaluation set, which is what the original computes on the fly.
+--cached trains the same head, optimiser and schedule on cached centre-crop train features instead:
+seconds on a CPU rather than hours, without augmentation.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from models import build_backbone
+from tools import cli, datasets, engine
+from tools.features import require_labels, train_features, val_features
+from tools.indices import index_path, read_indices, require_files
+from tools.metrics import coverage
+from tools.results import append_result
+from tools.runtime import on_device, resolve_device, seed_everything
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = cli.Parser(description=__doc__.splitlines()[0])
+    cli.add_data_args(parser)
+    cli.add_backbone_args(parser)
+    cli.add_val_feats_arg(parser)
+    cli.add_split_args(parser, ["any strategy that wrote {indices}/{name}_{dataset}_{split}.npy"])
+    parser.add_argument("--epochs", default=40, type=int, help="epochs per split (default: 40)")
+    parser.add_argument("--lr", "--learning-rate", default=0.01, type=float, dest="lr",
+                        help="Adam learning rate (default: 0.01)")
+    parser.add_argument("--lr_schedule", default="30,60,90", type=str,
+                        help="epochs at which the learning rate drops 10x (default: 30,60,90)")
+    parser.add_argument("--momentum", default=0.9, type=float, help="accepted, unused (Adam), as the original")
+    parser.add_argument("--wd", "--weight-decay", default=1e-4, type=float, dest="weight_decay",
+                        help="accepted, unused (Adam without weight decay), as the original")
+    parser.add_argument("-e", "--evaluate", action="store_true", help="accepted, unused, as the original")
+    parser.add_argument("--resume", nargs="?", const="auto", default="", metavar="CKPT",
+                        help="continue from a checkpoint: alone (or 'auto'), each split's own under --save; "
+                             "or a checkpoint file, with a single split")
+    parser.add_argument("--cached", action="store_true",
+                        help="train the head on cached centre-crop features (fast, no augmentation)")
+    return parser
+
+
+def parse_milestones(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise cli.UsageError(f"--lr_schedule: {text!r} is not a comma-separated list of epochs") from None
+
+
+def checkpoint_path(args: argparse.Namespace, split: int) -> str:
+    """Where a split's head, optimiser and scheduler are saved each epoch (or --resume CKPT)."""
+    if args.resume not in ("", "auto"):
+        return args.resume
+    mode = "cached" if args.cached else "images"
+    return os.path.join(args.save, f"lincls_{args.name}_{args.dataset}_{split}_{mode}_seed{args.seed}.pth")
+
+
+def check_resume(args: argparse.Namespace, splits: list[int]) -> None:
+    if args.resume in ("", "auto"):
+        return
+    if len(splits) != 1:
+        raise cli.UsageError("--resume: a checkpoint file goes with a single --splits value")
+    if not os.path.isfile(args.resume):
+        raise cli.UsageError(f"--resume: no checkpoint at {args.resume!r}")
+
+
+def cached_batches(feats: np.ndarray, labels: np.ndarray, batch_size: int, generator: torch.Generator):
+    loader = DataLoader(TensorDataset(torch.from_numpy(feats), torch.from_numpy(labels)), batch_size=batch_size,
+                        shuffle=True, generator=generator)
+    return lambda epoch: loader
+
+
+def image_batches(images: datasets.Images, pool: np.ndarray, args: argparse.Namespace, generator: torch.Generator):
+    subset = datasets.AugmentedSubset(images, pool, args.dataset, args.image_size)
+    loader = DataLoader(subset, batch_size=args.batch_size, shuffle=True, num_workers=args.workers,
+                        generator=generator, pin_memory=torch.cuda.is_available())
+    return lambda epoch: loader
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    if not args.name:
+        raise cli.UsageError("--name: give the strategy whose index files to evaluate, e.g. --name kmeans")
+    splits, milestones = cli.parse_splits(args.splits), parse_milestones(args.lr_schedule)
+    paths = {split: index_path(args.indices, args.name, args.dataset, split) for split in splits}
+    require_files(list(paths.values()), "--splits", args.dataset)
+    check_resume(args, splits)
+    if not args.cached and not args.data:
+        raise cli.UsageError("data: the default protocol trains on the images; give the dataset root or use --cached")
+    seed_everything(args.seed)
+    device = resolve_device(args.device)
+    val = val_features(args, device)
+    val_labels = require_labels(val, "--val-feats")
+    if args.cached:
+        train = train_features(args, device)
+        feats, labels = train.feats, require_labels(train, "--feats")
+    else:
+        images = datasets.load_images(args.dataset, args.data, "train", args.lt_list, args.download)
+        labels = images.labels
+        backbone = on_device(build_backbone(args.arch, args.backbone, args.weights)[0], device)
+    num_classes = int(max(labels.max(), val_labels.max())) + 1
+    schedule = engine.Schedule(args.epochs, args.lr, milestones, max(args.print_freq, 1))
+    for split, path in paths.items():
+        pool = read_indices(path, len(labels), flag="--splits")
+        print(f"=> Loading current indices: {path}")
+        seen = coverage(labels, pool)
+        print(f"current indices size: {len(pool)}. {seen}% of all categories is seen")
+        print("Training task model started ...")
+        generator = torch.Generator()
+        torch.manual_seed(args.seed)
+        head = engine.linear_head(val.feats.shape[1], num_classes)
+        if args.cached:
+            batches, embed = cached_batches(feats[pool], labels[pool], args.batch_size, generator), None
+        else:
+            batches, embed = image_batches(images, pool, args, generator), backbone
+        result = engine.fit(head, batches, val.feats, val_labels, schedule, device, args.seed, generator,
+                            checkpoint_path(args, split), resume=bool(args.resume), embed=embed)
+        print(f"Final accuracy of {split} labeled data is: {result['top1']:.3f} "
+              f"(best {result['best_top1']:.3f}, top-5 {result['top5']:.3f}, per-class mean {result['class_mean']:.3f})")
+        measures = {"coverage": seen, "lincls_top1": result["top1"], "lincls_top1_best": result["best_top1"],
+                    "lincls_top5": result["top5"], "lincls_class_mean": result["class_mean"]}
+        for metric, value in measures.items():
+            append_result(cli.results_path(args), script="eval_lincls", dataset=args.dataset, name=args.name,
+                          split=split, metric=metric, value=value, mode="cached" if args.cached else "images",
+                          epochs=args.epochs, seed=args.seed, arch=None if args.feats else args.arch,
+                          backbone=None if args.feats else args.backbone)
+
+
+if __name__ == "__main__":
+    cli.run_main(main)

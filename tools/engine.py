@@ -1,0 +1,135 @@
+"""The training and evaluation loop shared by the scripts that train a head on the labelled pool.
+
+One epoch is seeded from (seed, epoch) alone, for the shuffle order and the augmentation, so a run
+resumed from its checkpoint ends with the same weights as an uninterrupted one.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tools.fileio import atomic_write
+from tools.metrics import class_mean_accuracy
+
+Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
+
+
+class Normalize(nn.Module):
+    """L2 normalisation of each row, the first layer of the original's linear head."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(x, dim=1)
+
+
+def linear_head(dim: int, num_classes: int, normalize: bool = True) -> nn.Sequential:
+    """[Normalize ->] Linear, PyTorch's default initialisation."""
+    layers = [Normalize()] if normalize else []
+    return nn.Sequential(*layers, nn.Linear(dim, num_classes))
+
+
+@dataclass
+class Schedule:
+    """Adam (no weight decay) and MultiStepLR(gamma 0.1), as the original's linear probe."""
+    epochs: int
+    lr: float
+    milestones: list[int]
+    print_freq: int
+
+    def build(self, params) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+        optimizer = torch.optim.Adam(params, self.lr)
+        return optimizer, torch.optim.lr_scheduler.MultiStepLR(optimizer, self.milestones, gamma=0.1)
+
+    def validates_at(self, epoch: int) -> bool:
+        """The original validates every print_freq epochs and after the last one."""
+        return epoch % self.print_freq == 0 or epoch == self.epochs - 1
+
+
+def seed_epoch(seed: int, epoch: int, generator: torch.Generator) -> None:
+    """Make an epoch's shuffle and augmentation a function of (seed, epoch) only."""
+    torch.manual_seed(seed * 10007 + epoch)
+    generator.manual_seed(seed * 10007 + epoch)
+
+
+def train_epoch(head: nn.Module, batches: Batches, optimizer: torch.optim.Optimizer, device: torch.device,
+                embed: Callable[[torch.Tensor], torch.Tensor] | None = None) -> float:
+    """One pass of cross-entropy training of `head` (inputs through the frozen `embed` first): mean loss."""
+    head.train()
+    total, count = 0.0, 0
+    for x, y in batches:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        if embed is not None:
+            with torch.no_grad():
+                x = embed(x)
+        loss = F.cross_entropy(head(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total, count = total + loss.item() * len(y), count + len(y)
+    return total / max(count, 1)
+
+
+@torch.inference_mode()
+def predict_scores(head: nn.Module, feats: np.ndarray, device: torch.device, batch_size: int = 4096) -> torch.Tensor:
+    """Logits of `head` for every feature row, computed in batches (CPU tensor)."""
+    head.eval()
+    return torch.cat([head(torch.from_numpy(feats[i:i + batch_size]).to(device)).float().cpu()
+                      for i in range(0, len(feats), batch_size)])
+
+
+def evaluate(head: nn.Module, feats: np.ndarray, labels: np.ndarray, device: torch.device) -> dict[str, float]:
+    """top-1, top-5 and per-class mean accuracy (percent) of `head` on features."""
+    logits = predict_scores(head, feats, device)
+    target = torch.from_numpy(labels)
+    top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+    predictions = top[:, 0].numpy()
+    return {"top1": 100.0 * float((top[:, 0] == target).float().mean()),
+            "top5": 100.0 * float((top == target[:, None]).any(1).float().mean()),
+            "class_mean": class_mean_accuracy(predictions, labels)}
+
+
+def save_checkpoint(path: str, state: dict) -> None:
+    atomic_write(path, lambda f: torch.save(state, f))
+
+
+def fit(head: nn.Module, epoch_batches: Callable[[int], Batches], val_feats: np.ndarray, val_labels: np.ndarray,
+        schedule: Schedule, device: torch.device, seed: int, generator: torch.Generator, checkpoint: str,
+        resume: bool = False, embed: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict:
+    """Train `head` for the schedule, validating as the original; checkpoint every epoch.
+
+    Returns the last validation ('top1', 'top5', 'class_mean') and 'best_top1'. With `resume` and an
+    existing checkpoint, training continues from it (head, optimiser, scheduler, history).
+    """
+    head.to(device)
+    optimizer, scheduler = schedule.build(head.parameters())
+    state = {"epoch": 0, "last": None, "best_top1": None}
+    if resume and os.path.isfile(checkpoint):
+        saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        head.load_state_dict(saved["head"])
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        state = {k: saved[k] for k in state}
+        print(f"=> resumed from {checkpoint} at epoch {state['epoch']}")
+    for epoch in range(state["epoch"], schedule.epochs):
+        seed_epoch(seed, epoch, generator)
+        loss = train_epoch(head, epoch_batches(epoch), optimizer, device, embed)
+        print(f"Epoch: [{epoch}]\tLoss {loss:.4f}")
+        if schedule.validates_at(epoch):
+            state["last"] = evaluate(head, val_feats, val_labels, device)
+            best = state["best_top1"]
+            state["best_top1"] = state["last"]["top1"] if best is None else max(best, state["last"]["top1"])
+            print(f" * Acc@1 {state['last']['top1']:.3f} Acc@5 {state['last']['top5']:.3f}")
+        scheduler.step()
+        print(f"LR: {scheduler.get_last_lr()[0]:f}")
+        state["epoch"] = epoch + 1
+        save_checkpoint(checkpoint, {**state, "head": head.state_dict(), "optimizer": optimizer.state_dict(),
+                                     "scheduler": scheduler.state_dict()})
+    if state["last"] is None:  # nothing left to train (resumed at the end, or --epochs 0): still measure
+        state["last"] = evaluate(head, val_feats, val_labels, device)
+        state["best_top1"] = state["last"]["top1"]
+    return {**state["last"], "best_top1": state["best_top1"]}
