@@ -128,6 +128,8 @@ def test_cached_resume_gives_the_same_weights(tmp_path, capsys, monkeypatch):
     status, out, _ = call_main(eval_lincls.main, args + ["--resume"], capsys)
     assert status == 0 and "resumed from" in out and "at epoch 4" in out
     resumed = final_head(tmp_path, "lincls_*.pth")
+    status, _, err = call_main(eval_lincls.main, [a if a != "6" else "7" for a in args] + ["--resume"], capsys)
+    assert status == 2 and "--resume: " in err and "another schedule" in err
     assert resumed["epoch"] == 6 and resumed["best_top1"] == straight["best_top1"]
     for key, value in straight["head"].items():
         assert torch.equal(resumed["head"][key], value), key

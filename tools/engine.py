@@ -6,14 +6,16 @@ resumed from its checkpoint ends with the same weights as an uninterrupted one.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Callable, Iterable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm import tqdm
 
+from tools.cli import UsageError
 from tools.fileio import atomic_write
 from tools.metrics import class_mean_accuracy
 
@@ -61,7 +63,7 @@ def train_epoch(head: nn.Module, batches: Batches, optimizer: torch.optim.Optimi
     """One pass of cross-entropy training of `head` (inputs through the frozen `embed` first): mean loss."""
     head.train()
     total, count = 0.0, 0
-    for x, y in batches:
+    for x, y in tqdm(batches, desc="train", leave=False, disable=None):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         if embed is not None:
             with torch.no_grad():
@@ -110,6 +112,9 @@ def fit(head: nn.Module, epoch_batches: Callable[[int], Batches], val_feats: np.
     state = {"epoch": 0, "last": None, "best_top1": None}
     if resume and os.path.isfile(checkpoint):
         saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        if saved.get("schedule") != asdict(schedule) or saved.get("seed") != seed:
+            raise UsageError(f"--resume: {checkpoint} was trained with another schedule or seed "
+                             f"({saved.get('schedule')}, seed {saved.get('seed')})")
         head.load_state_dict(saved["head"])
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
@@ -127,7 +132,7 @@ def fit(head: nn.Module, epoch_batches: Callable[[int], Batches], val_feats: np.
         scheduler.step()
         print(f"LR: {scheduler.get_last_lr()[0]:f}")
         state["epoch"] = epoch + 1
-        save_checkpoint(checkpoint, {**state, "head": head.state_dict(), "optimizer": optimizer.state_dict(),
+        save_checkpoint(checkpoint, {**state, "schedule": asdict(schedule), "seed": seed, "head": head.state_dict(), "optimizer": optimizer.state_dict(),
                                      "scheduler": scheduler.state_dict()})
     if state["last"] is None:  # nothing left to train (resumed at the end, or --epochs 0): still measure
         state["last"] = evaluate(head, val_feats, val_labels, device)
