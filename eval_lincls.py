@@ -11,12 +11,11 @@ seconds on a CPU rather than hours, without augmentation.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 from typing import Sequence
 
-import numpy as np
 import torch
-from torch.utils.data import DataLoader, TensorDataset
 
 from models import build_backbone
 from tools import cli, datasets, engine
@@ -33,28 +32,11 @@ def build_parser() -> argparse.ArgumentParser:
     cli.add_backbone_args(parser)
     cli.add_val_feats_arg(parser)
     cli.add_split_args(parser, ["any strategy that wrote {indices}/{name}_{dataset}_{split}.npy"])
-    parser.add_argument("--epochs", default=40, type=int, help="epochs per split (default: 40)")
-    parser.add_argument("--lr", "--learning-rate", default=0.01, type=float, dest="lr",
-                        help="Adam learning rate (default: 0.01)")
-    parser.add_argument("--lr_schedule", default="30,60,90", type=str,
-                        help="epochs at which the learning rate drops 10x (default: 30,60,90)")
-    parser.add_argument("--momentum", default=0.9, type=float, help="accepted, unused (Adam), as the original")
-    parser.add_argument("--wd", "--weight-decay", default=1e-4, type=float, dest="weight_decay",
-                        help="accepted, unused (Adam without weight decay), as the original")
-    parser.add_argument("-e", "--evaluate", action="store_true", help="accepted, unused, as the original")
+    cli.add_training_args(parser)
     parser.add_argument("--resume", nargs="?", const="auto", default="", metavar="CKPT",
                         help="continue from a checkpoint: alone (or 'auto'), each split's own under --save; "
                              "or a checkpoint file, with a single split")
-    parser.add_argument("--cached", action="store_true",
-                        help="train the head on cached centre-crop features (fast, no augmentation)")
     return parser
-
-
-def parse_milestones(text: str) -> list[int]:
-    try:
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise cli.UsageError(f"--lr_schedule: {text!r} is not a comma-separated list of epochs") from None
 
 
 def checkpoint_path(args: argparse.Namespace, split: int) -> str:
@@ -74,24 +56,11 @@ def check_resume(args: argparse.Namespace, splits: list[int]) -> None:
         raise cli.UsageError(f"--resume: no checkpoint at {args.resume!r}")
 
 
-def cached_batches(feats: np.ndarray, labels: np.ndarray, batch_size: int, generator: torch.Generator):
-    loader = DataLoader(TensorDataset(torch.from_numpy(feats), torch.from_numpy(labels)), batch_size=batch_size,
-                        shuffle=True, generator=generator)
-    return lambda epoch: loader
-
-
-def image_batches(images: datasets.Images, pool: np.ndarray, args: argparse.Namespace, generator: torch.Generator):
-    subset = datasets.AugmentedSubset(images, pool, args.dataset, args.image_size)
-    loader = DataLoader(subset, batch_size=args.batch_size, shuffle=True, num_workers=args.workers,
-                        generator=generator, pin_memory=torch.cuda.is_available())
-    return lambda epoch: loader
-
-
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     if not args.name:
         raise cli.UsageError("--name: give the strategy whose index files to evaluate, e.g. --name kmeans")
-    splits, milestones = cli.parse_splits(args.splits), parse_milestones(args.lr_schedule)
+    splits, milestones = cli.parse_splits(args.splits), cli.parse_milestones(args.lr_schedule)
     paths = {split: index_path(args.indices, args.name, args.dataset, split) for split in splits}
     require_files(list(paths.values()), "--splits", args.dataset)
     check_resume(args, splits)
@@ -120,10 +89,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         torch.manual_seed(args.seed)
         head = engine.linear_head(val.feats.shape[1], num_classes)
         if args.cached:
-            batches, embed = cached_batches(feats[pool], labels[pool], args.batch_size, generator), None
+            batches, embed = engine.feature_loader(feats[pool], labels[pool], args.batch_size, generator), None
         else:
-            batches, embed = image_batches(images, pool, args, generator), backbone
-        result = engine.fit(head, batches, val.feats, val_labels, schedule, device, args.seed, generator,
+            batches = engine.image_loader(images, pool, args.dataset, args.image_size, args.batch_size,
+                                          args.workers, generator)
+            embed = backbone
+        validate = functools.partial(engine.feature_accuracy, head, val.feats, val_labels, device)
+        result = engine.fit(head, batches, validate, schedule, device, args.seed, generator,
                             checkpoint_path(args, split), resume=bool(args.resume), embed=embed)
         print(f"Final accuracy of {split} labeled data is: {result['top1']:.3f} "
               f"(best {result['best_top1']:.3f}, top-5 {result['top5']:.3f}, per-class mean {result['class_mean']:.3f})")

@@ -179,3 +179,29 @@ def coreset_select(feats: np.ndarray, labeled: np.ndarray, budget: int, device: 
         min_dist[pick] = -1
         picks.append(pick)
     return Selection(np.asarray(picks, dtype=np.int64), 0)
+
+
+# ---------------------------------------------------------------- uncertainty (model in the loop)
+
+def uncertainty(logits: torch.Tensor, name: str) -> torch.Tensor:
+    """Per-row uncertainty from logits, larger = more uncertain.
+
+    entropy: -sum p log p, from log_softmax (no NaN when a probability underflows to 0);
+    margin: -(p1 - p2), the gap between the two most probable classes;
+    least_confidence: -max p.
+    """
+    log_p = torch.log_softmax(logits.double(), dim=1)
+    if name == "entropy":
+        return -(log_p.exp() * log_p).sum(1)
+    if name == "margin":
+        top2 = log_p.topk(2, dim=1).values.exp()
+        return -(top2[:, 0] - top2[:, 1])
+    if name == "least_confidence":
+        return -log_p.max(1).values.exp()
+    raise ValueError(f"unknown uncertainty {name!r}")
+
+
+def most_uncertain(scores: np.ndarray, candidates: np.ndarray, budget: int) -> np.ndarray:
+    """The `budget` candidates with the largest scores (ties: the candidate listed first)."""
+    _check_budget(budget, len(candidates))
+    return np.asarray(candidates, dtype=np.int64)[np.argsort(-scores, kind="stable")[:budget]]

@@ -92,6 +92,29 @@ def add_split_args(parser: argparse.ArgumentParser, names: Sequence[str]) -> Non
                         help="strategy name: " + ", ".join(names))
 
 
+def add_training_args(parser: argparse.ArgumentParser) -> None:
+    """The linear head's training flags, as the original eval_lincls.py and active_sampler.py."""
+    parser.add_argument("--epochs", default=40, type=int, help="epochs per split (default: 40)")
+    parser.add_argument("--lr", "--learning-rate", default=0.01, type=float, dest="lr",
+                        help="Adam learning rate (default: 0.01)")
+    parser.add_argument("--lr_schedule", default="30,60,90", type=str,
+                        help="epochs at which the learning rate drops 10x (default: 30,60,90)")
+    parser.add_argument("--momentum", default=0.9, type=float, help="accepted, unused (Adam), as the original")
+    parser.add_argument("--wd", "--weight-decay", default=1e-4, type=float, dest="weight_decay",
+                        help="accepted, unused (Adam without weight decay), as the original")
+    parser.add_argument("-e", "--evaluate", action="store_true", help="accepted, unused, as the original")
+    parser.add_argument("--cached", action="store_true",
+                        help="train the head on cached centre-crop features (fast, no augmentation)")
+
+
+def parse_milestones(text: str) -> list[int]:
+    """'30,60' -> [30, 60]; a UsageError naming --lr_schedule otherwise."""
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise UsageError(f"--lr_schedule: {text!r} is not a comma-separated list of epochs") from None
+
+
 def parse_splits(text: str) -> list[int]:
     """'10,20' -> [10, 20]; anything but positive integers is a UsageError naming --splits."""
     parts = [p.strip() for p in text.split(",") if p.strip()]

@@ -88,6 +88,13 @@ class FileImages(Dataset):
 Images = ArrayImages | FileImages
 
 
+def subset(images: Images, indices: np.ndarray) -> Images:
+    """The images at `indices`, in that order, of the same kind (arrays stay arrays)."""
+    if isinstance(images, ArrayImages):
+        return ArrayImages(images.images[indices], images.labels[indices])
+    return FileImages([images.paths[i] for i in indices], images.labels[indices])
+
+
 # ---------------------------------------------------------------- CIFAR (our own pickle reader)
 
 def _unpickle(path: str) -> dict:

@@ -7,14 +7,16 @@ from __future__ import annotations
 
 import os
 from dataclasses import asdict, dataclass
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 from tqdm import tqdm
 
+from tools import datasets
 from tools.cli import UsageError
 from tools.fileio import atomic_write
 from tools.metrics import class_mean_accuracy
@@ -52,6 +54,22 @@ class Schedule:
         return epoch % self.print_freq == 0 or epoch == self.epochs - 1
 
 
+def feature_loader(feats: np.ndarray, labels: np.ndarray, batch_size: int, generator: torch.Generator
+                   ) -> Callable[[int], Batches]:
+    """Shuffled (feature, label) batches for each epoch."""
+    loader = DataLoader(TensorDataset(torch.from_numpy(feats), torch.from_numpy(labels)), batch_size=batch_size,
+                        shuffle=True, generator=generator)
+    return lambda epoch: loader
+
+
+def image_loader(images: datasets.Images, pool: np.ndarray, dataset: str, image_size: int | None, batch_size: int,
+                 workers: int, generator: torch.Generator) -> Callable[[int], Batches]:
+    """Shuffled, augmented (image, label) batches of the pool for each epoch."""
+    loader = DataLoader(datasets.AugmentedSubset(images, pool, dataset, image_size), batch_size=batch_size,
+                        shuffle=True, num_workers=workers, generator=generator, pin_memory=torch.cuda.is_available())
+    return lambda epoch: loader
+
+
 def seed_epoch(seed: int, epoch: int, generator: torch.Generator) -> None:
     """Make an epoch's shuffle and augmentation a function of (seed, epoch) only."""
     torch.manual_seed(seed * 10007 + epoch)
@@ -76,33 +94,47 @@ def train_epoch(head: nn.Module, batches: Batches, optimizer: torch.optim.Optimi
     return total / max(count, 1)
 
 
-@torch.inference_mode()
-def predict_scores(head: nn.Module, feats: np.ndarray, device: torch.device, batch_size: int = 4096) -> torch.Tensor:
-    """Logits of `head` for every feature row, computed in batches (CPU tensor)."""
+def feature_logits(head: nn.Module, feats: np.ndarray, device: torch.device, batch_size: int = 4096
+                   ) -> Iterator[torch.Tensor]:
+    """Logits of `head` for feature rows, batch by batch (CPU tensors): memory O(batch), not O(N x C)."""
     head.eval()
-    return torch.cat([head(torch.from_numpy(feats[i:i + batch_size]).to(device)).float().cpu()
-                      for i in range(0, len(feats), batch_size)])
+    with torch.inference_mode():
+        for i in range(0, len(feats), batch_size):
+            yield head(torch.from_numpy(feats[i:i + batch_size]).to(device)).float().cpu()
 
 
-def evaluate(head: nn.Module, feats: np.ndarray, labels: np.ndarray, device: torch.device) -> dict[str, float]:
-    """top-1, top-5 and per-class mean accuracy (percent) of `head` on features."""
-    logits = predict_scores(head, feats, device)
+def image_logits(head: nn.Module, backbone: nn.Module, images: datasets.Images, dataset: str, batch_size: int,
+                 workers: int, image_size: int | None, device: torch.device) -> Iterator[torch.Tensor]:
+    """Logits of head(backbone(image)) with the centre-crop inference transform, batch by batch."""
+    head.eval()
+    with torch.inference_mode():
+        for x in datasets.inference_batches(images, dataset, batch_size, workers, image_size):
+            yield head(backbone(x.to(device, non_blocking=True))).float().cpu()
+
+
+def accuracy(logit_batches: Iterable[torch.Tensor], labels: np.ndarray) -> dict[str, float]:
+    """top-1, top-5 and per-class mean accuracy (percent) from streamed logits."""
+    top = torch.cat([logits.topk(min(5, logits.shape[1]), dim=1).indices for logits in logit_batches])
     target = torch.from_numpy(labels)
-    top = logits.topk(min(5, logits.shape[1]), dim=1).indices
-    predictions = top[:, 0].numpy()
     return {"top1": 100.0 * float((top[:, 0] == target).float().mean()),
             "top5": 100.0 * float((top == target[:, None]).any(1).float().mean()),
-            "class_mean": class_mean_accuracy(predictions, labels)}
+            "class_mean": class_mean_accuracy(top[:, 0].numpy(), labels)}
+
+
+def feature_accuracy(head: nn.Module, feats: np.ndarray, labels: np.ndarray, device: torch.device) -> dict[str, float]:
+    """accuracy() of `head` on feature rows."""
+    return accuracy(feature_logits(head, feats, device), labels)
 
 
 def save_checkpoint(path: str, state: dict) -> None:
     atomic_write(path, lambda f: torch.save(state, f))
 
 
-def fit(head: nn.Module, epoch_batches: Callable[[int], Batches], val_feats: np.ndarray, val_labels: np.ndarray,
+def fit(head: nn.Module, epoch_batches: Callable[[int], Batches], validate: Callable[[], dict[str, float]],
         schedule: Schedule, device: torch.device, seed: int, generator: torch.Generator, checkpoint: str,
         resume: bool = False, embed: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict:
-    """Train `head` for the schedule, validating as the original; checkpoint every epoch.
+    """Train `head` for the schedule, validating (`validate()`: accuracy of the head now) as the
+    original; checkpoint every epoch.
 
     Returns the last validation ('top1', 'top5', 'class_mean') and 'best_top1'. With `resume` and an
     existing checkpoint, training continues from it (head, optimiser, scheduler, history).
@@ -125,7 +157,7 @@ def fit(head: nn.Module, epoch_batches: Callable[[int], Batches], val_feats: np.
         loss = train_epoch(head, epoch_batches(epoch), optimizer, device, embed)
         print(f"Epoch: [{epoch}]\tLoss {loss:.4f}")
         if schedule.validates_at(epoch):
-            state["last"] = evaluate(head, val_feats, val_labels, device)
+            state["last"] = validate()
             best = state["best_top1"]
             state["best_top1"] = state["last"]["top1"] if best is None else max(best, state["last"]["top1"])
             print(f" * Acc@1 {state['last']['top1']:.3f} Acc@5 {state['last']['top5']:.3f}")
@@ -135,6 +167,6 @@ def fit(head: nn.Module, epoch_batches: Callable[[int], Batches], val_feats: np.
         save_checkpoint(checkpoint, {**state, "schedule": asdict(schedule), "seed": seed, "head": head.state_dict(), "optimizer": optimizer.state_dict(),
                                      "scheduler": scheduler.state_dict()})
     if state["last"] is None:  # nothing left to train (resumed at the end, or --epochs 0): still measure
-        state["last"] = evaluate(head, val_feats, val_labels, device)
+        state["last"] = validate()
         state["best_top1"] = state["last"]["top1"]
     return {**state["last"], "best_top1": state["best_top1"]}
