@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from tools import datasets
@@ -56,10 +56,13 @@ class Schedule:
 
 def feature_loader(feats: np.ndarray, labels: np.ndarray, batch_size: int, generator: torch.Generator
                    ) -> Callable[[int], Batches]:
-    """Shuffled (feature, label) batches for each epoch."""
-    loader = DataLoader(TensorDataset(torch.from_numpy(feats), torch.from_numpy(labels)), batch_size=batch_size,
-                        shuffle=True, generator=generator)
-    return lambda epoch: loader
+    """Shuffled (feature, label) batches for each epoch, sliced from whole tensors (no per-row calls)."""
+    x, y = torch.from_numpy(feats), torch.from_numpy(labels)
+
+    def epoch_batches(epoch: int) -> Batches:
+        order = torch.randperm(len(y), generator=generator)
+        return [(x[rows], y[rows]) for rows in order.split(batch_size)]
+    return epoch_batches
 
 
 def image_loader(images: datasets.Images, pool: np.ndarray, dataset: str, image_size: int | None, batch_size: int,

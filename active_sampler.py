@@ -1,0 +1,176 @@
+"""Model-in-the-loop rounds: train a linear head on the pool, add the most uncertain unlabelled images.
+
+Each `--splits` value is the number of images added in that round (as the original). Scores:
+entropy (the paper's Max-Entropy), margin, least_confidence, computed batch by batch so that memory
+stays O(N). The pool of every round is written as `{indices}/{name}_{dataset}_{N}.npy` with a
+sidecar; pass the last one as --resume-indices to continue a stopped run.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+from typing import Iterable, Sequence
+
+import numpy as np
+import torch
+
+import strategies
+import tools
+from models import build_backbone
+from tools import cli, datasets, engine
+from tools.features import require_labels, train_features, val_features
+from tools.indices import index_path, read_indices, write_indices
+from tools.metrics import coverage
+from tools.results import append_result
+from tools.runtime import on_device, resolve_device, seed_everything
+
+NAMES = ("entropy", "margin", "least_confidence")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = cli.Parser(description=__doc__.splitlines()[0])
+    cli.add_data_args(parser)
+    cli.add_backbone_args(parser)
+    cli.add_val_feats_arg(parser)
+    cli.add_split_args(parser, NAMES)
+    cli.add_training_args(parser)
+    parser.add_argument("--resume", default="", type=str, help="accepted, unused, as the original "
+                        "(continue a run with --resume-indices)")
+    parser.add_argument("--resume-indices", default="", type=str, metavar="FILE", help="initial labelled pool (.npy)")
+    parser.add_argument("--init-random", default=0, type=int, metavar="N",
+                        help="without --resume-indices: draw a seeded random pool of N images and write it "
+                             "as random_{dataset}_{N}.npy")
+    return parser
+
+
+class RoundData:
+    """What the rounds work on: labels, the evaluation set, and either cached features or images with
+    the backbone."""
+
+    def __init__(self, args: argparse.Namespace, device: torch.device):
+        self.args, self.device = args, device
+        if args.cached:
+            train = train_features(args, device)
+            self.feats, self.labels, self.dim = train.feats, require_labels(train, "--feats"), train.feats.shape[1]
+            self.fingerprint = train.fingerprint
+            val = val_features(args, device)
+            self.val_feats, self.val_labels = val.feats, require_labels(val, "--val-feats")
+        else:
+            self.images = datasets.load_images(args.dataset, args.data, "train", args.lt_list, args.download)
+            self.val_images = datasets.load_images(args.dataset, args.data, "val", args.lt_list, args.download)
+            model, self.dim = build_backbone(args.arch, args.backbone, args.weights)
+            self.backbone = on_device(model, device)
+            self.labels, self.fingerprint = self.images.labels, f"{args.arch}-{args.backbone}-images"
+            self.val_labels = self.val_images.labels
+
+    def batches(self, pool: np.ndarray, generator: torch.Generator):
+        """Per-epoch training batches of the pool."""
+        a = self.args
+        if a.cached:
+            return engine.feature_loader(self.feats[pool], self.labels[pool], a.batch_size, generator)
+        return engine.image_loader(self.images, pool, a.dataset, a.image_size, a.batch_size, a.workers, generator)
+
+    def logits(self, head: torch.nn.Module, rows: np.ndarray | None, val: bool = False) -> Iterable[torch.Tensor]:
+        """Streamed logits of training rows `rows`, or of the evaluation set (`val`)."""
+        a = self.args
+        if a.cached:
+            return engine.feature_logits(head, self.val_feats if val else self.feats[rows], self.device)
+        images = self.val_images if val else datasets.subset(self.images, rows)
+        return engine.image_logits(head, self.backbone, images, a.dataset, a.batch_size, a.workers,
+                                   a.image_size, self.device)
+
+    def accuracy(self, head: torch.nn.Module) -> dict[str, float]:
+        """The head's accuracy on the evaluation set."""
+        return engine.accuracy(self.logits(head, None, val=True), self.val_labels)
+
+
+def check_room(pool_size: int, to_add: int, num_images: int) -> None:
+    if pool_size + to_add > num_images:
+        raise cli.UsageError(f"--splits: {to_add} images to add but only {num_images - pool_size} are unlabelled")
+
+
+def initial_pool(args: argparse.Namespace, num_images: int, to_add: int) -> np.ndarray:
+    """--resume-indices, or a seeded random pool of --init-random images (written as random_*.npy once
+    the rounds are known to fit)."""
+    if args.resume_indices:
+        pool = read_indices(args.resume_indices, num_images, dataset=args.dataset)
+        print(f"=> Loading current indices: {args.resume_indices}")
+        check_room(len(pool), to_add, num_images)
+        return pool
+    if args.init_random <= 0:
+        raise cli.UsageError("--resume-indices: active learning needs an initial pool; give --resume-indices FILE "
+                             "or --init-random N")
+    if args.init_random > num_images:
+        raise cli.UsageError(f"--init-random: {args.init_random} is more than the {num_images} images")
+    pool = strategies.random_pools(num_images, [args.init_random], args.seed)[args.init_random]
+    check_room(len(pool), to_add, num_images)
+    path = index_path(args.indices, "random", args.dataset, len(pool))
+    write_indices(path, pool, {"strategy": "random", "dataset": args.dataset, "params": {"budget": len(pool)},
+                               "seed": args.seed, "initial_pool": None, "version": tools.__version__})
+    print(f"=> initial random pool of {len(pool)} written to {path}")
+    return pool
+
+
+def train_head(pool_data: RoundData, pool: np.ndarray, num_classes: int, schedule: engine.Schedule) -> tuple:
+    """A fresh head (Linear, no normalisation, as the original) trained on `pool`: (head, last accuracy)."""
+    args = pool_data.args
+    generator = torch.Generator()
+    torch.manual_seed(args.seed)
+    head = engine.linear_head(pool_data.dim, num_classes, normalize=False)
+    validate = functools.partial(pool_data.accuracy, head)
+    checkpoint = os.path.join(args.save, f"active_{args.name}_{args.dataset}_{len(pool)}_seed{args.seed}.pth")
+    result = engine.fit(head, pool_data.batches(pool, generator), validate, schedule, pool_data.device, args.seed,
+                        generator, checkpoint, embed=None if args.cached else pool_data.backbone)
+    return head, result
+
+
+def select(pool_data: RoundData, head: torch.nn.Module, pool: np.ndarray, budget: int) -> np.ndarray:
+    """The `budget` most uncertain unlabelled images under `head`, scored batch by batch."""
+    unlabeled = np.setdiff1d(np.arange(len(pool_data.labels)), pool)
+    print(f"Current unlabeled indices is {len(unlabeled)}.")
+    scores = torch.cat([strategies.uncertainty(logits, pool_data.args.name)
+                        for logits in pool_data.logits(head, unlabeled)]).numpy()
+    return strategies.most_uncertain(scores, unlabeled, budget)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    if args.name not in NAMES:
+        raise cli.UsageError(f"--name: unknown uncertainty {args.name!r}; choose one of {', '.join(NAMES)}")
+    splits, milestones = cli.parse_splits(args.splits), cli.parse_milestones(args.lr_schedule)
+    if not args.cached and not args.data:
+        raise cli.UsageError("data: the default protocol trains on the images; give the dataset root or use --cached")
+    seed_everything(args.seed)
+    device = resolve_device(args.device)
+    pool_data = RoundData(args, device)
+    pool = initial_pool(args, len(pool_data.labels), sum(splits))
+    print(f"current indices size: {len(pool)}. {coverage(pool_data.labels, pool)}% of all categories is seen")
+    num_classes = int(max(pool_data.labels.max(), pool_data.val_labels.max())) + 1
+    schedule = engine.Schedule(args.epochs, args.lr, milestones, max(args.print_freq, 1))
+    record = functools.partial(append_result, cli.results_path(args), script="active_sampler", dataset=args.dataset,
+                               name=args.name, seed=args.seed, mode="cached" if args.cached else "images",
+                               arch=None if args.feats else args.arch, backbone=None if args.feats else args.backbone)
+    for increment in splits:
+        print("Training task model started ...")
+        head, result = train_head(pool_data, pool, num_classes, schedule)
+        print(f"Final accuracy of {len(pool)} labeled data is: {result['top1']:.3f}")
+        record(split=len(pool), metric="active_top1", value=result["top1"])
+        print(f"Query sampling with {args.name} started ...")
+        previous, pool = pool, np.concatenate([pool, select(pool_data, head, pool, increment)])
+        seen = coverage(pool_data.labels, pool)
+        print(f"{len(pool)} indices are sampled in total, {len(np.unique(pool))} of them are unique")
+        print(f"{seen}% of all categories is seen")
+        path = index_path(args.indices, args.name, args.dataset, len(pool))
+        write_indices(path, pool, {
+            "strategy": args.name, "dataset": args.dataset, "params": {"increment": increment, "epochs": args.epochs,
+                                                                         "lr": args.lr, "lr_schedule": milestones,
+                                                                         "mode": "cached" if args.cached else "images"},
+            "seed": args.seed, "initial_pool": {"size": len(previous), "path": args.resume_indices or None},
+            "features": pool_data.fingerprint, "version": tools.__version__})
+        print(f"=> saved {path}")
+        record(split=len(pool), metric="coverage", value=seen)
+
+
+if __name__ == "__main__":
+    cli.run_main(main)
