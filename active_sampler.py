@@ -120,8 +120,10 @@ def train_head(pool_data: RoundData, pool: np.ndarray, num_classes: int, schedul
     head = engine.linear_head(pool_data.dim, num_classes, normalize=False)
     validate = functools.partial(pool_data.accuracy, head)
     checkpoint = os.path.join(args.save, f"active_{args.name}_{args.dataset}_{len(pool)}_seed{args.seed}.pth")
-    result = engine.fit(head, pool_data.batches(pool, generator), validate, schedule, pool_data.device, args.seed,
-                        generator, checkpoint, embed=None if args.cached else pool_data.backbone)
+    head.to(pool_data.device)
+    result = engine.fit(head, torch.optim.Adam(head.parameters(), args.lr), pool_data.batches(pool, generator),
+                        validate, schedule, pool_data.device, args.seed, generator, checkpoint,
+                        embed=None if args.cached else pool_data.backbone)
     return head, result
 
 

@@ -33,27 +33,15 @@ def build_parser() -> argparse.ArgumentParser:
     cli.add_val_feats_arg(parser)
     cli.add_split_args(parser, ["any strategy that wrote {indices}/{name}_{dataset}_{split}.npy"])
     cli.add_training_args(parser)
-    parser.add_argument("--resume", nargs="?", const="auto", default="", metavar="CKPT",
-                        help="continue from a checkpoint: alone (or 'auto'), each split's own under --save; "
-                             "or a checkpoint file, with a single split")
+    cli.add_resume_arg(parser)
     return parser
 
 
 def checkpoint_path(args: argparse.Namespace, split: int) -> str:
     """Where a split's head, optimiser and scheduler are saved each epoch (or --resume CKPT)."""
-    if args.resume not in ("", "auto"):
-        return args.resume
     mode = "cached" if args.cached else "images"
-    return os.path.join(args.save, f"lincls_{args.name}_{args.dataset}_{split}_{mode}_seed{args.seed}.pth")
-
-
-def check_resume(args: argparse.Namespace, splits: list[int]) -> None:
-    if args.resume in ("", "auto"):
-        return
-    if len(splits) != 1:
-        raise cli.UsageError("--resume: a checkpoint file goes with a single --splits value")
-    if not os.path.isfile(args.resume):
-        raise cli.UsageError(f"--resume: no checkpoint at {args.resume!r}")
+    return cli.checkpoint_for(args, os.path.join(args.save, f"lincls_{args.name}_{args.dataset}_{split}_{mode}"
+                                                            f"_seed{args.seed}.pth"))
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -63,7 +51,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     splits, milestones = cli.parse_splits(args.splits), cli.parse_milestones(args.lr_schedule)
     paths = {split: index_path(args.indices, args.name, args.dataset, split) for split in splits}
     require_files(list(paths.values()), "--splits", args.dataset)
-    check_resume(args, splits)
+    cli.check_resume(args, splits)
     if not args.cached and not args.data:
         raise cli.UsageError("data: the default protocol trains on the images; give the dataset root or use --cached")
     seed_everything(args.seed)
@@ -95,8 +83,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                                           args.workers, generator)
             embed = backbone
         validate = functools.partial(engine.feature_accuracy, head, val.feats, val_labels, device)
-        result = engine.fit(head, batches, validate, schedule, device, args.seed, generator,
-                            checkpoint_path(args, split), resume=bool(args.resume), embed=embed)
+        head.to(device)
+        result = engine.fit(head, torch.optim.Adam(head.parameters(), args.lr), batches, validate, schedule, device,
+                            args.seed, generator, checkpoint_path(args, split), resume=bool(args.resume), embed=embed)
         print(f"Final accuracy of {split} labeled data is: {result['top1']:.3f} "
               f"(best {result['best_top1']:.3f}, top-5 {result['top5']:.3f}, per-class mean {result['class_mean']:.3f})")
         measures = {"coverage": seen, "lincls_top1": result["top1"], "lincls_top1_best": result["best_top1"],

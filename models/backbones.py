@@ -83,9 +83,14 @@ def _strip_module(key: str) -> str:
     return key
 
 
+def strip_module_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A state dict without DataParallel's 'module.' key prefixes."""
+    return {_strip_module(k): v for k, v in state.items()}
+
+
 def backbone_weights(state: dict[str, torch.Tensor], backbone: str) -> dict[str, torch.Tensor]:
     """Keys as the bare architecture names them: 'module.' removed, MoCo's query encoder selected."""
-    state = {_strip_module(k): v for k, v in state.items()}
+    state = strip_module_prefix(state)
     if backbone == "moco":
         state = {k[len(HEAD_PREFIX_MOCO):]: v for k, v in state.items() if k.startswith(HEAD_PREFIX_MOCO)}
     return state

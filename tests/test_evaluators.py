@@ -109,7 +109,7 @@ def interrupt_after(monkeypatch, epochs):
 
 
 def final_head(tmp_path, pattern):
-    (path,) = (tmp_path / "out").glob(pattern)
+    (path,) = [p for p in (tmp_path / "out").glob(pattern) if not p.stem.endswith("_best")]
     return torch.load(path, weights_only=True)
 
 
@@ -131,8 +131,8 @@ def test_cached_resume_gives_the_same_weights(tmp_path, capsys, monkeypatch):
     status, _, err = call_main(eval_lincls.main, [a if a != "6" else "7" for a in args] + ["--resume"], capsys)
     assert status == 2 and "--resume: " in err and "another schedule" in err
     assert resumed["epoch"] == 6 and resumed["best_top1"] == straight["best_top1"]
-    for key, value in straight["head"].items():
-        assert torch.equal(resumed["head"][key], value), key
+    for key, value in straight["model"].items():
+        assert torch.equal(resumed["model"][key], value), key
 
 
 def test_default_protocol_end_to_end_and_resume(tmp_path, cifar10_root, capsys, monkeypatch):
@@ -150,8 +150,8 @@ def test_default_protocol_end_to_end_and_resume(tmp_path, cifar10_root, capsys, 
             call_main(eval_lincls.main, args, capsys)
     assert call_main(eval_lincls.main, args + ["--resume"], capsys)[0] == 0
     resumed = final_head(tmp_path, "lincls_*_images_*.pth")
-    for key, value in straight["head"].items():
-        assert torch.equal(resumed["head"][key], value), key
+    for key, value in straight["model"].items():
+        assert torch.equal(resumed["model"][key], value), key
 
 
 def mode(script):

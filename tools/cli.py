@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Callable, Sequence
 
@@ -92,8 +93,8 @@ def add_split_args(parser: argparse.ArgumentParser, names: Sequence[str]) -> Non
                         help="strategy name: " + ", ".join(names))
 
 
-def add_training_args(parser: argparse.ArgumentParser) -> None:
-    """The linear head's training flags, as the original eval_lincls.py and active_sampler.py."""
+def add_training_args(parser: argparse.ArgumentParser, cached: bool = True) -> None:
+    """Training flags of the original eval_lincls.py, active_sampler.py, finetune.py, trainer_DP.py."""
     parser.add_argument("--epochs", default=40, type=int, help="epochs per split (default: 40)")
     parser.add_argument("--lr", "--learning-rate", default=0.01, type=float, dest="lr",
                         help="Adam learning rate (default: 0.01)")
@@ -103,8 +104,30 @@ def add_training_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--wd", "--weight-decay", default=1e-4, type=float, dest="weight_decay",
                         help="accepted, unused (Adam without weight decay), as the original")
     parser.add_argument("-e", "--evaluate", action="store_true", help="accepted, unused, as the original")
-    parser.add_argument("--cached", action="store_true",
-                        help="train the head on cached centre-crop features (fast, no augmentation)")
+    if cached:
+        parser.add_argument("--cached", action="store_true",
+                            help="train the head on cached centre-crop features (fast, no augmentation)")
+
+
+def add_resume_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--resume", nargs="?", const="auto", default="", metavar="CKPT",
+                        help="continue from a checkpoint: alone (or 'auto'), each split's own under --save; "
+                             "or a checkpoint file, with a single split")
+
+
+def checkpoint_for(args: argparse.Namespace, default: str) -> str:
+    """The checkpoint a split trains into: --resume FILE when given, else `default` under --save."""
+    return args.resume if args.resume not in ("", "auto") else default
+
+
+def check_resume(args: argparse.Namespace, splits: Sequence[int]) -> None:
+    """--resume FILE names one split's checkpoint: one split, and the file must exist."""
+    if args.resume in ("", "auto"):
+        return
+    if len(splits) != 1:
+        raise UsageError("--resume: a checkpoint file goes with a single --splits value")
+    if not os.path.isfile(args.resume):
+        raise UsageError(f"--resume: no checkpoint at {args.resume!r}")
 
 
 def parse_milestones(text: str) -> list[int]:

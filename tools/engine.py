@@ -16,6 +16,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from models.backbones import strip_module_prefix
 from tools import datasets
 from tools.cli import UsageError
 from tools.fileio import atomic_write
@@ -39,15 +40,11 @@ def linear_head(dim: int, num_classes: int, normalize: bool = True) -> nn.Sequen
 
 @dataclass
 class Schedule:
-    """Adam (no weight decay) and MultiStepLR(gamma 0.1), as the original's linear probe."""
+    """Epochs, the learning rate(s) and MultiStepLR(gamma 0.1) milestones, validation interval."""
     epochs: int
     lr: float
     milestones: list[int]
     print_freq: int
-
-    def build(self, params) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
-        optimizer = torch.optim.Adam(params, self.lr)
-        return optimizer, torch.optim.lr_scheduler.MultiStepLR(optimizer, self.milestones, gamma=0.1)
 
     def validates_at(self, epoch: int) -> bool:
         """The original validates every print_freq epochs and after the last one."""
@@ -79,20 +76,34 @@ def seed_epoch(seed: int, epoch: int, generator: torch.Generator) -> None:
     generator.manual_seed(seed * 10007 + epoch)
 
 
-def train_epoch(head: nn.Module, batches: Batches, optimizer: torch.optim.Optimizer, device: torch.device,
-                embed: Callable[[torch.Tensor], torch.Tensor] | None = None) -> float:
-    """One pass of cross-entropy training of `head` (inputs through the frozen `embed` first): mean loss."""
-    head.train()
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside DataParallel / DistributedDataParallel, or the model itself."""
+    return model.module if hasattr(model, "module") else model
+
+
+def train_epoch(model: nn.Module, batches: Batches, optimizer: torch.optim.Optimizer, device: torch.device,
+                embed: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                scaler: torch.amp.GradScaler | None = None) -> float:
+    """One pass of cross-entropy training (inputs through the frozen `embed` first; mixed precision
+    when `scaler` is enabled): mean loss."""
+    model.train()
+    amp = scaler is not None and scaler.is_enabled()
     total, count = 0.0, 0
     for x, y in tqdm(batches, desc="train", leave=False, disable=None):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         if embed is not None:
             with torch.no_grad():
                 x = embed(x)
-        loss = F.cross_entropy(head(x), y)
+        with torch.autocast(device.type, enabled=amp):
+            loss = F.cross_entropy(model(x), y)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        if amp:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
         total, count = total + loss.item() * len(y), count + len(y)
     return total / max(count, 1)
 
@@ -133,42 +144,53 @@ def save_checkpoint(path: str, state: dict) -> None:
     atomic_write(path, lambda f: torch.save(state, f))
 
 
-def fit(head: nn.Module, epoch_batches: Callable[[int], Batches], validate: Callable[[], dict[str, float]],
-        schedule: Schedule, device: torch.device, seed: int, generator: torch.Generator, checkpoint: str,
-        resume: bool = False, embed: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict:
-    """Train `head` for the schedule, validating (`validate()`: accuracy of the head now) as the
-    original; checkpoint every epoch.
+def best_path(checkpoint: str) -> str:
+    """Where the best validated weights are kept, apart from the latest checkpoint."""
+    stem, ext = os.path.splitext(checkpoint)
+    return f"{stem}_best{ext}"
+
+
+def fit(model: nn.Module, optimizer: torch.optim.Optimizer, epoch_batches: Callable[[int], Batches],
+        validate: Callable[[], dict[str, float]], schedule: Schedule, device: torch.device, seed: int,
+        generator: torch.Generator, checkpoint: str, resume: bool = False,
+        embed: Callable[[torch.Tensor], torch.Tensor] | None = None, amp: bool = False) -> dict:
+    """Train `model` (already on `device`) for the schedule, validating (`validate()`: accuracy now) as
+    the original; the latest state is checkpointed every epoch, the best validated weights apart.
 
     Returns the last validation ('top1', 'top5', 'class_mean') and 'best_top1'. With `resume` and an
-    existing checkpoint, training continues from it (head, optimiser, scheduler, history).
+    existing checkpoint, training continues from it (weights, optimiser, scheduler, scaler, history).
     """
-    head.to(device)
-    optimizer, scheduler = schedule.build(head.parameters())
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, schedule.milestones, gamma=0.1)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp and device.type == "cuda")
     state = {"epoch": 0, "last": None, "best_top1": None}
     if resume and os.path.isfile(checkpoint):
         saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
         if saved.get("schedule") != asdict(schedule) or saved.get("seed") != seed:
             raise UsageError(f"--resume: {checkpoint} was trained with another schedule or seed "
                              f"({saved.get('schedule')}, seed {saved.get('seed')})")
-        head.load_state_dict(saved["head"])
+        unwrap(model).load_state_dict(strip_module_prefix(saved["model"]))
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
+        scaler.load_state_dict(saved["scaler"])
         state = {k: saved[k] for k in state}
         print(f"=> resumed from {checkpoint} at epoch {state['epoch']}")
     for epoch in range(state["epoch"], schedule.epochs):
         seed_epoch(seed, epoch, generator)
-        loss = train_epoch(head, epoch_batches(epoch), optimizer, device, embed)
+        loss = train_epoch(model, epoch_batches(epoch), optimizer, device, embed, scaler)
         print(f"Epoch: [{epoch}]\tLoss {loss:.4f}")
         if schedule.validates_at(epoch):
             state["last"] = validate()
-            best = state["best_top1"]
-            state["best_top1"] = state["last"]["top1"] if best is None else max(best, state["last"]["top1"])
             print(f" * Acc@1 {state['last']['top1']:.3f} Acc@5 {state['last']['top5']:.3f}")
+            if state["best_top1"] is None or state["last"]["top1"] > state["best_top1"]:
+                state["best_top1"] = state["last"]["top1"]
+                save_checkpoint(best_path(checkpoint), {"epoch": epoch + 1, "model": unwrap(model).state_dict(),
+                                                        **state["last"]})
         scheduler.step()
-        print(f"LR: {scheduler.get_last_lr()[0]:f}")
+        print("LR: " + ", ".join(f"{lr:f}" for lr in scheduler.get_last_lr()))
         state["epoch"] = epoch + 1
-        save_checkpoint(checkpoint, {**state, "schedule": asdict(schedule), "seed": seed, "head": head.state_dict(), "optimizer": optimizer.state_dict(),
-                                     "scheduler": scheduler.state_dict()})
+        save_checkpoint(checkpoint, {**state, "schedule": asdict(schedule), "seed": seed,
+                                     "model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
+                                     "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict()})
     if state["last"] is None:  # nothing left to train (resumed at the end, or --epochs 0): still measure
         state["last"] = validate()
         state["best_top1"] = state["last"]["top1"]

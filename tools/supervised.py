@@ -1,0 +1,75 @@
+"""The per-split driver of finetune.py and trainer_DP.py: a whole network trained on a labelled pool."""
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+from typing import Callable
+
+import torch
+from torch import nn
+
+from tools import cli, datasets, engine
+from tools.indices import index_path, read_indices, require_files
+from tools.metrics import coverage
+from tools.results import append_result
+from tools.runtime import on_device, resolve_device, seed_everything
+
+ModelBuilder = Callable[[int], tuple[nn.Module, Callable[[nn.Module], torch.optim.Optimizer]]]
+
+
+def add_args(parser: argparse.ArgumentParser) -> None:
+    """Flags the two training scripts share beyond the data flags."""
+    cli.add_split_args(parser, ["any strategy that wrote {indices}/{name}_{dataset}_{split}.npy"])
+    cli.add_training_args(parser, cached=False)
+    cli.add_resume_arg(parser)
+    parser.add_argument("--amp", action="store_true", help="mixed precision on CUDA")
+
+
+def image_accuracy(model: nn.Module, images: datasets.Images, args: argparse.Namespace,
+                   device: torch.device) -> dict[str, float]:
+    """The model's accuracy on the evaluation images (centre crop)."""
+    logits = engine.image_logits(model, nn.Identity(), images, args.dataset, args.batch_size, args.workers,
+                                 args.image_size, device)
+    return engine.accuracy(logits, images.labels)
+
+
+def train_splits(args: argparse.Namespace, script: str, build: ModelBuilder, validate_every: int) -> None:
+    """For each split: check its index file (all of them before any training), build a fresh seeded
+    model and optimiser, train with validation every `validate_every` epochs and after the last, and
+    report top-1/top-5 per split."""
+    if not args.name:
+        raise cli.UsageError("--name: give the strategy whose index files to train on, e.g. --name kmeans")
+    splits, milestones = cli.parse_splits(args.splits), cli.parse_milestones(args.lr_schedule)
+    paths = {split: index_path(args.indices, args.name, args.dataset, split) for split in splits}
+    require_files(list(paths.values()), "--splits", args.dataset)
+    cli.check_resume(args, splits)
+    seed_everything(args.seed)
+    device = resolve_device(args.device)
+    train = datasets.load_images(args.dataset, args.data, "train", args.lt_list, args.download)
+    val = datasets.load_images(args.dataset, args.data, "val", args.lt_list, args.download)
+    pools = {split: read_indices(path, len(train), flag="--splits") for split, path in paths.items()}
+    num_classes = int(max(train.labels.max(), val.labels.max())) + 1
+    schedule = engine.Schedule(args.epochs, args.lr, milestones, validate_every)
+    for split, pool in pools.items():
+        print(f"=> Loading current indices: {paths[split]}")
+        print(f"current indices size: {len(pool)}. {coverage(train.labels, pool)}% of all categories is seen")
+        torch.manual_seed(args.seed)
+        model, make_optimizer = build(num_classes)
+        model = on_device(model, device)
+        generator = torch.Generator()
+        batches = engine.image_loader(train, pool, args.dataset, args.image_size, args.batch_size, args.workers,
+                                      generator)
+        checkpoint = cli.checkpoint_for(args, os.path.join(args.save, f"{script}_{args.name}_{args.dataset}_{split}"
+                                                                      f"_seed{args.seed}.pth"))
+        result = engine.fit(model, make_optimizer(engine.unwrap(model)), batches,
+                            functools.partial(image_accuracy, model, val, args, device), schedule, device, args.seed,
+                            generator, checkpoint, resume=bool(args.resume), amp=args.amp)
+        print(f"Final accuracy of {split} labeled data is: {result['top1']:.2f} "
+              f"(best {result['best_top1']:.2f}, top-5 {result['top5']:.2f})")
+        measures = {"top1": result["top1"], "top1_best": result["best_top1"], "top5": result["top5"],
+                    "class_mean": result["class_mean"]}
+        for metric, value in measures.items():
+            append_result(cli.results_path(args), script=script, dataset=args.dataset, name=args.name, split=split,
+                          metric=f"{script}_{metric}", value=value, epochs=args.epochs, seed=args.seed,
+                          arch=args.arch, backbone=getattr(args, "backbone", None))
