@@ -17,9 +17,8 @@ import torch
 
 import strategies
 import tools
-from models import build_backbone
 from tools import cli, datasets, engine
-from tools.features import require_labels, train_features, val_features
+from tools.features import frozen_backbone, require_labels, train_features, val_features
 from tools.indices import index_path, read_indices, write_indices
 from tools.metrics import coverage
 from tools.results import append_result
@@ -59,7 +58,7 @@ class RoundData:
         else:
             self.images = datasets.load_images(args.dataset, args.data, "train", args.lt_list, args.download)
             self.val_images = datasets.load_images(args.dataset, args.data, "val", args.lt_list, args.download)
-            model, self.dim = build_backbone(args.arch, args.backbone, args.weights)
+            model, self.dim = frozen_backbone(args)
             self.backbone = on_device(model, device)
             self.labels, self.fingerprint = self.images.labels, f"{args.arch}-{args.backbone}-images"
             self.val_labels = self.val_images.labels

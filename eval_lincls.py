@@ -17,9 +17,8 @@ from typing import Sequence
 
 import torch
 
-from models import build_backbone
 from tools import cli, datasets, engine
-from tools.features import require_labels, train_features, val_features
+from tools.features import frozen_backbone, require_labels, train_features, val_features
 from tools.indices import index_path, read_indices, require_files
 from tools.metrics import coverage
 from tools.results import append_result
@@ -64,7 +63,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     else:
         images = datasets.load_images(args.dataset, args.data, "train", args.lt_list, args.download)
         labels = images.labels
-        backbone = on_device(build_backbone(args.arch, args.backbone, args.weights)[0], device)
+        backbone = on_device(frozen_backbone(args)[0], device)
     num_classes = int(max(labels.max(), val_labels.max())) + 1
     schedule = engine.Schedule(args.epochs, args.lr, milestones, max(args.print_freq, 1))
     for split, path in paths.items():

@@ -102,3 +102,19 @@ def test_feats_file_formats(tmp_path, suffix):
         assert pool.labels is None
     else:
         assert pool.labels.tolist() == labels.tolist()
+
+
+def test_random_backbone_depends_on_the_seed_alone(tmp_path, cifar10_root, capsys):
+    from tools import features
+    args = ["--backbone", "random", "--seed", "4"]
+    assert run_kmeans(tmp_path, cifar10_root, capsys, *args)[0] == 0
+    with np.load(cache_file(tmp_path)) as data:
+        cached = data["feats"]
+    features._backbone.cache_clear()
+    torch.rand(1000)  # whatever ran before must not change the random weights
+    parsed = sampler.build_parser().parse_args([str(cifar10_root), "--arch", "resnet18", *args])
+    model, _ = features.frozen_backbone(parsed)
+    images = datasets.load_images("cifar10", str(cifar10_root), "train")
+    with torch.no_grad():
+        direct = F.normalize(model(next(datasets.inference_batches(images, "cifar10", 16))), dim=1).numpy()
+    np.testing.assert_allclose(direct, cached[:16], atol=1e-5)

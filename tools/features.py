@@ -55,12 +55,16 @@ def extract(model: nn.Module, images: datasets.Images, dataset: str, batch_size:
             device: torch.device, image_size: int | None = None, desc: str = "features") -> np.ndarray:
     """L2-normalised features of every image in dataset order; eval mode, inference mode."""
     model = on_device(model.eval(), device)
-    rows = []
     batches = datasets.inference_batches(images, dataset, batch_size, workers, image_size)
     total = -(-len(images) // batch_size)
+    feats, start = None, 0
     for x in tqdm(batches, total=total, desc=desc, disable=None):
-        rows.append(l2_normalize(model(x.to(device, non_blocking=True)).float()).cpu())
-    return torch.cat(rows).numpy() if rows else np.zeros((0, 0), np.float32)
+        out = l2_normalize(model(x.to(device, non_blocking=True)).float()).cpu().numpy()
+        if feats is None:  # filled in place: no list of batches concatenated at the end (2x memory)
+            feats = np.empty((len(images), out.shape[1]), dtype=np.float32)
+        feats[start:start + len(out)] = out
+        start += len(out)
+    return feats if feats is not None else np.zeros((0, 0), np.float32)
 
 
 # ---------------------------------------------------------------- cache files
@@ -98,18 +102,30 @@ def read_cache(path: str, meta: dict) -> tuple[np.ndarray, np.ndarray] | None:
 
 
 @functools.lru_cache(maxsize=1)
-def _backbone(arch: str, backbone: str, weights: str) -> nn.Module:
-    """The frozen backbone, built once per run even when train and val features are both extracted."""
-    return build_backbone(arch, backbone, weights)[0]
+def _backbone(arch: str, backbone: str, weights: str, fingerprint: str, seed: int) -> tuple[nn.Module, int]:
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)  # a random backbone depends on the seed alone, wherever it is built
+        return build_backbone(arch, backbone, weights)
+
+
+def check_weights(args: argparse.Namespace) -> None:
+    if args.backbone != "random" and not args.weights:
+        raise UsageError(f"--weights: --backbone {args.backbone} needs a checkpoint (or pass --feats)")
+    if args.backbone != "random" and not os.path.isfile(args.weights):
+        raise UsageError(f"--weights: no checkpoint found at {args.weights!r}")
+
+
+def frozen_backbone(args: argparse.Namespace) -> tuple[nn.Module, int]:
+    """(backbone, feature dim), built once per run and shared by feature extraction and training."""
+    check_weights(args)
+    return _backbone(args.arch, args.backbone, args.weights,
+                     weights_fingerprint(args.backbone, args.weights, args.seed), args.seed)
 
 
 def backbone_features(args: argparse.Namespace, split: str, device: torch.device) -> Features:
     """Features of the `split` images: from the cache with --load_cache, else extracted and cached."""
     images = datasets.load_images(args.dataset, args.data, split, args.lt_list, args.download)
-    if args.backbone != "random" and not args.weights:
-        raise UsageError(f"--weights: --backbone {args.backbone} needs a checkpoint (or pass --feats)")
-    if args.backbone != "random" and not os.path.isfile(args.weights):
-        raise UsageError(f"--weights: no checkpoint found at {args.weights!r}")
+    check_weights(args)
     fingerprint = weights_fingerprint(args.backbone, args.weights, args.seed)
     meta = cache_meta(args, split, fingerprint, len(images))
     path = cache_path(args, split, fingerprint)
@@ -118,7 +134,7 @@ def backbone_features(args: argparse.Namespace, split: str, device: torch.device
         print(f"=> loading {'inference' if split == 'train' else 'val'} feats of {args.dataset} from cache: {path}")
         feats, labels = cached
     else:
-        model = _backbone(args.arch, args.backbone, args.weights)
+        model, _ = frozen_backbone(args)
         print(f"get {'inference' if split == 'train' else 'val'} feats =>")
         feats = extract(model, images, args.dataset, args.batch_size, args.workers, device, args.image_size,
                         desc=f"{split} feats")
