@@ -12,7 +12,7 @@ import numpy as np
 
 from tools import cli, faiss_ops
 from tools.features import require_labels, train_features, val_features
-from tools.indices import index_path, read_indices, require_files
+from tools.indices import read_indices, split_files
 from tools.metrics import class_mean_accuracy, coverage, majority_vote, top1
 from tools.results import append_result
 from tools.runtime import faiss_uses_gpu, resolve_device, seed_everything
@@ -38,13 +38,9 @@ def knn_predict(train_feats: np.ndarray, train_labels: np.ndarray, query_feats: 
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    if not args.name:
-        raise cli.UsageError("--name: give the strategy whose index files to evaluate, e.g. --name kmeans")
     if args.k < 1:
         raise cli.UsageError(f"-k: must be at least 1, got {args.k}")
-    splits = cli.parse_splits(args.splits)
-    paths = {split: index_path(args.indices, args.name, args.dataset, split) for split in splits}
-    require_files(list(paths.values()), "--splits", args.dataset)
+    paths = split_files(args)
     seed_everything(args.seed)
     device = resolve_device(args.device)
     train, val = train_features(args, device), val_features(args, device)

@@ -19,7 +19,7 @@ import torch
 
 from tools import cli, datasets, engine
 from tools.features import frozen_backbone, require_labels, train_features, val_features
-from tools.indices import index_path, read_indices, require_files
+from tools.indices import read_indices, split_files
 from tools.metrics import coverage
 from tools.results import append_result
 from tools.runtime import on_device, resolve_device, seed_everything
@@ -45,12 +45,8 @@ def checkpoint_path(args: argparse.Namespace, split: int) -> str:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    if not args.name:
-        raise cli.UsageError("--name: give the strategy whose index files to evaluate, e.g. --name kmeans")
-    splits, milestones = cli.parse_splits(args.splits), cli.parse_milestones(args.lr_schedule)
-    paths = {split: index_path(args.indices, args.name, args.dataset, split) for split in splits}
-    require_files(list(paths.values()), "--splits", args.dataset)
-    cli.check_resume(args, splits)
+    paths, milestones = split_files(args), cli.parse_milestones(args.lr_schedule)
+    cli.check_resume(args, list(paths))
     if not args.cached and not args.data:
         raise cli.UsageError("data: the default protocol trains on the images; give the dataset root or use --cached")
     seed_everything(args.seed)
@@ -64,11 +60,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         images = datasets.load_images(args.dataset, args.data, "train", args.lt_list, args.download)
         labels = images.labels
         backbone = on_device(frozen_backbone(args)[0], device)
+    pools = {split: read_indices(path, len(labels), flag="--splits") for split, path in paths.items()}
     num_classes = int(max(labels.max(), val_labels.max())) + 1
     schedule = engine.Schedule(args.epochs, args.lr, milestones, max(args.print_freq, 1))
-    for split, path in paths.items():
-        pool = read_indices(path, len(labels), flag="--splits")
-        print(f"=> Loading current indices: {path}")
+    for split, pool in pools.items():
+        print(f"=> Loading current indices: {paths[split]}")
         seen = coverage(labels, pool)
         print(f"current indices size: {len(pool)}. {seen}% of all categories is seen")
         print("Training task model started ...")

@@ -8,7 +8,7 @@ import time
 
 import numpy as np
 
-from tools.cli import UsageError
+from tools.cli import UsageError, parse_splits
 from tools.fileio import atomic_write
 
 FORMAT_VERSION = 1
@@ -49,6 +49,16 @@ def read_indices(path: str, num_images: int, flag: str = "--resume-indices",
     if len(np.unique(indices)) != len(indices):
         raise UsageError(f"{flag}: {path!r} contains {len(indices) - len(np.unique(indices))} duplicate indices")
     return indices.astype(np.int64)
+
+
+def split_files(args) -> dict[int, str]:
+    """{split: path} of --name's index files for every --splits value, all checked to exist before any
+    heavy work (the evaluators' and trainers' input)."""
+    if not args.name:
+        raise UsageError("--name: give the strategy whose index files to use, e.g. --name kmeans")
+    paths = {split: index_path(args.indices, args.name, args.dataset, split) for split in parse_splits(args.splits)}
+    require_files(list(paths.values()), "--splits", args.dataset)
+    return paths
 
 
 def require_files(paths: list[str], flag: str, dataset: str | None = None) -> None:

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from tools import cli, datasets, engine
-from tools.indices import index_path, read_indices, require_files
+from tools.indices import read_indices, split_files
 from tools.metrics import coverage
 from tools.results import append_result
 from tools.runtime import on_device, resolve_device, seed_everything
@@ -38,12 +38,8 @@ def train_splits(args: argparse.Namespace, script: str, build: ModelBuilder, val
     """For each split: check its index file (all of them before any training), build a fresh seeded
     model and optimiser, train with validation every `validate_every` epochs and after the last, and
     report top-1/top-5 per split."""
-    if not args.name:
-        raise cli.UsageError("--name: give the strategy whose index files to train on, e.g. --name kmeans")
-    splits, milestones = cli.parse_splits(args.splits), cli.parse_milestones(args.lr_schedule)
-    paths = {split: index_path(args.indices, args.name, args.dataset, split) for split in splits}
-    require_files(list(paths.values()), "--splits", args.dataset)
-    cli.check_resume(args, splits)
+    paths, milestones = split_files(args), cli.parse_milestones(args.lr_schedule)
+    cli.check_resume(args, list(paths))
     seed_everything(args.seed)
     device = resolve_device(args.device)
     train = datasets.load_images(args.dataset, args.data, "train", args.lt_list, args.download)
