@@ -63,9 +63,6 @@ class ArrayImages:
     def __len__(self) -> int:
         return len(self.labels)
 
-    def describe(self) -> str:
-        return f"arrays{tuple(self.images.shape[1:])}"
-
 
 class FileImages(Dataset):
     """Image files with their labels (ImageNet, ImageNet-LT, folders); decoded only when iterated."""
@@ -80,9 +77,6 @@ class FileImages(Dataset):
 
     def __getitem__(self, i: int) -> torch.Tensor:
         return self.transform(open_rgb(self.paths[i]))
-
-    def describe(self) -> str:
-        return "files"
 
 
 Images = ArrayImages | FileImages

@@ -115,18 +115,27 @@ def check_weights(args: argparse.Namespace) -> None:
         raise UsageError(f"--weights: no checkpoint found at {args.weights!r}")
 
 
+@functools.lru_cache(maxsize=4)
+def _fingerprint(backbone: str, weights: str, seed: int, mtime_ns: int) -> str:
+    return weights_fingerprint(backbone, weights, seed)
+
+
+def fingerprint_of(args: argparse.Namespace) -> str:
+    """The weights' fingerprint, hashed once per run however many splits and scripts parts ask for it."""
+    check_weights(args)
+    mtime_ns = 0 if args.backbone == "random" else os.stat(args.weights).st_mtime_ns
+    return _fingerprint(args.backbone, args.weights, args.seed, mtime_ns)
+
+
 def frozen_backbone(args: argparse.Namespace) -> tuple[nn.Module, int]:
     """(backbone, feature dim), built once per run and shared by feature extraction and training."""
-    check_weights(args)
-    return _backbone(args.arch, args.backbone, args.weights,
-                     weights_fingerprint(args.backbone, args.weights, args.seed), args.seed)
+    return _backbone(args.arch, args.backbone, args.weights, fingerprint_of(args), args.seed)
 
 
 def backbone_features(args: argparse.Namespace, split: str, device: torch.device) -> Features:
     """Features of the `split` images: from the cache with --load_cache, else extracted and cached."""
     images = datasets.load_images(args.dataset, args.data, split, args.lt_list, args.download)
-    check_weights(args)
-    fingerprint = weights_fingerprint(args.backbone, args.weights, args.seed)
+    fingerprint = fingerprint_of(args)
     meta = cache_meta(args, split, fingerprint, len(images))
     path = cache_path(args, split, fingerprint)
     cached = read_cache(path, meta) if args.load_cache else None
