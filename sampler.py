@@ -1,14 +1,16 @@
-"""Select the images to label from cached backbone features (uniform, random, kmeans, accu_kmeans, coreset).
+"""Select the images to label from cached backbone features.
 
-`--splits` is an absolute budget for uniform, random and kmeans, and a per-round increment on top of
-the current pool for accu_kmeans and coreset (as in the original). Every index file holds exactly the
+Strategies: uniform, random, kmeans, accu_kmeans, coreset (the paper's) and typiclust, probcover,
+maxherding (the newer low-budget methods). `--splits` is an absolute budget for uniform, random and
+kmeans, and a per-round increment on top of the current pool for the others (as accu_kmeans and
+coreset in the original). Every index file holds exactly the
 size in its name: `{indices}/{name}_{dataset}_{N}.npy`, with a JSON sidecar.
 """
 from __future__ import annotations
 
 import argparse
 import sys
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -16,15 +18,15 @@ import strategies
 import tools
 from tools import cli
 from tools.cli import UsageError
-from tools.features import train_features, train_labels
+from tools.features import rows_of, train_features, train_labels
 from tools.indices import index_path, read_indices, write_indices
 from tools.metrics import coverage
 from tools.results import append_result
 from tools.runtime import faiss_uses_gpu, resolve_device, seed_everything
 
-NAMES = ("uniform", "random", "kmeans", "accu_kmeans", "coreset")
-INCREMENTAL = ("accu_kmeans", "coreset")
-NEEDS_FEATURES = ("kmeans", "accu_kmeans", "coreset")
+NAMES = ("uniform", "random", "kmeans", "accu_kmeans", "coreset", "typiclust", "probcover", "maxherding")
+INCREMENTAL = ("accu_kmeans", "coreset", "typiclust", "probcover", "maxherding")
+NEEDS_FEATURES = ("kmeans", "accu_kmeans", "coreset", "typiclust", "probcover", "maxherding")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,9 +35,67 @@ def build_parser() -> argparse.ArgumentParser:
     cli.add_backbone_args(parser)
     cli.add_split_args(parser, NAMES)
     parser.add_argument("--resume-indices", default="", type=str, metavar="FILE",
-                        help="initial labelled pool (.npy) that accu_kmeans and coreset add to; "
+                        help="initial labelled pool (.npy) that the incremental strategies add to; "
                              "without it they start from an empty pool")
+    add_low_budget_args(parser)
     return parser
+
+
+def _auto_or_positive(text: str) -> float | None:
+    """'auto' -> None, else a positive float."""
+    if text == "auto":
+        return None
+    value = float(text)
+    if value <= 0:
+        raise ValueError(text)
+    return value
+
+
+_auto_or_positive.__name__ = "'auto' or a positive number"  # argparse names the type in its error
+
+
+def add_low_budget_args(parser: argparse.ArgumentParser) -> None:
+    """Options of typiclust, probcover and maxherding."""
+    group = parser.add_argument_group("typiclust, probcover, maxherding")
+    group.add_argument("--max-clusters", default=500, type=int,
+                       help="typiclust: at most this many k-means clusters (|pool| + increment otherwise)")
+    group.add_argument("--min-cluster-size", default=5, type=int,
+                       help="typiclust: clusters of this many points or fewer are used only when the larger "
+                            "ones have no candidates left")
+    group.add_argument("--knn", default=20, type=int,
+                       help="typiclust: neighbours (inside the cluster) that typicality averages over")
+    group.add_argument("--typicality", default="squared", choices=("squared", "euclidean"),
+                       help="typiclust: average squared L2 distances (the authors' code) or plain distances "
+                            "(the paper's formula)")
+    group.add_argument("--delta", default=None, type=_auto_or_positive, metavar="auto|D",
+                       help="probcover: ball radius (L2 on unit features); auto (default) takes the largest "
+                            "radius whose balls are pure for a --purity share of points under k-means "
+                            "pseudo-labels")
+    group.add_argument("--purity", default=0.95, type=float, help="probcover: purity target of --delta auto")
+    group.add_argument("--pseudo-classes", default=None, type=int, metavar="K",
+                       help="probcover: clusters of the pseudo-labels of --delta auto (default: the number "
+                            "of classes in the labels; required without labels)")
+    group.add_argument("--bandwidth", default=None, type=_auto_or_positive, metavar="auto|S",
+                       help="maxherding: sigma of the Gaussian kernel exp(-|x-y|^2 / 2 sigma^2); auto (default) "
+                            "is the median mean distance of a point to its --kernel-knn neighbours")
+    group.add_argument("--kernel-knn", default=100, type=int,
+                       help="maxherding: the kernel is truncated to each point's k nearest neighbours (itself "
+                            "included) and is 0 beyond them, so memory is O(N k), not N x N")
+
+
+def check_low_budget_args(args: argparse.Namespace, labels: np.ndarray | None) -> None:
+    """Ranges of the typiclust / probcover / maxherding options, and the pseudo-class count."""
+    for flag, value, low in (("--max-clusters", args.max_clusters, 1), ("--min-cluster-size", args.min_cluster_size, 0),
+                             ("--knn", args.knn, 1), ("--kernel-knn", args.kernel_knn, 1)):
+        if value < low:
+            raise UsageError(f"{flag}: must be at least {low}, got {value}")
+    if not 0 < args.purity <= 1:
+        raise UsageError(f"--purity: must be in (0, 1], got {args.purity}")
+    if args.name == "probcover" and args.delta is None:
+        if args.pseudo_classes is None and labels is None:
+            raise UsageError("--pseudo-classes: --delta auto needs the class count, and the features have no labels")
+        if args.pseudo_classes is not None and args.pseudo_classes < 2:
+            raise UsageError(f"--pseudo-classes: must be at least 2, got {args.pseudo_classes}")
 
 
 def check_budgets(name: str, splits: Sequence[int], pool_size: int, initial: int) -> None:
@@ -48,10 +108,11 @@ def check_budgets(name: str, splits: Sequence[int], pool_size: int, initial: int
         raise UsageError(f"--splits: {name} needs {needed} images but only {available} can be selected")
 
 
-def select_pools(name: str, splits: Sequence[int], feats: np.ndarray | None, labels: np.ndarray | None,
-                 num_images: int, initial: np.ndarray, seed: int, device, gpu: bool
+def select_pools(args: argparse.Namespace, splits: Sequence[int], feats: np.ndarray | None,
+                 labels: np.ndarray | None, num_images: int, initial: np.ndarray, device, gpu: bool
                  ) -> Iterator[tuple[np.ndarray, dict]]:
     """Yield (pool, parameters) for every split, in order."""
+    name, seed = args.name, args.seed
     if name == "uniform":
         for budget, pool in strategies.uniform_pools(labels, splits, seed).items():
             yield pool, {"budget": budget}
@@ -63,24 +124,69 @@ def select_pools(name: str, splits: Sequence[int], feats: np.ndarray | None, lab
             selection = strategies.kmeans_select(feats, budget, seed=seed, gpu=gpu, verbose=sys.stdout.isatty())
             yield selection.indices, {"budget": budget, "niter": 20, "nredo": 5, "filled": selection.filled}
     else:
+        step = incremental_step(args, feats, labels, device, gpu)
         pool = initial
         for increment in splits:
-            if name == "accu_kmeans":
-                selection = strategies.accu_kmeans_select(feats, pool, increment, seed=seed, gpu=gpu,
-                                                         verbose=sys.stdout.isatty())
-            else:
-                selection = strategies.coreset_select(feats, pool, increment, device=device, gpu_faiss=gpu)
+            selection, params = step(pool, increment)
             pool = np.concatenate([pool, selection.indices])
-            yield pool, {"increment": increment, "filled": selection.filled}
+            yield pool, {"increment": increment, "filled": selection.filled, **params}
 
 
-def load_pool(args: argparse.Namespace, device) -> tuple[np.ndarray | None, np.ndarray | None, int, str]:
-    """(features or None, labels or None, pool size, feature fingerprint) for this strategy."""
+Step = Callable[[np.ndarray, int], tuple[strategies.Selection, dict]]
+
+
+def incremental_step(args: argparse.Namespace, feats: np.ndarray, labels: np.ndarray | None, device, gpu: bool
+                     ) -> Step:
+    """The function that adds `increment` images to a pool for an incremental strategy. What does not
+    depend on the pool (probcover's graph, maxherding's kernel) is built once, here."""
+    seed, verbose = args.seed, sys.stdout.isatty()
+    if args.name == "accu_kmeans":
+        return lambda pool, b: (strategies.accu_kmeans_select(feats, pool, b, seed=seed, gpu=gpu, verbose=verbose), {})
+    if args.name == "coreset":
+        return lambda pool, b: (strategies.coreset_select(feats, pool, b, device=device, gpu_faiss=gpu), {})
+    if args.name == "typiclust":
+        options = {"knn": args.knn, "max_clusters": args.max_clusters, "min_cluster_size": args.min_cluster_size,
+                   "squared": args.typicality == "squared"}
+        return lambda pool, b: (strategies.typiclust_select(feats, pool, b, seed=seed, gpu=gpu, verbose=verbose,
+                                                            **options), {**options, "typicality": args.typicality})
+    if args.name == "probcover":
+        return probcover_step(args, feats, labels, gpu)
+    kernel = strategies.herding_kernel(strategies.nearest_neighbours(feats, args.kernel_knn, gpu), args.bandwidth)
+    print(f"=> maxherding: Gaussian kernel bandwidth {kernel.bandwidth:.4f}, truncated to {args.kernel_knn} neighbours")
+    params = {"bandwidth": kernel.bandwidth, "kernel_knn": args.kernel_knn}
+    return lambda pool, b: (strategies.maxherding_select(kernel, pool, b, seed=seed), params)
+
+
+def probcover_step(args: argparse.Namespace, feats: np.ndarray, labels: np.ndarray | None, gpu: bool) -> Step:
+    """Choose δ (given, or the purity heuristic), build the ball graph once, and print the coverage of each round."""
+    classes = args.pseudo_classes or (len(np.unique(labels)) if labels is not None else 0)
+    try:
+        graph, delta = strategies.probcover_graph(feats, args.delta, args.purity, classes, seed=args.seed, gpu=gpu)
+    except ValueError as err:
+        raise UsageError(f"--delta: {err}") from None
+    if args.delta is None:
+        print(f"=> probcover: delta {delta:.4f}, the largest radius with {args.purity:.0%} pure balls "
+              f"under {classes} k-means pseudo-labels")
+    print(f"=> probcover: {len(graph.indices)} edges, {len(graph.indices) / len(feats):.1f} points per ball on average")
+    params = {"delta": delta, "purity": args.purity if args.delta is None else None}
+
+    def step(pool: np.ndarray, increment: int) -> tuple[strategies.Selection, dict]:
+        selection, covered = strategies.probcover_select(graph, pool, increment, seed=args.seed)
+        print(f"=> probcover: {covered:.2%} of the points lie within delta of the pool")
+        return selection, {**params, "ball_coverage": covered}
+    return step
+
+
+def load_pool(args: argparse.Namespace, device
+              ) -> tuple[np.ndarray | None, np.ndarray | None, int, str, np.ndarray]:
+    """(features of the selectable rows or None, labels or None, pool size, feature fingerprint, dataset
+    indices of the selectable rows: every image but those that could not be decoded) for this strategy."""
     if args.name in NEEDS_FEATURES:
         features = train_features(args, device)
-        return features.feats, features.labels, len(features.feats), features.fingerprint
+        keep, feats = features.selectable()
+        return feats, features.labels, len(features.feats), features.fingerprint, keep
     num_images, labels = train_labels(args)
-    return None, labels, num_images, "labels-only"
+    return None, labels, num_images, "labels-only", np.arange(num_images)
 
 
 def load_initial(args: argparse.Namespace, num_images: int, labels: np.ndarray | None) -> np.ndarray:
@@ -105,17 +211,20 @@ def main(argv: Sequence[str] | None = None) -> None:
     splits = cli.parse_splits(args.splits)
     seed_everything(args.seed)
     device = resolve_device(args.device)
-    feats, labels, num_images, fingerprint = load_pool(args, device)
+    feats, labels, num_images, fingerprint, keep = load_pool(args, device)
     if args.name == "uniform" and labels is None:
-        raise UsageError("--name uniform needs labels, and the --feats file has none")
+        source = "the --feats file" if args.feats else f"the unlabelled folder {args.data!r}"
+        raise UsageError(f"--name uniform needs labels, and {source} has none")
+    check_low_budget_args(args, labels)
     initial = load_initial(args, num_images, labels)
-    check_budgets(args.name, splits, num_images, len(initial))
-    print(f"Current unlabeled indices is {num_images - len(initial)}.")
+    check_budgets(args.name, splits, len(keep), len(initial))
+    print(f"Current unlabeled indices is {len(keep) - len(initial)}.")
     print(f"Query sampling with {args.name} started ...")
     results_file = cli.results_path(args)
-    pools = select_pools(args.name, splits, feats, labels, num_images, initial, args.seed, device,
-                         faiss_uses_gpu(device))
-    for pool, params in pools:
+    pools = select_pools(args, splits, feats, labels, num_images, rows_of(keep, initial, "--resume-indices"),
+                         device, faiss_uses_gpu(device))
+    for rows, params in pools:
+        pool = keep[rows]
         path = index_path(args.indices, args.name, args.dataset, len(pool))
         print(f"{len(pool)} indices are sampled in total, {len(np.unique(pool))} of them are unique")
         seen = coverage(labels, pool)

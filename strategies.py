@@ -181,6 +181,300 @@ def coreset_select(feats: np.ndarray, labeled: np.ndarray, budget: int, device: 
     return Selection(np.asarray(picks, dtype=np.int64), 0)
 
 
+# ---------------------------------------------------------------- low-budget: TypiClust, ProbCover, MaxHerding
+
+def _eligible_mask(n: int, taken: np.ndarray) -> np.ndarray:
+    eligible = np.ones(n, dtype=bool)
+    eligible[taken] = False
+    return eligible
+
+
+def _seeded_fill(eligible: np.ndarray, count: int, seed: int) -> np.ndarray:
+    """`count` eligible indices in a seeded random order: the fill once a greedy objective is exhausted."""
+    return np.random.default_rng(seed).permutation(np.flatnonzero(eligible))[:count].astype(np.int64)
+
+
+def typicality(feats: np.ndarray, knn: int, squared: bool = True, gpu: bool = False) -> np.ndarray:
+    """1 / (mean distance to the `knn` nearest other rows + 1e-5), as TypiClust.
+
+    `squared=True` averages squared L2 distances, as the authors' code does (faiss returns squared
+    distances); `squared=False` averages plain distances, as the paper's formula writes.
+    """
+    if len(feats) == 1:
+        return np.ones(1)
+    knn = max(1, min(knn, len(feats) // 2))
+    dist, _ = faiss_ops.flat_search(feats, feats, knn + 1, gpu)
+    dist = np.maximum(dist[:, 1:].astype(np.float64), 0)  # the first neighbour is the row itself
+    return 1 / ((dist if squared else np.sqrt(dist)).mean(1) + 1e-5)
+
+
+def _typiclust_cluster(sizes: np.ndarray, taken_per_cluster: np.ndarray,
+                       left_per_cluster: np.ndarray, min_cluster_size: int) -> int:
+    """The cluster to query next: among clusters with candidates left, those larger than
+    `min_cluster_size` first, then fewest labelled or selected points, then largest, then lowest id."""
+    open_ids = np.flatnonzero(left_per_cluster > 0)
+    keys = (open_ids, -sizes[open_ids], taken_per_cluster[open_ids], sizes[open_ids] <= min_cluster_size)
+    return int(open_ids[np.lexsort(keys)[0]])
+
+
+def typiclust_select(feats: np.ndarray, labeled: np.ndarray, budget: int, knn: int = 20, max_clusters: int = 500,
+                     min_cluster_size: int = 5, squared: bool = True, seed: int = 0, gpu: bool = False,
+                     verbose: bool = False) -> Selection:
+    """TypiClust (Hacohen et al. 2022): min(|L| + budget, max_clusters) k-means clusters; each query
+    takes the most typical unlabelled point of the cluster with the fewest labelled (or already
+    selected) points, largest first. Typicality is computed among the cluster's remaining
+    candidates with k = min(knn, candidates // 2).
+
+    Clusters of `min_cluster_size` points or fewer are skipped while larger ones have candidates;
+    picks from them are counted as `filled`. Returns only the new indices.
+    """
+    labeled = np.asarray(labeled, dtype=np.int64)
+    eligible = _eligible_mask(len(feats), labeled)
+    _check_budget(budget, int(eligible.sum()))
+    k = min(len(labeled) + budget, max_clusters, len(feats))
+    _, assign, _ = faiss_ops.kmeans(feats, k, seed=seed, gpu=gpu, verbose=verbose)
+    sizes = np.bincount(assign, minlength=k)
+    taken = np.bincount(assign[labeled], minlength=k)
+    left = np.bincount(assign[eligible], minlength=k)
+    picks, filled = [], 0
+    for _ in range(budget):
+        cluster = _typiclust_cluster(sizes, taken, left, min_cluster_size)
+        candidates = np.flatnonzero(eligible & (assign == cluster))
+        pick = int(candidates[np.argmax(typicality(feats[candidates], knn, squared, gpu))])
+        eligible[pick] = False
+        taken[cluster] += 1
+        left[cluster] -= 1
+        filled += int(sizes[cluster] <= min_cluster_size)
+        picks.append(pick)
+    return Selection(np.asarray(picks, dtype=np.int64), filled)
+
+
+class Neighbours(NamedTuple):
+    """The k exact nearest rows of every row: squared L2 distances (ascending) and row indices."""
+    sq_dist: np.ndarray  # N x k
+    index: np.ndarray  # N x k int64
+
+
+def nearest_neighbours(feats: np.ndarray, k: int, gpu: bool = False) -> Neighbours:
+    """faiss exact k-NN of every row among all rows (the row itself included), O(N k) memory."""
+    sq_dist, index = faiss_ops.flat_search(feats, feats, min(k, len(feats)), gpu)
+    return Neighbours(np.maximum(sq_dist, 0), index)
+
+
+def nearest_other_label(feats: np.ndarray, labels: np.ndarray, rows: np.ndarray, gpu: bool = False) -> np.ndarray:
+    """Exact distance from each of `rows` to the nearest row with another label (inf when there is
+    none): per label, one faiss search of its rows against all rows of other labels."""
+    dist = np.full(len(rows), np.inf)
+    for label in np.unique(labels[rows]):
+        queries = labels[rows] == label
+        others = labels != label
+        if others.any():
+            sq, _ = faiss_ops.flat_search(feats[others], feats[rows[queries]], 1, gpu)
+            dist[queries] = np.sqrt(np.maximum(sq[:, 0], 0))
+    return dist
+
+
+def purity_delta(feats: np.ndarray, pseudo_labels: np.ndarray, purity: float, neighbours: Neighbours,
+                 gpu: bool = False) -> float:
+    """The largest δ whose balls are pure for at least a `purity` share of the points (ProbCover's
+    heuristic), computed exactly instead of on a grid.
+
+    The ball B_δ(x) = {y : |x - y| < δ} is pure iff δ <= d(x), the distance from x to the nearest
+    point of another pseudo-label, so δ is the ceil(purity * N)-th largest d(x). d(x) is read off
+    the k nearest neighbours when one has another label; otherwise d(x) >= the k-th neighbour's
+    distance, and only the points for which that bound cannot settle the answer are searched in full.
+    """
+    n = len(feats)
+    other = pseudo_labels[neighbours.index] != pseudo_labels[:, None]
+    found = other.any(1)
+    dist = np.full(n, np.inf)
+    dist[found] = np.sqrt(neighbours.sq_dist[found, other[found].argmax(1)])
+    rank = n - int(np.ceil(purity * n))  # ascending position of the answer
+    bound = np.sqrt(neighbours.sq_dist[:, -1])
+    unsure = np.flatnonzero(~found & (bound < np.partition(dist, rank)[rank]))
+    dist[unsure] = nearest_other_label(feats, pseudo_labels, unsure, gpu)
+    delta = float(np.partition(dist, rank)[rank])
+    if not np.isfinite(delta):
+        raise ValueError("every ball is pure at any radius: the pseudo-labels need at least two clusters")
+    return delta
+
+
+class CoverGraph(NamedTuple):
+    """Symmetric δ-ball graph in CSR form: the ball of row i is indices[indptr[i]:indptr[i+1]] (itself included)."""
+    indptr: np.ndarray  # N + 1 int64
+    indices: np.ndarray  # E int32 (int64 beyond 2^31 rows)
+
+
+def _csr(n: int, rows: np.ndarray, cols: np.ndarray) -> CoverGraph:
+    """CSR of the symmetric closure of the edges rows -> cols, duplicates removed."""
+    keys = np.unique(np.concatenate([rows * n + cols, cols * n + rows]))
+    indptr = np.concatenate([[0], np.cumsum(np.bincount(keys // n, minlength=n))])
+    return CoverGraph(indptr.astype(np.int64), (keys % n).astype(np.int32 if n < 2 ** 31 else np.int64))
+
+
+def _range_edges(feats: np.ndarray, rows: np.ndarray, delta: float, max_edges: int, block: int = 4096
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """All (row, y) with |x_row - y| < δ, from faiss range searches over blocks of `rows` (CPU:
+    faiss has no range search on GPU flat indexes)."""
+    if not len(rows):
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    index = faiss_ops.flat_index(feats, gpu=False)
+    sources, targets, edges = [], [], 0
+    for start in range(0, len(rows), block):
+        queries = rows[start:start + block]
+        lims, _, found = index.range_search(faiss_ops.as_float32(feats[queries]), delta * delta)
+        sources.append(np.repeat(queries, np.diff(lims.astype(np.int64))))
+        targets.append(found)
+        edges += len(found)
+        if edges > max_edges:
+            raise ValueError(f"δ = {delta:.4g} gives more than {max_edges} edges; choose a smaller δ")
+    return np.concatenate(sources), np.concatenate(targets)
+
+
+def cover_graph(feats: np.ndarray, delta: float, neighbours: Neighbours, max_edges: int = 2 ** 29) -> CoverGraph:
+    """Edges x - y for |x - y| < δ, and x - x, as a sparse edge list: memory grows with the number
+    of edges, never N x N. A ball smaller than the k precomputed neighbours is read off them; the
+    rows whose k-th neighbour is still inside δ are range-searched in full. Raises ValueError past
+    `max_edges` (δ too large for memory)."""
+    n = len(feats)
+    inside = neighbours.sq_dist < delta * delta
+    overflow = np.flatnonzero(inside[:, -1]) if neighbours.index.shape[1] < n else np.zeros(0, np.int64)
+    inside[overflow] = False
+    if inside.sum() > max_edges:
+        raise ValueError(f"δ = {delta:.4g} gives more than {max_edges} edges; choose a smaller δ")
+    far_rows, far_cols = _range_edges(feats, overflow, delta, max_edges)
+    rows = np.concatenate([np.arange(n), np.nonzero(inside)[0], far_rows])
+    cols = np.concatenate([np.arange(n), neighbours.index[inside], far_cols])
+    return _csr(n, rows.astype(np.int64), cols.astype(np.int64))
+
+
+def probcover_graph(feats: np.ndarray, delta: float | None = None, purity: float = 0.95, pseudo_classes: int = 10,
+                    neighbours: int = 64, seed: int = 0, gpu: bool = False) -> tuple[CoverGraph, float]:
+    """ProbCover's ball graph and its δ: the given one, or when None the purity heuristic under
+    k-means pseudo-labels with `pseudo_classes` clusters (one faiss run, seeded). One exact k-NN
+    pass with `neighbours` neighbours serves both the heuristic and the graph."""
+    near = nearest_neighbours(feats, neighbours, gpu)
+    if delta is None:
+        _, pseudo_labels, _ = faiss_ops.kmeans(feats, pseudo_classes, seed=seed, nredo=1, gpu=gpu)
+        delta = purity_delta(feats, pseudo_labels, purity, near, gpu)
+    return cover_graph(feats, delta, near), delta
+
+
+def _ball_members(graph: CoverGraph, rows: np.ndarray) -> np.ndarray:
+    """Concatenated balls of `rows`."""
+    starts, ends = graph.indptr[rows], graph.indptr[rows + 1]
+    lengths = ends - starts
+    offsets = np.repeat(starts - np.concatenate([[0], np.cumsum(lengths)[:-1]]), lengths)
+    return graph.indices[np.arange(lengths.sum()) + offsets]
+
+
+class _Coverage:
+    """Greedy max-coverage state: which points are covered and how many uncovered points each ball holds."""
+
+    def __init__(self, graph: CoverGraph):
+        self.graph = graph
+        self.covered = np.zeros(len(graph.indptr) - 1, dtype=bool)
+        self.degree = np.diff(graph.indptr)
+
+    def add(self, centres: np.ndarray) -> None:
+        """Cover the balls of `centres`; every ball that held a newly covered point loses it."""
+        members = np.unique(_ball_members(self.graph, np.atleast_1d(centres)))
+        new = members[~self.covered[members]]
+        self.covered[new] = True
+        np.subtract.at(self.degree, _ball_members(self.graph, new), 1)  # symmetric: y's ball = balls holding y
+
+
+def probcover_select(graph: CoverGraph, labeled: np.ndarray, budget: int, seed: int = 0) -> tuple[Selection, float]:
+    """ProbCover (Yehuda et al. 2022): greedy max coverage of δ-balls. Each pick is the point whose
+    ball holds the most uncovered points (ties: lowest index); points covered by `labeled` count as
+    covered from the start. Once everything is covered the rest of the budget is a seeded random
+    fill (`filled`). Returns the new indices and the share of points covered after them."""
+    labeled = np.asarray(labeled, dtype=np.int64)
+    n = len(graph.indptr) - 1
+    eligible = _eligible_mask(n, labeled)
+    _check_budget(budget, int(eligible.sum()))
+    state = _Coverage(graph)
+    if len(labeled):
+        state.add(labeled)
+    picks = []
+    while len(picks) < budget and state.degree.max() > 0:
+        pick = int(np.argmax(state.degree))
+        state.add(np.array([pick]))
+        eligible[pick] = False
+        picks.append(pick)
+    fill = _seeded_fill(eligible, budget - len(picks), seed)
+    return Selection(np.concatenate([np.asarray(picks, dtype=np.int64), fill]), len(fill)), float(state.covered.mean())
+
+
+def ball_coverage(graph: CoverGraph, pool: np.ndarray) -> float:
+    """Share of points within δ of a point of `pool`."""
+    state = _Coverage(graph)
+    if len(pool):
+        state.add(np.asarray(pool, dtype=np.int64))
+    return float(state.covered.mean())
+
+
+class HerdingKernel(NamedTuple):
+    """Gaussian kernel truncated to each row's k nearest neighbours: row j holds k(x_j, x) for x in kNN(j)."""
+    weight: np.ndarray  # N x k float64
+    index: np.ndarray  # N x k int64
+    bandwidth: float
+
+
+def herding_kernel(neighbours: Neighbours, bandwidth: float | None = None) -> HerdingKernel:
+    """exp(-|x - y|^2 / (2 σ^2)) on the k nearest neighbours of every row (itself included), 0
+    beyond them: O(N k) memory instead of N x N.
+
+    σ = `bandwidth`, or when None the median over rows of the mean distance to their neighbours
+    (the row itself left out): a scale set by the data, like the median heuristic.
+    """
+    sq_dist = neighbours.sq_dist.astype(np.float64)
+    if bandwidth is None:
+        others = sq_dist[:, 1:] if sq_dist.shape[1] > 1 else sq_dist
+        bandwidth = float(np.median(np.sqrt(others).mean(1))) or 1.0
+    return HerdingKernel(np.exp(-sq_dist / (2 * bandwidth ** 2)), neighbours.index, bandwidth)
+
+
+def maxherding_select(kernel: HerdingKernel, labeled: np.ndarray, budget: int, seed: int = 0) -> Selection:
+    """MaxHerding (Bae et al. 2024): greedy maximisation of the kernel coverage sum_j max_{l in L} k(x_j, x_l).
+    Each pick is argmax_x sum_j max(k(x_j, x) - c_j, 0), c_j being the current coverage of x_j
+    (ties: lowest index). Exact for the truncated kernel; updates touch only the rows that hold the
+    pick. A seeded random fill takes over if no point adds coverage (`filled`)."""
+    labeled = np.asarray(labeled, dtype=np.int64)
+    n = len(kernel.weight)
+    eligible = _eligible_mask(n, labeled)
+    _check_budget(budget, int(eligible.sum()))
+    flat_index = kernel.index.ravel()
+    order = np.argsort(flat_index, kind="stable")  # column view: which rows hold x
+    col_ptr = np.concatenate([[0], np.cumsum(np.bincount(flat_index, minlength=n))])
+    cover = np.zeros(n)
+    gain = np.bincount(flat_index, weights=kernel.weight.ravel(), minlength=n)
+
+    def add(x: int) -> None:
+        entries = order[col_ptr[x]:col_ptr[x + 1]]
+        rows, value = entries // kernel.weight.shape[1], kernel.weight.ravel()[entries]
+        better = value > cover[rows]
+        rows, value = rows[better], value[better]
+        row_weights = kernel.weight[rows]
+        lost = np.maximum(row_weights - cover[rows, None], 0) - np.maximum(row_weights - value[:, None], 0)
+        np.subtract.at(gain, kernel.index[rows].ravel(), lost.ravel())
+        cover[rows] = value
+
+    for x in labeled:
+        add(int(x))
+    picks = []
+    while len(picks) < budget:
+        masked = np.where(eligible, gain, -np.inf)
+        pick = int(np.argmax(masked))
+        if masked[pick] <= 1e-12:
+            break
+        add(pick)
+        eligible[pick] = False
+        picks.append(pick)
+    fill = _seeded_fill(eligible, budget - len(picks), seed)
+    return Selection(np.concatenate([np.asarray(picks, dtype=np.int64), fill]), len(fill))
+
+
 # ---------------------------------------------------------------- uncertainty (model in the loop)
 
 def uncertainty(logits: torch.Tensor, name: str) -> torch.Tensor:

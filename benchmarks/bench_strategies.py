@@ -1,4 +1,4 @@
-"""Speed and memory of the core-set and k-means samplers on synthetic features.
+"""Speed and memory of the samplers on synthetic features.
 
 Run from the repository root:
 
@@ -23,6 +23,11 @@ printed:
    matrix size. Target: peak <= 1.5 x matrix. On a 2-core CPU these steps take long (core-set about
    0.15 s a pick, about 35 min in all; k-means about 15 min); --imagenet-rows, --coreset-picks,
    --imagenet-steps and --imagenet-only (leave out parts 1 and 2) make smaller runs.
+4. Low-budget strategies, 50,000 x 512 (20,000 x 512 with --quick), budget 100 from an empty pool,
+   each in its own spawned process (time and peak RSS): TypiClust (target <= 30 s), ProbCover with δ
+   chosen by the purity heuristic under 10 pseudo-classes (target <= 60 s and <= 4 GB peak) and
+   MaxHerding with 100-neighbour kernel truncation (target <= 60 s). Each is also printed as a
+   ratio to k-means with the same budget, timed in the same way in the same run.
 
 Parts 1 and 2 report the best of --repeats runs (default 3; the two sides of a ratio interleaved),
 which damps the effect of other processes on a small machine; the header shows the load average.
@@ -179,26 +184,51 @@ def bench_kmeans(feats: np.ndarray, budget: int, repeats: int) -> None:
     print(f"kmeans sampler / faiss training = {ratio:.3f} (target <= 1.10){'' if ratio <= 1.10 else '  ABOVE TARGET'}")
 
 
-# ---------------------------------------------------------------- 3. ImageNet scale
+# ---------------------------------------------------------------- 3. ImageNet scale and 4. low-budget
 
-def imagenet_step(step: str, rows: int, picks: int, seed: int, threads: int | None) -> dict[str, float]:
+def probcover(feats: np.ndarray, budget: int) -> strategies.Selection:
+    """ProbCover as sampler.py runs it: δ by the purity heuristic under 10 pseudo-classes."""
+    graph, _ = strategies.probcover_graph(feats, None, purity=0.95, pseudo_classes=10)
+    return strategies.probcover_select(graph, np.zeros(0, np.int64), budget)[0]
+
+
+def maxherding(feats: np.ndarray, budget: int) -> strategies.Selection:
+    kernel = strategies.herding_kernel(strategies.nearest_neighbours(feats, 100))
+    return strategies.maxherding_select(kernel, np.zeros(0, np.int64), budget)
+
+
+def coreset_from_random_pool(feats: np.ndarray, picks: int, seed: int) -> strategies.Selection:
+    labeled = strategies.random_pools(len(feats), [POOL_SIZE], seed)[POOL_SIZE]
+    return strategies.coreset_select(feats, labeled, picks, progress=False)
+
+
+STEPS: dict[str, Callable[[np.ndarray, int, int], Any]] = {
+    "coreset": coreset_from_random_pool,
+    "kmeans": lambda feats, budget, seed: strategies.kmeans_select(feats, budget, seed=0),
+    "typiclust": lambda feats, budget, seed: strategies.typiclust_select(feats, np.zeros(0, np.int64), budget),
+    "probcover": lambda feats, budget, seed: probcover(feats, budget),
+    "maxherding": lambda feats, budget, seed: maxherding(feats, budget),
+}
+
+
+def child_step(step: str, rows: int, budget: int, seed: int, threads: int | None) -> dict[str, float]:
     """Body of a fresh child process: build the features, run one step, report time and memory."""
     set_threads(threads)
     baseline = memory_status("VmRSS")
     feats, generate_s = timed(synthetic_features, rows, seed)
-    if step == "coreset":
-        labeled = strategies.random_pools(rows, [POOL_SIZE], seed)[POOL_SIZE]
-        _, step_s = timed(strategies.coreset_select, feats, labeled, picks, progress=False)
-    else:
-        _, step_s = timed(strategies.kmeans_select, feats, picks, seed=0)
+    _, step_s = timed(STEPS[step], feats, budget, seed)
     return {"seconds": step_s, "generate": generate_s, "baseline": baseline,
             "peak": memory_status("VmHWM"), "matrix": feats.nbytes}
 
 
+def run_in_child(step: str, rows: int, budget: int, seed: int, threads: int | None) -> dict[str, float]:
+    with multiprocessing.get_context("spawn").Pool(1) as child:
+        return child.apply(child_step, (step, rows, budget, seed, threads))
+
+
 def bench_imagenet(step: str, rows: int, picks: int, seed: int, threads: int | None) -> None:
     """Run one ImageNet-scale step in its own spawned process and print its time and peak memory."""
-    with multiprocessing.get_context("spawn").Pool(1) as child:
-        r = child.apply(imagenet_step, (step, rows, picks, seed, threads))
+    r = run_in_child(step, rows, picks, seed, threads)
     what = f"{picks} picks" if step == "coreset" else f"budget {picks}"
     print(f"imagenet {step} {rows}x{DIM}, {what}: {r['seconds']:.1f} s "
           f"(features generated in {r['generate']:.1f} s)")
@@ -207,6 +237,22 @@ def bench_imagenet(step: str, rows: int, picks: int, seed: int, threads: int | N
           f"(target <= 1.5){'' if ratio <= 1.5 else '  ABOVE TARGET'}")
     print(f"  process RSS before the features {r['baseline'] / GIB:.2f} GiB (interpreter, torch, faiss); "
           f"peak above it = {(r['peak'] - r['baseline']) / r['matrix']:.2f} x feature matrix")
+
+
+LOW_BUDGET_TARGETS = {"typiclust": (30, None), "probcover": (60, 4), "maxherding": (60, None)}  # seconds, GB
+
+
+def bench_low_budget(rows: int, budget: int, seed: int, threads: int | None) -> None:
+    """Time and peak memory of typiclust, probcover and maxherding against k-means, each in a fresh process."""
+    reference = run_in_child("kmeans", rows, budget, seed, threads)["seconds"]
+    print(f"low-budget {rows}x{DIM}, budget {budget}: kmeans (reference) {reference:.1f} s")
+    for step, (seconds, gigabytes) in LOW_BUDGET_TARGETS.items():
+        r = run_in_child(step, rows, budget, seed, threads)
+        peak_gb = r["peak"] / 1e9
+        slow = r["seconds"] > seconds or (gigabytes is not None and peak_gb > gigabytes)
+        print(f"  {step}: {r['seconds']:.1f} s = {r['seconds'] / reference:.2f} x kmeans (target <= {seconds} s), "
+              f"peak RSS {peak_gb:.2f} GB{f' (target <= {gigabytes} GB)' if gigabytes else ''}"
+              f"{'  ABOVE TARGET' if slow else ''}")
 
 
 # ---------------------------------------------------------------- main
@@ -220,6 +266,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--threads", type=int, help="faiss and torch threads (default: their own)")
     parser.add_argument("--repeats", type=int, default=3, help="runs per timing in parts 1 and 2 (best is kept)")
     parser.add_argument("--imagenet-only", action="store_true", help="only the ImageNet-scale steps")
+    parser.add_argument("--low-budget-only", action="store_true", help="only part 4 (typiclust, probcover, maxherding)")
     parser.add_argument("--imagenet-rows", type=int, default=1_281_167, help="rows of the ImageNet-scale matrix")
     parser.add_argument("--coreset-picks", type=int, default=13_000, help="core-set picks at ImageNet scale")
     parser.add_argument("--imagenet-steps", nargs="+", choices=("coreset", "kmeans"), default=["coreset", "kmeans"],
@@ -231,6 +278,9 @@ def main() -> None:
     args = parse_args()
     set_threads(args.threads)
     print(header())
+    if args.low_budget_only:
+        bench_low_budget(50_000, 100, args.seed, args.threads)
+        return
     if not args.imagenet_only:
         feats = synthetic_features(50_000, args.seed)
         bench_coreset(feats, budget=500, reference_picks=5 if args.quick else 20, seed=args.seed,
@@ -238,6 +288,7 @@ def main() -> None:
         kmeans_feats = synthetic_features(20_000, args.seed) if args.quick else feats
         bench_kmeans(kmeans_feats, budget=200 if args.quick else 1000, repeats=args.repeats)
         del feats, kmeans_feats
+        bench_low_budget(20_000 if args.quick else 50_000, 100, args.seed, args.threads)
     if args.quick or args.skip_imagenet:
         return
     for step in args.imagenet_steps:

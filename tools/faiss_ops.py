@@ -7,13 +7,13 @@ import numpy as np
 FAISS_SEED_OFFSET = 1234  # faiss' own default k-means seed: --seed 0 reproduces the original's clustering
 
 
-def _as_float32(x: np.ndarray) -> np.ndarray:
+def as_float32(x: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(x, dtype=np.float32)
 
 
 def flat_index(base: np.ndarray, gpu: bool) -> faiss.Index:
     """Exact squared-L2 index over `base`, cloned to all GPUs (sharded) when `gpu`."""
-    base = _as_float32(base)
+    base = as_float32(base)
     index = faiss.IndexFlatL2(base.shape[1])
     if gpu:
         options = faiss.GpuMultipleClonerOptions()
@@ -26,7 +26,7 @@ def flat_index(base: np.ndarray, gpu: bool) -> faiss.Index:
 def flat_search(base: np.ndarray, queries: np.ndarray, k: int, gpu: bool = False
                 ) -> tuple[np.ndarray, np.ndarray]:
     """k exact nearest rows of `base` for every query: (squared distances, indices)."""
-    return flat_index(base, gpu).search(_as_float32(queries), k)
+    return flat_index(base, gpu).search(as_float32(queries), k)
 
 
 def kmeans(feats: np.ndarray, k: int, seed: int = 0, niter: int = 20, nredo: int = 5,
@@ -35,7 +35,7 @@ def kmeans(feats: np.ndarray, k: int, seed: int = 0, niter: int = 20, nredo: int
 
     max_points_per_centroid = 2N // k keeps faiss from subsampling; the best of `nredo` runs is kept.
     """
-    feats = _as_float32(feats)
+    feats = as_float32(feats)
     n, dim = feats.shape
     km = faiss.Kmeans(dim, k, niter=niter, nredo=nredo, verbose=verbose, seed=FAISS_SEED_OFFSET + seed,
                       max_points_per_centroid=max(1, 2 * n // k), gpu=gpu)

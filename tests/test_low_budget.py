@@ -1,0 +1,276 @@
+"""TypiClust, ProbCover and MaxHerding: hand-made point sets with known answers, brute-force greedy
+references, exact budgets, and sampler.py end to end."""
+import json
+
+import numpy as np
+import pytest
+
+import sampler
+import strategies as S
+from tests.conftest import call_main, unit_rows
+from tests.test_strategies import assert_valid
+
+EMPTY = np.zeros(0, dtype=np.int64)
+
+
+# ---------------------------------------------------------------- hand-made point sets
+
+def rings(centre, counts_and_radii):
+    """A point at `centre` and, around it, rings of `count` points at `radius` (2-D)."""
+    points = [np.asarray(centre, dtype=np.float64)]
+    for count, radius in counts_and_radii:
+        angles = 2 * np.pi * np.arange(count) / count + radius  # ring-dependent phase: no aligned points
+        points.extend(np.asarray(centre) + radius * np.stack([np.cos(angles), np.sin(angles)], 1))
+    return np.asarray(points)
+
+
+def star_points():
+    """Two stars: a centre with 5 spokes at 0.1, a centre with 3 spokes at 0.1; three loners.
+    With δ = 0.11 a spoke's ball holds itself and its centre only."""
+    loners = np.array([[5.0, 5.0], [-5.0, 5.0], [5.0, -5.0]])
+    big, small = rings([0, 0], [(5, 0.1)]), rings([2, 2], [(3, 0.1)])
+    # order: loner, small star's spokes, loner, big star (centre at 7), loner, small star's centre
+    points = np.concatenate([loners[:1], small[1:], loners[1:2], big[1:3], big[:1], big[3:], loners[2:], small[:1]])
+    return points.astype(np.float32)
+
+
+STAR_BIG_CENTRE, STAR_SMALL_CENTRE = 7, 12  # loners at 0, 4 and 11
+
+
+def test_probcover_takes_the_centre_of_the_densest_ball_first():
+    x = star_points()
+    graph = S.cover_graph(x, 0.11, S.nearest_neighbours(x, 3))
+    assert np.diff(graph.indptr)[[STAR_BIG_CENTRE, STAR_SMALL_CENTRE, 0]].tolist() == [6, 4, 1]
+    selection, covered = S.probcover_select(graph, EMPTY, 5)
+    assert selection.indices.tolist() == [STAR_BIG_CENTRE, STAR_SMALL_CENTRE, 0, 4, 11]
+    assert selection.filled == 0 and covered == 1.0
+
+
+def test_probcover_counts_the_initial_pool_as_covered_and_fills_when_all_is_covered():
+    x = star_points()
+    graph = S.cover_graph(x, 0.11, S.nearest_neighbours(x, 13))
+    selection, covered = S.probcover_select(graph, np.array([STAR_BIG_CENTRE]), 4, seed=3)
+    assert selection.indices[:3].tolist() == [STAR_SMALL_CENTRE, 0, 4] and selection.filled == 0
+    assert S.ball_coverage(graph, [STAR_BIG_CENTRE]) == pytest.approx(6 / 13)
+    all_covered, covered = S.probcover_select(graph, EMPTY, 9, seed=3)
+    assert all_covered.filled == 4 and covered == 1.0
+    assert_valid(all_covered.indices, 9, len(x))
+    assert np.array_equal(all_covered.indices, S.probcover_select(graph, EMPTY, 9, seed=3)[0].indices)
+
+
+def brute_force_probcover(x, delta, labeled, budget):
+    dist = np.sqrt(((x[:, None, :].astype(np.float64) - x[None, :, :]) ** 2).sum(-1))
+    ball = (dist < delta) | np.eye(len(x), dtype=bool)
+    covered = ball[labeled].any(0) if len(labeled) else np.zeros(len(x), dtype=bool)
+    picks = []
+    for _ in range(budget):
+        gain = (ball & ~covered).sum(1)
+        if gain.max() == 0:
+            break
+        pick = int(np.argmax(gain))
+        picks.append(pick)
+        covered |= ball[pick]
+    return picks
+
+
+@pytest.mark.parametrize("k", [2, 8, 120])  # small k: most balls are range-searched in full
+def test_probcover_equals_brute_force_greedy(k):
+    x = unit_rows(120, 3, seed=1)
+    labeled = np.array([5, 17])
+    selection, _ = S.probcover_select(S.cover_graph(x, 0.5, S.nearest_neighbours(x, k)), labeled, 10)
+    expected = brute_force_probcover(x, 0.5, labeled, 10)
+    assert selection.indices[:len(expected)].tolist() == expected
+    assert_valid(selection.indices, 10, 120, exclude=labeled)
+
+
+def brute_force_purity(x, labels, delta):
+    dist = np.sqrt(((x[:, None, :].astype(np.float64) - x[None, :, :]) ** 2).sum(-1))
+    return np.mean([(labels[dist[i] < delta] == labels[i]).all() for i in range(len(x))])
+
+
+@pytest.mark.parametrize("k", [2, 6, 150])
+def test_purity_delta_is_the_largest_radius_meeting_the_target(k):
+    x = unit_rows(150, 3, seed=2)
+    labels = (x[:, 0] > 0).astype(int) + 2 * (x[:, 1] > 0.3)
+    delta = S.purity_delta(x, labels, 0.9, S.nearest_neighbours(x, k))
+    assert brute_force_purity(x, labels, delta - 1e-6) >= 0.9  # at δ itself: float32 vs float64 distances
+    assert brute_force_purity(x, labels, delta + 1e-4) < 0.9
+
+
+def test_purity_delta_needs_two_pseudo_labels():
+    x = unit_rows(20, 3)
+    with pytest.raises(ValueError, match="at least two clusters"):
+        S.purity_delta(x, np.zeros(20, dtype=int), 0.95, S.nearest_neighbours(x, 5))
+
+
+def test_cover_graph_refuses_too_many_edges():
+    x = unit_rows(50, 3)
+    with pytest.raises(ValueError, match="choose a smaller δ"):
+        S.cover_graph(x, 3.0, S.nearest_neighbours(x, 5), max_edges=100)
+
+
+# ---------------------------------------------------------------- TypiClust
+
+def densest(points, members):
+    """Brute-force TypiClust density: the member with the smallest mean squared distance to its
+    min(20, n // 2) nearest other members."""
+    sq = ((points[members, None, :] - points[None, members, :]) ** 2).sum(-1)
+    k = min(20, len(members) // 2)
+    return int(members[np.argmin(np.sort(sq, axis=1)[:, 1:k + 1].mean(1))])
+
+
+def three_blobs():
+    """Gaussian blobs of 33, 17 and 9 points far apart, shuffled; their densest points."""
+    rng = np.random.default_rng(0)
+    blob = np.repeat([0, 1, 2], [33, 17, 9])[rng.permutation(59)]
+    points = (np.array([[0, 0], [60, 0], [0, 60]])[blob] + rng.standard_normal((59, 2))).astype(np.float32)
+    return points, [densest(points, np.flatnonzero(blob == b)) for b in range(3)], blob
+
+
+def test_typiclust_takes_the_densest_point_of_the_largest_uncovered_cluster():
+    x, (big, middle, small), blob = three_blobs()
+    assert S.typiclust_select(x, EMPTY, 3).indices.tolist() == [big, middle, small]
+    labeled = np.flatnonzero(blob == 0)[:1]
+    selection = S.typiclust_select(x, labeled, 2)
+    assert selection.indices.tolist() == [middle, small] and selection.filled == 0
+
+
+def test_typiclust_round_robins_past_the_cluster_count_and_skips_small_clusters_first():
+    x, (big, middle, _), blob = three_blobs()
+    selection = S.typiclust_select(x, EMPTY, 20, max_clusters=3, min_cluster_size=10)
+    assert_valid(selection.indices, 20, len(x))
+    assert selection.indices[:2].tolist() == [big, middle]
+    assert np.bincount(blob[selection.indices], minlength=3).tolist() == [10, 10, 0]  # alternating
+    small_blob = blob == 2
+    assert small_blob[selection.indices].sum() == selection.filled == 0  # 33 + 17 candidates left to take first
+    everything = S.typiclust_select(x, EMPTY, len(x) - 1, max_clusters=3, min_cluster_size=10)
+    assert everything.filled == small_blob[everything.indices].sum() == 8  # the small blob comes last
+
+
+def test_typicality_squared_and_plain_distances():
+    x = np.array([[0, 0], [1, 0], [3, 0], [10, 0]], dtype=np.float32)
+    squared = S.typicality(x, 1, squared=True)
+    plain = S.typicality(x, 1, squared=False)
+    assert squared == pytest.approx(1 / (np.array([1, 1, 4, 49]) + 1e-5))
+    assert plain == pytest.approx(1 / (np.array([1, 1, 2, 7]) + 1e-5))
+
+
+# ---------------------------------------------------------------- MaxHerding
+
+def brute_force_maxherding(x, k, bandwidth, labeled, budget):
+    sq = ((x[:, None, :].astype(np.float64) - x[None, :, :]) ** 2).sum(-1)
+    kernel = np.exp(-sq / (2 * bandwidth ** 2))
+    if k < len(x):  # keep each row's k nearest (ties: lower index, as the stable sort)
+        far = np.argsort(sq, axis=1, kind="stable")[:, k:]
+        np.put_along_axis(kernel, far, 0, axis=1)
+    cover = kernel[:, labeled].max(1) if len(labeled) else np.zeros(len(x))
+    eligible = np.ones(len(x), dtype=bool)
+    eligible[labeled] = False
+    picks = []
+    for _ in range(budget):
+        gain = np.where(eligible, np.maximum(kernel - cover[:, None], 0).sum(0), -np.inf)
+        pick = int(np.argmax(gain))
+        picks.append(pick)
+        eligible[pick] = False
+        cover = np.maximum(cover, kernel[:, pick])
+    return picks
+
+
+@pytest.mark.parametrize("k, labeled", [(200, []), (200, [3, 50, 120]), (12, []), (12, [7, 8])])
+def test_maxherding_equals_brute_force_greedy(k, labeled):
+    x = unit_rows(200, 4, seed=5)
+    labeled = np.asarray(labeled, dtype=np.int64)
+    kernel = S.herding_kernel(S.nearest_neighbours(x, k), bandwidth=0.4)
+    selection = S.maxherding_select(kernel, labeled, 15)
+    assert selection.indices.tolist() == brute_force_maxherding(x, k, 0.4, labeled, 15)
+    assert_valid(selection.indices, 15, 200, exclude=labeled)
+
+
+def test_maxherding_auto_bandwidth_and_fill_when_nothing_adds_coverage():
+    x = np.repeat(unit_rows(3, 4), 4, axis=0)  # three points, four copies each
+    kernel = S.herding_kernel(S.nearest_neighbours(x, 4))
+    assert kernel.bandwidth == 1.0  # every neighbour is a copy: median distance 0 falls back to 1
+    selection = S.maxherding_select(kernel, EMPTY, 6, seed=1)
+    assert_valid(selection.indices, 6, 12)
+    assert len({tuple(x[i]) for i in selection.indices[:3]}) == 3 and selection.filled == 3
+
+
+@pytest.mark.parametrize("select", [
+    lambda x, pool, b: S.typiclust_select(x, pool, b),
+    lambda x, pool, b: S.probcover_select(S.cover_graph(x, 0.3, S.nearest_neighbours(x, 8)), pool, b)[0],
+    lambda x, pool, b: S.maxherding_select(S.herding_kernel(S.nearest_neighbours(x, 8)), pool, b),
+])
+def test_exact_budget_unique_disjoint_and_budget_checked(select):
+    x = unit_rows(300, 8, seed=4)
+    pool = np.arange(0, 300, 7)
+    for budget in (1, 17, 300 - len(pool)):
+        assert_valid(select(x, pool, budget).indices, budget, 300, exclude=pool)
+    with pytest.raises(ValueError, match="budget"):
+        select(x, pool, 300 - len(pool) + 1)
+
+
+# ---------------------------------------------------------------- sampler.py
+
+@pytest.fixture
+def feats_file(tmp_path):
+    rng = np.random.default_rng(0)
+    centres = rng.standard_normal((10, 16))
+    labels = rng.integers(0, 10, 400)
+    np.savez(tmp_path / "f.npz", feats=(centres[labels] + 0.6 * rng.standard_normal((400, 16))).astype(np.float32),
+             labels=labels)
+    return tmp_path / "f.npz"
+
+
+def run_sampler(tmp_path, feats, name, splits, *extra, capsys):
+    return call_main(sampler.main, ["--feats", feats, "--dataset", "cifar10", "--name", name, "--splits", splits,
+                                    "--indices", tmp_path / "idx", "--save", tmp_path / "out", *extra], capsys)
+
+
+@pytest.mark.parametrize("name", ["typiclust", "probcover", "maxherding"])
+def test_sampler_rounds_on_top_of_a_pool_are_seeded(tmp_path, feats_file, capsys, name):
+    np.save(tmp_path / "pool.npy", np.arange(0, 400, 40, dtype=np.int64))
+    files = []
+    for run in ("a", "b"):
+        status, out, err = run_sampler(tmp_path / run, feats_file, name, "10,20", "--resume-indices",
+                                       tmp_path / "pool.npy", capsys=capsys)
+        assert status == 0, err
+        first, second = (np.load(tmp_path / run / "idx" / f"{name}_cifar10_{n}.npy") for n in (20, 40))
+        assert np.array_equal(first[:10], np.arange(0, 400, 40)) and np.array_equal(second[:20], first)
+        assert len(np.unique(second)) == 40
+        files.append([(tmp_path / run / "idx" / f"{name}_cifar10_{n}.npy").read_bytes() for n in (20, 40)])
+    assert files[0] == files[1]
+    meta = json.loads((tmp_path / "a" / "idx" / f"{name}_cifar10_40.json").read_text())
+    assert meta["strategy"] == name and meta["params"]["increment"] == 20
+
+
+def test_sampler_probcover_prints_delta_and_coverage(tmp_path, feats_file, capsys):
+    status, out, err = run_sampler(tmp_path, feats_file, "probcover", "5", capsys=capsys)
+    assert status == 0, err
+    assert "=> probcover: delta " in out and "95% pure balls under 10 k-means pseudo-labels" in out
+    assert "of the points lie within delta of the pool" in out
+    meta = json.loads((tmp_path / "idx" / "probcover_cifar10_5.json").read_text())
+    assert meta["params"]["purity"] == 0.95 and 0 < meta["params"]["delta"] < 2
+    status, out, _ = run_sampler(tmp_path / "fixed", feats_file, "probcover", "5", "--delta", "0.5", capsys=capsys)
+    assert status == 0 and "delta 0.5" not in out
+    assert json.loads((tmp_path / "fixed" / "idx" / "probcover_cifar10_5.json").read_text())["params"]["delta"] == 0.5
+
+
+@pytest.mark.parametrize("extra, pattern", [
+    (["--delta", "-1"], "--delta: invalid 'auto' or a positive number value: '-1'"),
+    (["--purity", "1.5"], "--purity: must be in (0, 1]"),
+    (["--pseudo-classes", "1"], "--pseudo-classes: must be at least 2"),
+])
+def test_sampler_probcover_bad_options(tmp_path, feats_file, capsys, extra, pattern):
+    status, _, err = run_sampler(tmp_path, feats_file, "probcover", "5", *extra, capsys=capsys)
+    assert status == 2 and pattern in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "idx").exists()
+
+
+def test_sampler_probcover_auto_delta_without_labels_needs_the_class_count(tmp_path, capsys):
+    np.save(tmp_path / "f.npy", unit_rows(100, 8))
+    status, _, err = run_sampler(tmp_path, tmp_path / "f.npy", "probcover", "5", capsys=capsys)
+    assert status == 2 and "--pseudo-classes: --delta auto needs the class count" in err
+    status, out, err = run_sampler(tmp_path, tmp_path / "f.npy", "probcover", "5", "--pseudo-classes", "4",
+                                   capsys=capsys)
+    assert status == 0, err
+    assert "under 4 k-means pseudo-labels" in out and "categories is seen" not in out
