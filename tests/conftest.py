@@ -132,3 +132,22 @@ def unit_rows(n: int, d: int, seed: int = 0) -> np.ndarray:
     """n random L2-normalised float32 rows."""
     x = np.random.default_rng(seed).standard_normal((n, d)).astype(np.float32)
     return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def write_photo_folder(root: Path, seed: int = 0) -> list[str]:
+    """An unlabelled folder as a practitioner has one: 30 image files of varied sizes, many in nested
+    folders (one with an upper-case extension), one of them a corrupt .jpg, plus a .txt file and a
+    hidden image, which are not indexed. Returns the image files' relative paths, sorted."""
+    rng = np.random.default_rng(seed)
+    names = ([f"img_{i:02d}.png" for i in range(9)] + [f"trip/day1/photo_{i}.jpg" for i in range(8)]
+             + [f"trip/day2/shot_{i}.png" for i in range(6)] + ["trip/day2/SHOT_UPPER.JPG"]
+             + [f"scans/page_{i}.bmp" for i in range(5)])
+    for k, name in enumerate(names):
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        height, width = 24 + 4 * (k % 5), 40 - 3 * (k % 4)
+        Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(path)
+    (root / "broken.jpg").write_bytes(b"\xff\xd8 this is not really a jpeg" + bytes(range(256)))
+    (root / "notes.txt").write_text("not an image\n")
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(root / ".hidden.png")
+    return sorted(names + ["broken.jpg"])

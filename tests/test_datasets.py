@@ -1,6 +1,7 @@
 """Dataset readers: index = position as in the original code, labels without decoding, batch transforms."""
 import gzip
 import pickle
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -8,7 +9,7 @@ import torch
 from PIL import Image
 from torchvision import transforms as T
 
-from tests.conftest import write_cifar, write_image_tree
+from tests.conftest import write_cifar, write_image_tree, write_photo_folder
 from tools import datasets
 from tools.cli import UsageError
 
@@ -107,3 +108,37 @@ def test_imagenet_val_and_missing_root(tmp_path):
         datasets.load_images("imagenet", str(tmp_path / "missing"), "train")
     with pytest.raises(UsageError, match="data: dataset 'imagenet' needs its root"):
         datasets.load_images("imagenet", None, "train")
+
+
+def test_unlabelled_folder_index_is_sorted_relative_path(tmp_path):
+    names = write_photo_folder(tmp_path)
+    images = datasets.load_images("folder", str(tmp_path), "train")
+    assert images.labels is None
+    assert [str(Path(p).relative_to(tmp_path).as_posix()) for p in images.paths] == names
+    assert "trip/day2/SHOT_UPPER.JPG" in names and "notes.txt" not in names and ".hidden.png" not in names
+    with pytest.raises(UsageError, match="data: labels are required.*unlabelled image folder"):
+        datasets.load_images("folder", str(tmp_path), "val")
+    (tmp_path / "empty" / "deeper").mkdir(parents=True)
+    with pytest.raises(UsageError, match="data: no image files under"):
+        datasets.load_images("folder", str(tmp_path / "empty"), "train")
+
+
+def test_unlabeled_flag_reads_a_class_tree_without_labels(folder_root):
+    images = datasets.load_images("folder", str(folder_root), "train", unlabeled=True)
+    assert len(images) == 15 and images.labels is None
+    assert images.paths == sorted(images.paths) and images.paths[0].endswith("train/ant/img_000.png")
+    with pytest.raises(UsageError, match="labels are required"):
+        datasets.load_images("folder", str(folder_root), "val", unlabeled=True)
+    assert datasets.load_images("folder", str(folder_root), "train").classes == ["ant", "bee", "cat"]
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_unreadable_files_are_reported_by_index_not_raised(tmp_path, workers):
+    names = write_photo_folder(tmp_path)
+    images = datasets.load_images("folder", str(tmp_path), "train")
+    batches = list(datasets.decoded_batches(images, "folder", batch_size=7, workers=workers, image_size=16))
+    failures = {i: why for _, unreadable in batches for i, why in unreadable.items()}
+    assert list(failures) == [names.index("broken.jpg")] and "UnidentifiedImageError" in failures[0]
+    assert sum(len(x) for x, _ in batches) == len(names) and not batches[0][0][0].any()
+    with pytest.raises(UsageError, match="data: cannot read image .*broken.jpg"):
+        next(datasets.inference_batches(images, "folder", batch_size=7, image_size=16))

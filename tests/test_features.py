@@ -6,11 +6,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import eval_knn
 import sampler
 from models import build_backbone
-from tests.conftest import call_main, compress_checkpoint, resnet_backbone_state
-from tools import datasets
-from tools.features import read_feats_file
+from tests.conftest import call_main, compress_checkpoint, resnet_backbone_state, write_photo_folder
+from tools import datasets, features
+from tools.cli import UsageError
+from tools.features import Features, read_feats_file, require_labels, rows_of
 
 
 @pytest.fixture
@@ -105,7 +107,6 @@ def test_feats_file_formats(tmp_path, suffix):
 
 
 def test_random_backbone_depends_on_the_seed_alone(tmp_path, cifar10_root, capsys):
-    from tools import features
     args = ["--backbone", "random", "--seed", "4"]
     assert run_kmeans(tmp_path, cifar10_root, capsys, *args)[0] == 0
     with np.load(cache_file(tmp_path)) as data:
@@ -118,3 +119,50 @@ def test_random_backbone_depends_on_the_seed_alone(tmp_path, cifar10_root, capsy
     with torch.no_grad():
         direct = F.normalize(model(next(datasets.inference_batches(images, "cifar10", 16))), dim=1).numpy()
     np.testing.assert_allclose(direct, cached[:16], atol=1e-5)
+
+
+def test_selectable_rows_skip_unreadable_images_without_copying_otherwise():
+    feats = np.arange(10, dtype=np.float32).reshape(5, 2)
+    keep, rows = Features(feats, None, "x", skipped=np.array([1, 3])).selectable()
+    assert keep.tolist() == [0, 2, 4] and rows.tolist() == feats[[0, 2, 4]].tolist()
+    assert rows_of(keep, np.array([4, 0]), "--resume-indices").tolist() == [2, 0]
+    with pytest.raises(UsageError, match="--resume-indices: index 3 is an image file that could not be read"):
+        rows_of(keep, np.array([0, 3]), "--resume-indices")
+    keep, rows = Features(feats, None, "x").selectable()
+    assert keep.tolist() == [0, 1, 2, 3, 4] and rows is feats
+
+
+def test_require_labels_names_the_unlabelled_source():
+    feats = np.zeros((3, 2), np.float32)
+    with pytest.raises(UsageError, match="data: labels are required, and '/photos' is an unlabelled image folder"):
+        require_labels(Features(feats, None, "x", data_root="/photos"), "--feats")
+    with pytest.raises(UsageError, match="--val-feats: the features have no labels"):
+        require_labels(Features(feats, None, "x"), "--val-feats")
+
+
+def folder_kmeans(tmp_path, root, capsys, *extra):
+    return call_main(sampler.main, [root, "--dataset", "folder", "--arch", "resnet18", "--backbone", "random",
+                                    "--image-size", "32", "--save", tmp_path / "out", "--indices", tmp_path / "idx",
+                                    "--splits", "3", "--name", "kmeans", "-j", "0", "-b", "8", *extra], capsys)
+
+
+def test_folder_cache_is_not_reused_when_its_files_change(tmp_path, capsys):
+    root = tmp_path / "photos"
+    names = write_photo_folder(root)
+    assert folder_kmeans(tmp_path, root, capsys)[0] == 0
+    with np.load(cache_file(tmp_path)) as data:
+        assert data["skipped"].tolist() == [names.index("broken.jpg")] and "labels" not in data.files
+    (root / "img_03.png").rename(root / "img_03_renamed.png")  # same count, another listing
+    status, out, _ = folder_kmeans(tmp_path, root, capsys, "--load_cache")
+    assert status == 0 and "does not match this run (listing)" in out
+    status, out, _ = folder_kmeans(tmp_path, root, capsys, "--load_cache", "--unlabeled")
+    assert status == 0 and "from cache" in out
+
+
+def test_unreadable_evaluation_images_are_left_out(tmp_path, folder_root, capsys):
+    (folder_root / "val" / "bee" / "img_009.png").write_bytes(b"truncated")
+    args = eval_knn.build_parser().parse_args([str(folder_root), "--dataset", "folder", "--backbone", "random",
+                                               "--image-size", "32", "--save", str(tmp_path / "out"), "-j", "0"])
+    val = features.backbone_features(args, "val", torch.device("cpu"))
+    assert len(val.feats) == 6 and val.labels.tolist() == [0, 0, 1, 1, 2, 2]
+    assert "1 unreadable image file(s) skipped: they are left out of the evaluation" in capsys.readouterr().out

@@ -63,6 +63,15 @@ def add_data_args(parser: argparse.ArgumentParser, workers: int = 4, print_freq:
                              "protocol: 224 for ImageNet and folders, native 32/28 for CIFAR/Fashion-MNIST)")
     parser.add_argument("--results", default=None, type=str,
                         help="JSON-lines file results are appended to (default: {save}/results.jsonl)")
+    add_unlabeled_arg(parser)
+
+
+def add_unlabeled_arg(parser: argparse.ArgumentParser) -> None:
+    """--unlabeled: how --dataset folder is read, for every script that lists its images."""
+    parser.add_argument("--unlabeled", action="store_true",
+                        help="--dataset folder: every image file under data/train (or data) recursively, in "
+                             "sorted relative-path order, labels unknown, even if there are sub-folders (a "
+                             "folder without train/<class>/ sub-folders is read so anyway)")
 
 
 def add_backbone_args(parser: argparse.ArgumentParser, arch: str = "resnet50") -> None:
@@ -74,6 +83,9 @@ def add_backbone_args(parser: argparse.ArgumentParser, arch: str = "resnet50") -
                         help="checkpoint format (default: compress)")
     parser.add_argument("--load_cache", action="store_true",
                         help="reuse cached features when they match this backbone and dataset")
+    parser.add_argument("--strict", action="store_true",
+                        help="stop at the first image file that cannot be decoded (default: report it, skip "
+                             "it: it keeps its index but is never selected)")
     parser.add_argument("--feats", default=None, type=str, metavar="FILE",
                         help="precomputed train features (.npy, .npz with feats/labels, or a "
                              "(feats, labels) .pth/.pth.tar); data and --weights are then optional")

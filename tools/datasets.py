@@ -1,8 +1,10 @@
 """Datasets of the paper plus Fashion-MNIST and any image folder, with labels known without decoding.
 
 The index of a training image is its position exactly as in the original code: the torchvision
-array order for CIFAR (and Fashion-MNIST), `ImageFolder.samples` order for ImageNet and folders, the
-line number of the list file for ImageNet-LT.
+array order for CIFAR (and Fashion-MNIST), `ImageFolder.samples` order for ImageNet and labelled
+folders, the line number of the list file for ImageNet-LT. An unlabelled folder (no `train/<class>/`
+sub-folders, or `--unlabeled`) is every image file under it, indexed in sorted relative-path order.
+Files that cannot be decoded keep their index; inference reports them instead of stopping.
 """
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import gzip
 import os
 import pickle
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterator
 
 import numpy as np
@@ -45,6 +48,9 @@ DATASET_INFO = {
 }
 
 
+IMAGE_EXTENSIONS = tv_datasets.folder.IMG_EXTENSIONS  # what ImageFolder accepts, matched in any case
+
+
 def open_rgb(path: str) -> Image.Image:
     with open(path, "rb") as f:
         return Image.open(f).convert("RGB")
@@ -64,19 +70,18 @@ class ArrayImages:
         return len(self.labels)
 
 
-class FileImages(Dataset):
-    """Image files with their labels (ImageNet, ImageNet-LT, folders); decoded only when iterated."""
+class FileImages:
+    """Image files with their labels (ImageNet, ImageNet-LT, folders); decoded only when iterated.
 
-    def __init__(self, paths: list[str], labels: list[int] | np.ndarray, transform=None):
+    `labels` is None for an unlabelled folder; `classes` names the labels when the folder does."""
+
+    def __init__(self, paths: list[str], labels: list[int] | np.ndarray | None, classes: list[str] | None = None):
         self.paths = paths
-        self.labels = np.asarray(labels, dtype=np.int64)
-        self.transform = transform
+        self.labels = None if labels is None else np.asarray(labels, dtype=np.int64)
+        self.classes = classes
 
     def __len__(self) -> int:
         return len(self.paths)
-
-    def __getitem__(self, i: int) -> torch.Tensor:
-        return self.transform(open_rgb(self.paths[i]))
 
 
 Images = ArrayImages | FileImages
@@ -86,7 +91,8 @@ def subset(images: Images, indices: np.ndarray) -> Images:
     """The images at `indices`, in that order, of the same kind (arrays stay arrays)."""
     if isinstance(images, ArrayImages):
         return ArrayImages(images.images[indices], images.labels[indices])
-    return FileImages([images.paths[i] for i in indices], images.labels[indices])
+    labels = None if images.labels is None else images.labels[indices]
+    return FileImages([images.paths[i] for i in indices], labels, images.classes)
 
 
 # ---------------------------------------------------------------- CIFAR (our own pickle reader)
@@ -174,7 +180,48 @@ def _image_folder(root: str, flag: str = "data") -> FileImages:
     except (FileNotFoundError, RuntimeError) as err:
         raise UsageError(f"{flag}: {root!r} is not a class-per-folder image tree ({err})") from None
     paths, labels = zip(*folder.samples) if folder.samples else ((), ())
-    return FileImages(list(paths), list(labels))
+    return FileImages(list(paths), list(labels), folder.classes)
+
+
+def image_files(root: str) -> list[str]:
+    """Every image file under `root`, recursively, as sorted relative POSIX paths: an unlabelled
+    folder's index. Image = an ImageFolder extension in any case; hidden files and folders are skipped."""
+    found = []
+    for directory, subdirs, files in os.walk(root, followlinks=True):
+        subdirs[:] = [d for d in subdirs if not d.startswith(".")]
+        parts = Path(os.path.relpath(directory, root)).parts
+        found += ["/".join((*parts, name)) for name in files
+                  if not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)]
+    return sorted(found)
+
+
+def unlabeled_images(root: str, flag: str = "data") -> FileImages:
+    """Every image file under `root` in `image_files` order, labels unknown."""
+    names = image_files(root)
+    if not names:
+        raise UsageError(f"{flag}: no image files under {root!r} (extensions: {' '.join(IMAGE_EXTENSIONS)})")
+    return FileImages([os.path.join(root, name) for name in names], None)
+
+
+def _has_subfolders(path: str) -> bool:
+    return os.path.isdir(path) and any(entry.is_dir() for entry in os.scandir(path))
+
+
+def load_folder(root: str, split: str, unlabeled: bool = False) -> FileImages:
+    """`--dataset folder`: `train/<class>/…` and `val/<class>/…` with labels; else (no class
+    sub-folders under train/, or `unlabeled`) every image under train/ if it exists, else under
+    root, without labels and with no evaluation split."""
+    train = os.path.join(root, "train")
+    if not unlabeled and _has_subfolders(train):
+        return _image_folder(os.path.join(root, split))
+    if split != "train":
+        raise labels_required(root)
+    return unlabeled_images(train if os.path.isdir(train) else root)
+
+
+def labels_required(root: str) -> UsageError:
+    return UsageError(f"data: labels are required, and {root!r} is an unlabelled image folder (--dataset folder "
+                      "takes labels from train/<class>/ and val/<class>/ sub-folders)")
 
 
 def load_lt_list(root: str, list_file: str) -> FileImages:
@@ -195,8 +242,9 @@ def load_lt_list(root: str, list_file: str) -> FileImages:
 
 
 def load_images(name: str, root: str | None, split: str, lt_list: str = "data/ImageNet_LT_train.txt",
-                download: bool = False) -> Images:
-    """The train or val ('val' = the official test/val set) images of dataset `name`, labels included."""
+                download: bool = False, unlabeled: bool = False) -> Images:
+    """The train or val ('val' = the official test/val set) images of dataset `name`, labels included
+    when known (see `load_folder` and `unlabeled`)."""
     if root is None:
         raise UsageError(f"data: dataset {name!r} needs its root folder (or pass --feats)")
     if name in ("cifar10", "cifar100"):
@@ -207,6 +255,8 @@ def load_images(name: str, root: str | None, split: str, lt_list: str = "data/Im
         raise UsageError(f"data: no dataset folder at {root!r}")
     if name == "imagenet_lt" and split == "train":
         return load_lt_list(root, lt_list)
+    if name == "folder":
+        return load_folder(root, split, unlabeled)
     return _image_folder(os.path.join(root, split))
 
 
@@ -238,17 +288,54 @@ def _array_batches(images: ArrayImages, info: DatasetInfo, size: int, batch_size
         yield (x - mean) / std
 
 
-def inference_batches(images: Images, name: str, batch_size: int, workers: int = 0,
-                      image_size: int | None = None) -> Iterator[torch.Tensor]:
-    """Normalised image batches in dataset order with the original's centre-crop inference transform."""
+class _TolerantFiles(Dataset):
+    """Image files for inference: (tensor, '') each, or (zeros, why) for a file that cannot be decoded,
+    so one bad file found in a DataLoader worker never stops a long extraction."""
+
+    def __init__(self, paths: list[str], transform, size: int):
+        self.paths, self.transform, self.size = paths, transform, size
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, str]:
+        try:
+            return self.transform(open_rgb(self.paths[i])), ""
+        except Exception as err:  # noqa: BLE001 - whatever a broken file raises, it is that file's fault
+            return torch.zeros(3, self.size, self.size), f"{type(err).__name__}: {err}".splitlines()[0]
+
+
+def decoded_batches(images: Images, name: str, batch_size: int, workers: int = 0, image_size: int | None = None
+                    ) -> Iterator[tuple[torch.Tensor, dict[int, str]]]:
+    """(batch, {dataset index: why} of the files in it that could not be decoded, their rows zero),
+    in dataset order, with the original's centre-crop inference transform."""
     info, size = DATASET_INFO[name], inference_size(name, image_size)
     if isinstance(images, ArrayImages):
-        yield from _array_batches(images, info, size, batch_size)
+        for x in _array_batches(images, info, size, batch_size):
+            yield x, {}
         return
     transform = T.Compose([T.Resize(round(size * 256 / 224)), T.CenterCrop(size), T.ToTensor(),
                            T.Normalize(info.mean, info.std)])
-    yield from DataLoader(FileImages(images.paths, images.labels, transform), batch_size=batch_size,
-                          shuffle=False, num_workers=workers, pin_memory=torch.cuda.is_available())
+    loader = DataLoader(_TolerantFiles(images.paths, transform, size), batch_size=batch_size, shuffle=False,
+                        num_workers=workers, pin_memory=torch.cuda.is_available())
+    start = 0
+    for x, whys in loader:
+        yield x, {start + j: why for j, why in enumerate(whys) if why}
+        start += len(x)
+
+
+def unreadable_error(path: str, why: str) -> UsageError:
+    return UsageError(f"data: cannot read image {path!r} ({why})")
+
+
+def inference_batches(images: Images, name: str, batch_size: int, workers: int = 0,
+                      image_size: int | None = None) -> Iterator[torch.Tensor]:
+    """Normalised image batches in dataset order; an unreadable file is a UsageError naming it."""
+    for x, unreadable in decoded_batches(images, name, batch_size, workers, image_size):
+        if unreadable:
+            i, why = next(iter(unreadable.items()))
+            raise unreadable_error(images.paths[i], why)
+        yield x
 
 
 # ---------------------------------------------------------------- augmented training images

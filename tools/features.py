@@ -1,8 +1,11 @@
 """Frozen-backbone features: extraction, the feature cache, and user-supplied --feats files.
 
 The cache is one `.npz` per (dataset, split, arch, backbone, weights fingerprint) under --save holding
-`feats` (float32, L2-normalised rows in dataset order), `labels` (int64) and `meta` (JSON). It is
-written atomically, and a cache whose metadata differs from the request is recomputed, never used.
+`feats` (float32, L2-normalised rows in dataset order), `labels` (int64; absent for an unlabelled
+folder), `skipped` (int64 indices of the image files that could not be decoded: their rows are zero)
+and `meta` (JSON). It is written atomically, and a cache whose metadata differs from the request is
+recomputed, never used. For `--dataset folder` the metadata includes a digest of the file listing and
+labels, so a folder whose files changed is never matched to stale features.
 """
 from __future__ import annotations
 
@@ -11,7 +14,7 @@ import functools
 import json
 import os
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -30,10 +33,30 @@ CACHE_VERSION = 1
 
 @dataclass
 class Features:
-    """Rows of `feats` are the pool; `labels` is None when the source has none."""
+    """Rows of `feats` are the pool; `labels` is None when the source has none. `skipped` holds the
+    rows of image files that could not be decoded: zero rows that no strategy may select."""
     feats: np.ndarray
     labels: np.ndarray | None
     fingerprint: str  # identifies the features (cache metadata hash or --feats file hash)
+    skipped: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    data_root: str | None = None  # the dataset folder the backbone read, None for a --feats file
+
+    def selectable(self) -> tuple[np.ndarray, np.ndarray]:
+        """(indices of the rows a strategy may pick, their features): every row, not copied, unless some
+        image files were unreadable."""
+        if not len(self.skipped):
+            return np.arange(len(self.feats)), self.feats
+        keep = np.setdiff1d(np.arange(len(self.feats)), self.skipped)
+        return keep, self.feats[keep]
+
+
+def rows_of(keep: np.ndarray, indices: np.ndarray, flag: str) -> np.ndarray:
+    """Positions of dataset `indices` within the sorted selectable indices `keep`; a UsageError naming
+    `flag` for an index that is not selectable (an unreadable image)."""
+    missing = ~np.isin(indices, keep)
+    if missing.any():
+        raise UsageError(f"{flag}: index {indices[missing][0]} is an image file that could not be read")
+    return np.searchsorted(keep, indices)
 
 
 def l2_normalize(x: torch.Tensor) -> torch.Tensor:
@@ -52,36 +75,58 @@ def normalize_rows(feats: np.ndarray) -> np.ndarray:
 
 @torch.inference_mode()
 def extract(model: nn.Module, images: datasets.Images, dataset: str, batch_size: int, workers: int,
-            device: torch.device, image_size: int | None = None, desc: str = "features") -> np.ndarray:
-    """L2-normalised features of every image in dataset order; eval mode, inference mode."""
+            device: torch.device, image_size: int | None = None, desc: str = "features",
+            strict: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """(L2-normalised features of every image in dataset order, indices of the files that could not be
+    decoded): each of those is reported as found and gets a zero row, or with `strict` is a UsageError."""
     model = on_device(model.eval(), device)
-    batches = datasets.inference_batches(images, dataset, batch_size, workers, image_size)
+    batches = datasets.decoded_batches(images, dataset, batch_size, workers, image_size)
     total = -(-len(images) // batch_size)
-    feats, start = None, 0
-    for x in tqdm(batches, total=total, desc=desc, disable=None):
+    feats, start, skipped = None, 0, []
+    for x, unreadable in tqdm(batches, total=total, desc=desc, disable=None):
         out = l2_normalize(model(x.to(device, non_blocking=True)).float()).cpu().numpy()
         if feats is None:  # filled in place: no list of batches concatenated at the end (2x memory)
             feats = np.empty((len(images), out.shape[1]), dtype=np.float32)
         feats[start:start + len(out)] = out
         start += len(out)
-    return feats if feats is not None else np.zeros((0, 0), np.float32)
+        for i, why in unreadable.items():
+            if strict:
+                raise datasets.unreadable_error(images.paths[i], why)
+            tqdm.write(f"=> skipped unreadable image {images.paths[i]!r} ({why})")
+            feats[i] = 0
+            skipped.append(i)
+    feats = feats if feats is not None else np.zeros((0, 0), np.float32)
+    return feats, np.asarray(skipped, dtype=np.int64)
 
 
 # ---------------------------------------------------------------- cache files
 
-def cache_meta(args: argparse.Namespace, split: str, fingerprint: str, num_images: int) -> dict:
-    """Everything that must match for a cached file to be reused."""
-    return {"version": CACHE_VERSION, "dataset": args.dataset, "split": split, "arch": args.arch,
-            "backbone": args.backbone, "weights_fingerprint": fingerprint, "num_images": num_images,
+def listing_digest(images: datasets.Images, root: str) -> str:
+    """A digest of the image files (relative to `root`) and their labels, in index order."""
+    paths = [os.path.relpath(path, root) for path in images.paths]
+    labels = None if images.labels is None else images.labels.tolist()
+    return text_digest(json.dumps([paths, labels]))
+
+
+def cache_meta(args: argparse.Namespace, split: str, fingerprint: str, images: datasets.Images) -> dict:
+    """Everything that must match for a cached file to be reused; a folder's contents included (the
+    paper's datasets are fixed, a user's folder is not)."""
+    meta = {"version": CACHE_VERSION, "dataset": args.dataset, "split": split, "arch": args.arch,
+            "backbone": args.backbone, "weights_fingerprint": fingerprint, "num_images": len(images),
             "transform": datasets.describe_transform(args.dataset, args.image_size), "normalized": True}
+    if args.dataset == "folder":
+        meta["listing"] = listing_digest(images, args.data)
+    return meta
 
 
 def cache_path(args: argparse.Namespace, split: str, fingerprint: str) -> str:
     return os.path.join(args.save, f"feats_{args.dataset}_{split}_{args.arch}_{args.backbone}_{fingerprint}.npz")
 
 
-def read_cache(path: str, meta: dict) -> tuple[np.ndarray, np.ndarray] | None:
-    """(feats, labels) when the cache exists, is readable and matches `meta`; else None with a message."""
+def read_cache(path: str, meta: dict, labeled: bool = True
+               ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray] | None:
+    """(feats, labels or None when not `labeled`, skipped) when the cache exists, is readable and
+    matches `meta`; else None with a message."""
     if not os.path.isfile(path):
         return None
     try:
@@ -91,14 +136,16 @@ def read_cache(path: str, meta: dict) -> tuple[np.ndarray, np.ndarray] | None:
                 changed = sorted(k for k in meta if stored.get(k) != meta[k])
                 print(f"=> cache {path} does not match this run ({', '.join(changed)}); recomputing")
                 return None
-            feats, labels = data["feats"], data["labels"]
+            feats = data["feats"]
+            labels = data["labels"] if labeled else None
+            skipped = data["skipped"] if "skipped" in data.files else np.zeros(0, np.int64)
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
         print(f"=> cache {path} is unreadable ({type(err).__name__}); recomputing")
         return None
-    if len(feats) != meta["num_images"] or len(labels) != meta["num_images"]:
+    if len(feats) != meta["num_images"] or (labeled and len(labels) != meta["num_images"]):
         print(f"=> cache {path} is truncated; recomputing")
         return None
-    return feats, labels
+    return feats, labels, skipped
 
 
 @functools.lru_cache(maxsize=1)
@@ -132,24 +179,65 @@ def frozen_backbone(args: argparse.Namespace) -> tuple[nn.Module, int]:
     return _backbone(args.arch, args.backbone, args.weights, fingerprint_of(args), args.seed)
 
 
+def split_images(args: argparse.Namespace, split: str) -> datasets.Images:
+    """The `split` images as the flags describe them (--unlabeled included); says when there are no labels."""
+    images = datasets.load_images(args.dataset, args.data, split, args.lt_list, args.download, args.unlabeled)
+    if images.labels is None:
+        print(f"=> {args.data}: {len(images)} image files, labels unknown (unlabelled folder)")
+    return images
+
+
+def report_cached_skips(images: datasets.Images, skipped: np.ndarray, strict: bool) -> None:
+    """The unreadable files a reused cache recorded: each path, or with `strict` the first as an error."""
+    for i in skipped:
+        if strict:
+            raise datasets.unreadable_error(images.paths[i], "found unreadable when the cache was written")
+        print(f"=> skipped unreadable image {images.paths[i]!r} (found when the cache was written)")
+
+
+def report_skip_count(skipped: np.ndarray, split: str) -> None:
+    if len(skipped):
+        fate = "keep their index but are never selected" if split == "train" else "are left out of the evaluation"
+        print(f"=> {len(skipped)} unreadable image file(s) skipped: they {fate} (--strict makes them an error)")
+
+
+def write_cache(path: str, feats: np.ndarray, labels: np.ndarray | None, skipped: np.ndarray, meta: dict) -> None:
+    arrays = {"feats": feats, "skipped": skipped, "meta": np.array(json.dumps(meta))}
+    if labels is not None:
+        arrays["labels"] = labels
+    atomic_write(path, lambda f: np.savez(f, **arrays))
+
+
 def backbone_features(args: argparse.Namespace, split: str, device: torch.device) -> Features:
-    """Features of the `split` images: from the cache with --load_cache, else extracted and cached."""
-    images = datasets.load_images(args.dataset, args.data, split, args.lt_list, args.download)
+    """Features of the `split` images: from the cache with --load_cache (no image is read), else
+    extracted and cached. Unreadable files are reported; in the val split their rows are dropped."""
+    images = split_images(args, split)
     fingerprint = fingerprint_of(args)
-    meta = cache_meta(args, split, fingerprint, len(images))
+    meta = cache_meta(args, split, fingerprint, images)
     path = cache_path(args, split, fingerprint)
-    cached = read_cache(path, meta) if args.load_cache else None
+    cached = read_cache(path, meta, images.labels is not None) if args.load_cache else None
     if cached is not None:
         print(f"=> loading {'inference' if split == 'train' else 'val'} feats of {args.dataset} from cache: {path}")
-        feats, labels = cached
+        feats, labels, skipped = cached
+        report_cached_skips(images, skipped, args.strict)
     else:
         model, _ = frozen_backbone(args)
         print(f"get {'inference' if split == 'train' else 'val'} feats =>")
-        feats = extract(model, images, args.dataset, args.batch_size, args.workers, device, args.image_size,
-                        desc=f"{split} feats")
+        feats, skipped = extract(model, images, args.dataset, args.batch_size, args.workers, device,
+                                 args.image_size, desc=f"{split} feats", strict=args.strict)
         labels = images.labels
-        atomic_write(path, lambda f: np.savez(f, feats=feats, labels=labels, meta=np.array(json.dumps(meta))))
-    return Features(feats, labels, fingerprint=text_digest(json.dumps(meta, sort_keys=True)))
+        write_cache(path, feats, labels, skipped, meta)
+    report_skip_count(skipped, split)
+    features = Features(feats, labels, fingerprint=text_digest(json.dumps(meta, sort_keys=True)), skipped=skipped,
+                        data_root=args.data)
+    return features if split == "train" else readable_rows(features)
+
+
+def readable_rows(features: Features) -> Features:
+    """The features without their skipped rows (an evaluation set, whose indices nothing refers to)."""
+    keep, feats = features.selectable()
+    labels = None if features.labels is None else features.labels[keep]
+    return Features(feats, labels, features.fingerprint, data_root=features.data_root)
 
 
 # ---------------------------------------------------------------- --feats files
@@ -213,8 +301,8 @@ def train_labels(args: argparse.Namespace) -> tuple[int, np.ndarray | None]:
     if args.feats:
         pool = read_feats_file(args.feats, args.dataset)
         return len(pool.feats), pool.labels
-    labels = datasets.load_images(args.dataset, args.data, "train", args.lt_list, args.download).labels
-    return len(labels), labels
+    images = split_images(args, "train")
+    return len(images), images.labels
 
 
 def val_features(args: argparse.Namespace, device: torch.device) -> Features:
@@ -225,7 +313,10 @@ def val_features(args: argparse.Namespace, device: torch.device) -> Features:
 
 
 def require_labels(features: Features, flag: str) -> np.ndarray:
-    """Evaluation needs the oracle's labels: a UsageError naming `flag` when the source has none."""
+    """Evaluation needs the oracle's labels: a UsageError naming `flag` (the --feats file) or the
+    unlabelled data folder when the source has none."""
+    if features.labels is None and features.data_root is not None:
+        raise datasets.labels_required(features.data_root)
     if features.labels is None:
         raise UsageError(f"{flag}: the features have no labels; evaluation needs them (.npz with 'labels' "
                          "or a (feats, labels) .pth)")

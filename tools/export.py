@@ -1,0 +1,244 @@
+"""Export a selection for annotators: a CSV, a Label Studio import file and a contact sheet.
+
+Usage, from the repository root:
+
+    python tools/export.py INDEX_FILE --data DIR --out DIR [--dataset folder] [--unlabeled]
+        [--url-prefix /data/local-files/?d=] [--compare INDEX_FILE2] [--thumb 96] [--columns 10]
+
+The index file's entries are dataset indices, mapped to images exactly as sampler.py listed them (pass
+the same DIR, --dataset and --unlabeled). Writes into --out, STEM being the index file's name without
+`.npy`:
+
+- STEM.csv: `index,path,label`, one row per selected image in selection order; `path` relative to DIR
+  (POSIX; empty for the array datasets cifar10/cifar100/fashion_mnist), `label` the class name (the
+  class number where no names are known; empty for an unlabelled folder).
+- STEM_label_studio.json: Label Studio tasks `{"data": {"image": PREFIX + path, "index": i, "path":
+  path}, "meta": {"index": i}}` (path URL-quoted in `image`); the default prefix is Label Studio's
+  local-files URL, for LOCAL_FILES_DOCUMENT_ROOT = DIR. Not written for array datasets.
+- STEM_contact_sheet.png: thumbnails letterboxed to THUMB x THUMB squares, in selection order, row by
+  row, under a strip naming the strategy (from the index file's JSON sidecar); with --compare, the
+  second selection's panel to the right. Size in pixels, for n = the larger selection's size, k = 1 or
+  2 panels, cols = min(COLUMNS, n), rows = ceil(n / cols):
+      width  = k * (cols * (THUMB + 4) + 4)
+      height = 20 + rows * (THUMB + 4) + 4
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import math
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+from urllib.parse import quote
+
+if __package__ in (None, ""):  # `python tools/export.py`: import the repository's packages, not tools/*.py
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageOps
+from tqdm import tqdm
+
+from tools import cli, datasets
+from tools.cli import UsageError
+from tools.fileio import atomic_write
+from tools.indices import read_indices, sidecar_path
+
+GAP = 4  # pixels around every thumbnail
+STRIP = 20  # height of the title strip above each panel
+BACKGROUND, LETTERBOX, INK = (255, 255, 255), (40, 40, 40), (0, 0, 0)
+LABEL_STUDIO_PREFIX = "/data/local-files/?d="
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = cli.Parser(description=__doc__.splitlines()[0])
+    parser.add_argument("index_file", metavar="INDEX_FILE", help="index file written by a sampler (.npy)")
+    parser.add_argument("--data", required=True, metavar="DIR", help="the dataset root the sampler read")
+    parser.add_argument("--out", required=True, metavar="DIR", help="folder for the exported files")
+    parser.add_argument("--dataset", default=None, choices=cli.DATASET_NAMES,
+                        help="dataset name (default: the index file's sidecar's, else folder)")
+    cli.add_unlabeled_arg(parser)
+    parser.add_argument("--lt-list", default="data/ImageNet_LT_train.txt",
+                        help="ImageNet-LT train list (default: data/ImageNet_LT_train.txt)")
+    parser.add_argument("--url-prefix", default=LABEL_STUDIO_PREFIX,
+                        help=f"put before each relative path in the Label Studio file (default: {LABEL_STUDIO_PREFIX})")
+    parser.add_argument("--compare", default=None, metavar="INDEX_FILE2",
+                        help="a second selection (e.g. random) shown beside the first on the contact sheet")
+    parser.add_argument("--thumb", default=96, type=int, metavar="PX", help="thumbnail side (default: 96)")
+    parser.add_argument("--columns", default=10, type=int, metavar="N", help="thumbnails per row (default: 10)")
+    return parser
+
+
+@dataclass
+class Selection:
+    """One index file: its indices (selection order) and the title of its contact-sheet panel."""
+    stem: str
+    indices: np.ndarray
+    title: str
+
+
+def read_sidecar(path: str) -> dict:
+    """The index file's JSON sidecar, or {} when it is missing or unreadable."""
+    try:
+        with open(sidecar_path(path)) as f:
+            meta = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
+def resolve_dataset(args: argparse.Namespace) -> str:
+    """--dataset, else the sidecar's, else folder; a UsageError when they disagree."""
+    recorded = read_sidecar(args.index_file).get("dataset")
+    if args.dataset and recorded and recorded != args.dataset:
+        raise UsageError(f"--dataset: {args.index_file!r} was written for {recorded}, not {args.dataset}")
+    return args.dataset or recorded or "folder"
+
+
+def read_selection(path: str, num_images: int, flag: str) -> Selection:
+    indices = read_indices(path, num_images, flag=flag)
+    if not len(indices):
+        raise UsageError(f"{flag}: {path!r} is empty: nothing to export")
+    stem = os.path.basename(path).removesuffix(".npy")
+    strategy = read_sidecar(path).get("strategy")
+    return Selection(stem, indices, f"{strategy} ({stem})" if strategy else stem)
+
+
+def check_args(args: argparse.Namespace) -> None:
+    if args.thumb < 8:
+        raise UsageError(f"--thumb: must be at least 8 pixels, got {args.thumb}")
+    if args.columns < 1:
+        raise UsageError(f"--columns: must be at least 1, got {args.columns}")
+    data, out = os.path.abspath(args.data), os.path.abspath(args.out)
+    if os.path.commonpath([data, out]) == data:
+        raise UsageError(f"--out: {args.out!r} is inside --data: exported images would join the dataset "
+                         "and shift its indices")
+
+
+# ---------------------------------------------------------------- what each selected image is
+
+def relative_path(images: datasets.Images, index: int, root: str) -> str:
+    """The image file relative to the dataset root, POSIX; '' for images held in arrays."""
+    if isinstance(images, datasets.ArrayImages):
+        return ""
+    return Path(os.path.relpath(images.paths[index], root)).as_posix()
+
+
+def label_name(images: datasets.Images, index: int) -> str:
+    """The class name when known, else the class number; '' without labels."""
+    if images.labels is None:
+        return ""
+    label = int(images.labels[index])
+    classes = getattr(images, "classes", None)
+    return classes[label] if classes else str(label)
+
+
+def csv_text(images: datasets.Images, selection: Selection, root: str) -> str:
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(["index", "path", "label"])
+    for i in selection.indices.tolist():
+        writer.writerow([i, relative_path(images, i, root), label_name(images, i)])
+    return out.getvalue()
+
+
+def label_studio_tasks(images: datasets.FileImages, selection: Selection, root: str, prefix: str) -> list[dict]:
+    """One task per selected image, image URL = prefix + URL-quoted relative path."""
+    tasks = []
+    for i in selection.indices.tolist():
+        path = relative_path(images, i, root)
+        tasks.append({"data": {"image": prefix + quote(path), "index": i, "path": path}, "meta": {"index": i}})
+    return tasks
+
+
+# ---------------------------------------------------------------- contact sheet
+
+def source_image(images: datasets.Images, index: int, size: int) -> Image.Image:
+    """The image at `index` as RGB, decoded at a reduced scale where the format allows (JPEG)."""
+    if isinstance(images, datasets.ArrayImages):
+        pixels = images.images[index]
+        return Image.fromarray(pixels[0] if pixels.shape[0] == 1 else pixels.transpose(1, 2, 0)).convert("RGB")
+    with Image.open(images.paths[index]) as image:
+        image.draft("RGB", (size, size))
+        return ImageOps.exif_transpose(image).convert("RGB")
+
+
+def unreadable_mark(size: int) -> Image.Image:
+    """A crossed-out square standing for an image that could not be read."""
+    mark = Image.new("RGB", (size, size), LETTERBOX)
+    draw = ImageDraw.Draw(mark)
+    draw.line((0, 0, size - 1, size - 1), fill=(220, 0, 0), width=3)
+    draw.line((0, size - 1, size - 1, 0), fill=(220, 0, 0), width=3)
+    return mark
+
+
+def thumbnail(images: datasets.Images, index: int, size: int) -> Image.Image:
+    """The image letterboxed into a size x size square; an unreadable file is reported and crossed out."""
+    try:
+        image = source_image(images, index, size)
+    except Exception as err:  # noqa: BLE001 - a broken file must not stop the export
+        tqdm.write(f"=> warning: cannot read image {images.paths[index]!r} "
+                   f"({type(err).__name__}: {err})".splitlines()[0] + "; crossed out on the contact sheet")
+        return unreadable_mark(size)
+    return ImageOps.pad(image, (size, size), color=LETTERBOX)
+
+
+def panel(thumbs: list[Image.Image], title: str, cols: int, rows: int, size: int) -> Image.Image:
+    """Title strip, then the thumbnails row by row."""
+    image = Image.new("RGB", (cols * (size + GAP) + GAP, STRIP + rows * (size + GAP) + GAP), BACKGROUND)
+    ImageDraw.Draw(image).text((GAP, 4), title, fill=INK)
+    for k, thumb in enumerate(thumbs):
+        row, col = divmod(k, cols)
+        image.paste(thumb, (GAP + col * (size + GAP), STRIP + GAP + row * (size + GAP)))
+    return image
+
+
+def contact_sheet(images: datasets.Images, selections: list[Selection], size: int, columns: int) -> Image.Image:
+    """The selections' panels side by side (the geometry in the module docstring)."""
+    n = max(len(s.indices) for s in selections)
+    cols = min(columns, n)
+    rows = math.ceil(n / cols)
+    panels = []
+    for selection in selections:
+        thumbs = [thumbnail(images, i, size)
+                  for i in tqdm(selection.indices.tolist(), desc=f"thumbnails {selection.stem}", disable=None)]
+        panels.append(panel(thumbs, selection.title, cols, rows, size))
+    sheet = Image.new("RGB", (sum(p.width for p in panels), panels[0].height), BACKGROUND)
+    for k, image in enumerate(panels):
+        sheet.paste(image, (k * image.width, 0))
+    return sheet
+
+
+# ---------------------------------------------------------------- main
+
+def png_bytes(image: Image.Image) -> bytes:
+    out = io.BytesIO()
+    image.save(out, format="PNG")
+    return out.getvalue()
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    check_args(args)
+    dataset = resolve_dataset(args)
+    images = datasets.load_images(dataset, args.data, "train", args.lt_list, unlabeled=args.unlabeled)
+    selection = read_selection(args.index_file, len(images), "INDEX_FILE")
+    selections = [selection] + ([read_selection(args.compare, len(images), "--compare")] if args.compare else [])
+    outputs = {f"{selection.stem}.csv": csv_text(images, selection, args.data).encode()}
+    if isinstance(images, datasets.FileImages):
+        tasks = label_studio_tasks(images, selection, args.data, args.url_prefix)
+        outputs[f"{selection.stem}_label_studio.json"] = (json.dumps(tasks, indent=1) + "\n").encode()
+    outputs[f"{selection.stem}_contact_sheet.png"] = png_bytes(contact_sheet(images, selections, args.thumb,
+                                                                             args.columns))
+    for name, content in outputs.items():
+        path = os.path.join(args.out, name)
+        atomic_write(path, lambda f, content=content: f.write(content))
+        print(f"=> wrote {path}")
+
+
+if __name__ == "__main__":
+    cli.run_main(main)
