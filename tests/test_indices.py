@@ -1,5 +1,6 @@
 """Index files: atomic writes with a sidecar, and a reader that validates before use."""
 import json
+import os
 
 import numpy as np
 import pytest
@@ -51,3 +52,13 @@ def test_reader_rejects_garbage(tmp_path):
     path.write_bytes(b"not an npy file")
     with pytest.raises(UsageError, match="cannot read index file"):
         read_indices(str(path), 10)
+
+
+def test_written_files_get_the_usual_permissions(tmp_path):
+    mask = os.umask(0o022)
+    try:
+        write_indices(str(tmp_path / "a.npy"), np.arange(3), {})
+    finally:
+        os.umask(mask)
+    assert (tmp_path / "a.npy").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o644

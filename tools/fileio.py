@@ -7,14 +7,22 @@ import tempfile
 from typing import BinaryIO, Callable
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str, write: Callable[[BinaryIO], None]) -> None:
-    """Write through `write(file)` to a temporary file beside `path`, then rename it into place."""
+    """Write through `write(file)` to a temporary file beside `path`, then rename it into place, with
+    the permissions a plain open() would give (mkstemp's are owner-only)."""
     directory = os.path.dirname(path) or "."
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)

@@ -1,0 +1,287 @@
+"""Markdown tables and PNG plots of results files: class coverage, linear top-1 and k-NN top-1 per budget.
+
+Usage, from the repository root:
+
+    python tools/report.py RESULTS.jsonl [RESULTS2.jsonl ...] [--out DIR]
+
+The results files are the JSON lines that sampler.py, active_sampler.py, eval_knn.py and eval_lincls.py
+append (tools/results.py). Each table has one row per method (`name`) and one column per budget
+(`split`); a cell is the mean ± sample std over seeds, the best mean of each column in bold. Tables are
+made per dataset (and per arch/backbone when a dataset has several), linear top-1 per mode and epochs,
+k-NN top-1 per k. A record written again for the same key (a re-run, or the coverage every script
+writes for the same pool) counts once: the last one wins. Writes {out}/report.md, which it also prints,
+and one PNG per table (metric against budget on a log axis, mean ± std shaded); out defaults to the
+folder of the first results file.
+"""
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import re
+import sys
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Sequence
+
+if __package__ in (None, ""):  # `python tools/report.py`: import the repository's packages, not tools/*.py
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import NullFormatter, NullLocator
+
+from tools import cli
+from tools.cli import UsageError
+from tools.fileio import atomic_write
+
+METHOD_ORDER = ("uniform", "random", "kmeans", "accu_kmeans", "coreset", "typiclust", "probcover", "maxherding",
+                "entropy", "margin", "least_confidence")
+# Tabulated metric -> the record fields that split it into separate tables.
+TABLE_METRICS = {"coverage": (), "lincls_top1": ("mode", "epochs"), "knn_top1": ("k",)}
+FIELD_DEFAULTS = {"k": 1}  # eval_knn.py's default: in file names only when another value (others when they vary)
+FIELD_SUFFIX = {"mode": "{}", "epochs": "{}ep", "k": "k{}"}
+REQUIRED_FIELDS = {"dataset": str, "name": str, "metric": str, "split": int, "seed": int}
+
+Group = tuple[str, str | None, str | None]       # dataset, arch, backbone
+TableKey = tuple[str, tuple]                     # metric, ((field, value), ...) of its variant
+Values = dict[str, dict[int, list[float]]]       # name -> split -> one value per seed
+
+
+def build_parser() -> cli.Parser:
+    parser = cli.Parser(description=__doc__.splitlines()[0])
+    parser.add_argument("results", nargs="+", metavar="RESULTS.jsonl", help="results files, read in order")
+    parser.add_argument("--out", default=None, metavar="DIR",
+                        help="folder for report.md and the plots (default: the first results file's folder)")
+    return parser
+
+
+def record_problem(record: object) -> str | None:
+    """Why a parsed line cannot be tabulated, or None when it can (records of other metrics are fine)."""
+    if not isinstance(record, dict):
+        return "not a JSON object"
+    if record.get("metric") not in TABLE_METRICS:
+        return None
+    for field, kind in REQUIRED_FIELDS.items():
+        if type(record.get(field)) is not kind:
+            return f"{field!r} must be {'an integer' if kind is int else 'a string'}, got {record.get(field)!r}"
+    value = record.get("value")
+    if type(value) not in (int, float) or not math.isfinite(value):
+        return f"'value' must be a finite number, got {value!r}"
+    for field in ("arch", "backbone", *TABLE_METRICS[record["metric"]]):
+        if not isinstance(record.get(field), (str, int, float, type(None))):
+            return f"{field!r} must be a string, a number or null, got {record.get(field)!r}"
+    return None
+
+
+def read_records(path: str) -> list[dict]:
+    """The tabulated records of one results file, in file order; a UsageError naming file:line otherwise."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.readlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise UsageError(f"{path}: cannot read results file ({getattr(err, 'strerror', None) or err})") from None
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise UsageError(f"{path}:{number}: not valid JSON ({err.msg})") from None
+        problem = record_problem(record)
+        if problem:
+            raise UsageError(f"{path}:{number}: {problem}")
+        if record["metric"] in TABLE_METRICS:
+            records.append(record)
+    if not records:
+        raise UsageError(f"{path}: no coverage, lincls_top1 or knn_top1 records to tabulate")
+    return records
+
+
+def load_records(paths: Sequence[str]) -> list[dict]:
+    """The tabulated records of all files, in the order given (later files win over earlier ones)."""
+    return [record for path in paths for record in read_records(path)]
+
+
+def table_key(record: dict) -> TableKey:
+    """The table a record belongs to: its metric and the values of the fields that split that metric."""
+    fields = TABLE_METRICS[record["metric"]]
+    return record["metric"], tuple((field, record.get(field, FIELD_DEFAULTS.get(field))) for field in fields)
+
+
+def aggregate(records: Sequence[dict]) -> dict[Group, dict[TableKey, Values]]:
+    """{(dataset, arch, backbone): {table: {name: {split: [value per seed]}}}}, one value per seed, last wins."""
+    latest: dict[tuple, float] = {}
+    for r in records:
+        group = r["dataset"], r.get("arch"), r.get("backbone")
+        latest[group, table_key(r), r["name"], r["split"], r["seed"]] = float(r["value"])
+    groups: dict = defaultdict(lambda: defaultdict(lambda: defaultdict(lambda: defaultdict(list))))
+    for (group, key, name, split, _seed), value in sorted(latest.items(), key=lambda item: item[0][4]):
+        groups[group][key][name][split].append(value)
+    return groups
+
+
+def sort_key(value: object) -> tuple:
+    """Orders None last and numbers numerically, without comparing unlike types."""
+    return value is None, isinstance(value, str), value
+
+
+def method_order(names: Sequence[str]) -> list[str]:
+    """The paper's methods in a fixed order, then any others alphabetically."""
+    known = [name for name in METHOD_ORDER if name in names]
+    return known + sorted(set(names) - set(known))
+
+
+def seed_stats(values: Sequence[float]) -> tuple[float, float | None]:
+    """Mean and sample std (ddof=1) over seeds; std is None for a single seed."""
+    array = np.asarray(values, dtype=np.float64)
+    return float(array.mean()), float(array.std(ddof=1)) if len(array) > 1 else None
+
+
+def format_cell(values: Sequence[float], bold: bool = False, show_n: bool = False) -> str:
+    """'52.50 ± 3.54' (bold: '**52.50 ± 3.54**'), '52.50' for one seed, ' (n=2)' appended when asked."""
+    mean, std = seed_stats(values)
+    text = f"{mean:.2f}" if std is None else f"{mean:.2f} ± {std:.2f}"
+    return (f"**{text}**" if bold else text) + (f" (n={len(values)})" if show_n else "")
+
+
+def table_title(key: TableKey) -> str:
+    """'Class coverage (%)', 'Linear top-1 (%), cached features, 40 epochs', '1-NN top-1 (%)'."""
+    metric, variant = key
+    fields = dict(variant)
+    if metric == "coverage":
+        return "Class coverage (%)"
+    if metric == "knn_top1":
+        return f"{fields['k']}-NN top-1 (%)"
+    details = {"cached": "cached features", "images": "images"}.get(fields["mode"], fields["mode"])
+    epochs = None if fields["epochs"] is None else f"{fields['epochs']} epochs"
+    return ", ".join(["Linear top-1 (%)"] + [part for part in (details, epochs) if part])
+
+
+def seeds_caption(counts: Counter) -> tuple[str, int]:
+    """The line under a table about seeds, and the usual number of seeds (cells with another get '(n=…)')."""
+    usual = max(counts, key=lambda n: (counts[n], n))
+    if len(counts) > 1:
+        return f"Mean ± std over seeds: {usual} per cell, except where (n=…) says otherwise.", usual
+    return ("One seed." if usual == 1 else f"Mean ± std over {usual} seeds."), usual
+
+
+def markdown_table(values: Values) -> list[str]:
+    """Rows = methods, columns = budgets ascending, best mean per column in bold, '–' where missing."""
+    names, splits = method_order(list(values)), sorted({split for per in values.values() for split in per})
+    shown = {(name, split): round(seed_stats(seeds)[0], 2) for name in names for split, seeds in values[name].items()}
+    best = {split: max(mean for (_, s), mean in shown.items() if s == split) for split in splits}
+    caption, usual = seeds_caption(Counter(len(seeds) for per in values.values() for seeds in per.values()))
+    lines = ["| Method | " + " | ".join(str(split) for split in splits) + " |",
+             "|---|" + "---:|" * len(splits)]
+    for name in names:
+        cells = [format_cell(values[name][split], shown[name, split] == best[split], len(values[name][split]) != usual)
+                 if split in values[name] else "–" for split in splits]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines + ["", caption]
+
+
+def budget_label(budget: int) -> str:
+    """Tick label of a budget: 100, 1k, 2.5k, 192k."""
+    return f"{budget / 1000:g}k" if budget >= 1000 else str(budget)
+
+
+def plot_png(title: str, ylabel: str, values: Values) -> bytes:
+    """PNG of the metric against the budget (log axis), one line per method, mean ± std shaded and as bars."""
+    figure = Figure(figsize=(6.4, 4.4), layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    for name in method_order(list(values)):
+        splits = sorted(values[name])
+        stats = np.array([seed_stats(values[name][split]) for split in splits], dtype=np.float64)
+        means, stds = stats[:, 0], np.nan_to_num(stats[:, 1])
+        bars = axes.errorbar(splits, means, yerr=stds, marker="o", markersize=4, capsize=3, label=name)
+        axes.fill_between(splits, means - stds, means + stds, color=bars.lines[0].get_color(), alpha=0.2, linewidth=0)
+    budgets = sorted({split for per in values.values() for split in per})
+    axes.set_xscale("log")
+    axes.xaxis.set_minor_locator(NullLocator())
+    axes.xaxis.set_minor_formatter(NullFormatter())
+    axes.set_xticks(budgets, [budget_label(b) for b in budgets], fontsize="small")
+    axes.set_title(title, fontsize="medium")
+    axes.set(xlabel="budget (labelled images)", ylabel=ylabel)
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize="small", ncol=2 if len(values) > 6 else 1)
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=110)
+    return buffer.getvalue()
+
+
+def file_part(value: object) -> str:
+    """A value as a safe piece of a file name."""
+    return re.sub(r"[^A-Za-z0-9.-]+", "-", str(value)).strip("-") or "none"
+
+
+def group_prefix(group: Group, several: bool) -> str:
+    """'cifar10', or 'cifar10_resnet18_compress' when the dataset has several arch/backbone groups."""
+    dataset, arch, backbone = group
+    origin = [part for part in (arch, backbone) if part] or ["feats"]
+    return "_".join(file_part(part) for part in [dataset] + (origin if several else []))
+
+
+def table_slug(key: TableKey, siblings: Sequence[TableKey]) -> str:
+    """'lincls_top1', plus what tells it from its siblings or differs from a default: '_cached', '_k20'."""
+    metric, variant = key
+    others = [other for other_metric, other in siblings if other_metric == metric]
+    parts = [FIELD_SUFFIX[field].format(file_part(value)) for i, (field, value) in enumerate(variant)
+             if (value != FIELD_DEFAULTS[field] if field in FIELD_DEFAULTS
+                 else len({other[i][1] for other in others}) > 1)]
+    return "_".join([metric] + parts)
+
+
+def group_label(group: Group, several: bool) -> str:
+    """'cifar10', or 'cifar10 — resnet18, compress' when the dataset has several arch/backbone groups."""
+    dataset, arch, backbone = group
+    origin = ", ".join(str(part) for part in (arch, backbone) if part) or "--feats features"
+    return f"{dataset} — {origin}" if several else dataset
+
+
+def build_report(groups: dict[Group, dict[TableKey, Values]], sources: Sequence[str]
+                 ) -> tuple[str, dict[str, bytes]]:
+    """The Markdown report and its plots ({file name: PNG bytes}), plot links relative to the report."""
+    lines, plots = ["# Results", "", "From " + ", ".join(f"`{source}`" for source in sources) + "."], {}
+    per_dataset = Counter(group[0] for group in groups)
+    for group in sorted(groups, key=lambda g: tuple(sort_key(part) for part in g)):
+        several = per_dataset[group[0]] > 1
+        tables = groups[group]
+        keys = sorted(tables, key=lambda k: (list(TABLE_METRICS).index(k[0]), [sort_key(v) for _, v in k[1]]))
+        label = group_label(group, several)
+        lines += ["", f"## {label}"]
+        for key in keys:
+            title = table_title(key)
+            file_name = f"{group_prefix(group, several)}_{table_slug(key, keys)}.png"
+            plots[file_name] = plot_png(f"{label}\n{title}", title.split(",")[0], tables[key])
+            lines += ["", f"### {title}", "", *markdown_table(tables[key]), "", f"![{title}]({file_name})"]
+    return "\n".join(lines) + "\n", plots
+
+
+def write_outputs(out: str, markdown: str, plots: dict[str, bytes]) -> None:
+    """Each plot, then report.md, written atomically into `out`."""
+    files = {**plots, "report.md": markdown.encode("utf-8")}
+    for name, data in files.items():
+        path = os.path.join(out, name)
+        try:
+            atomic_write(path, lambda f, data=data: f.write(data))
+        except OSError as err:
+            raise UsageError(f"--out: cannot write {path!r} ({err.strerror or err})") from None
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    out = args.out if args.out is not None else (os.path.dirname(args.results[0]) or ".")
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise UsageError(f"--out: {out!r} is not a directory")
+    markdown, plots = build_report(aggregate(load_records(args.results)), args.results)
+    write_outputs(out, markdown, plots)
+    print(markdown, end="")
+
+
+if __name__ == "__main__":
+    cli.run_main(main)
