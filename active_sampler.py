@@ -4,6 +4,8 @@ Each `--splits` value is the number of images added in that round (as the origin
 entropy (the paper's Max-Entropy), margin, least_confidence, computed batch by batch so that memory
 stays O(N). The pool of every round is written as `{indices}/{name}_{dataset}_{N}.npy` with a
 sidecar; pass the last one as --resume-indices to continue a stopped run.
+Under torchrun the processes share out the feature extraction; with images they also train the head in
+DistributedDataParallel and score blocks of the images, while --cached leaves the rounds to rank 0.
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ import torch
 
 import strategies
 import tools
-from tools import cli, datasets, engine
+from tools import cli, datasets, distributed, engine
 from tools.features import frozen_backbone, require_labels, train_features, val_features
 from tools.indices import index_path, read_indices, write_indices
 from tools.metrics import coverage
@@ -71,11 +73,12 @@ class RoundData:
         return engine.image_loader(self.images, pool, a.dataset, a.image_size, a.batch_size, a.workers, generator)
 
     def logits(self, head: torch.nn.Module, rows: np.ndarray | None, val: bool = False) -> Iterable[torch.Tensor]:
-        """Streamed logits of training rows `rows`, or of the evaluation set (`val`)."""
+        """Streamed logits of training rows `rows`, or of this torchrun process's block of the evaluation
+        set (`val`; all of it without torchrun)."""
         a = self.args
         if a.cached:
             return engine.feature_logits(head, self.val_feats if val else self.feats[rows], self.device)
-        images = self.val_images if val else datasets.subset(self.images, rows)
+        images = distributed.shard_images(self.val_images) if val else datasets.subset(self.images, rows)
         return engine.image_logits(head, self.backbone, images, a.dataset, a.batch_size, a.workers,
                                    a.image_size, self.device)
 
@@ -119,7 +122,7 @@ def train_head(pool_data: RoundData, pool: np.ndarray, num_classes: int, schedul
     head = engine.linear_head(pool_data.dim, num_classes, normalize=False)
     validate = functools.partial(pool_data.accuracy, head)
     checkpoint = os.path.join(args.save, f"active_{args.name}_{args.dataset}_{len(pool)}_seed{args.seed}.pth")
-    head.to(pool_data.device)
+    head = distributed.ddp(head.to(pool_data.device), pool_data.device)
     result = engine.fit(head, torch.optim.Adam(head.parameters(), args.lr), pool_data.batches(pool, generator),
                         validate, schedule, pool_data.device, args.seed, generator, checkpoint,
                         embed=None if args.cached else pool_data.backbone)
@@ -127,11 +130,14 @@ def train_head(pool_data: RoundData, pool: np.ndarray, num_classes: int, schedul
 
 
 def select(pool_data: RoundData, head: torch.nn.Module, pool: np.ndarray, budget: int) -> np.ndarray:
-    """The `budget` most uncertain unlabelled images under `head`, scored batch by batch."""
+    """The `budget` most uncertain unlabelled images under `head`, scored batch by batch (each torchrun
+    process scoring a block of them)."""
     unlabeled = np.setdiff1d(np.arange(len(pool_data.labels)), pool)
     print(f"Current unlabeled indices is {len(unlabeled)}.")
+    block = unlabeled[distributed.shard(len(unlabeled))]
     scores = torch.cat([strategies.uncertainty(logits, pool_data.args.name)
-                        for logits in pool_data.logits(head, unlabeled)]).numpy()
+                        for logits in pool_data.logits(head, block)])
+    scores = distributed.gather_rows(scores, len(unlabeled)).numpy()
     return strategies.most_uncertain(scores, unlabeled, budget)
 
 
@@ -143,8 +149,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     if not args.cached and not args.data:
         raise cli.UsageError("data: the default protocol trains on the images; give the dataset root or use --cached")
     seed_everything(args.seed)
-    device = resolve_device(args.device)
+    device = distributed.init_from_env(resolve_device(args.device))
     pool_data = RoundData(args, device)
+    if args.cached and not distributed.main_continues_alone():
+        return
     pool = initial_pool(args, len(pool_data.labels), sum(splits))
     print(f"current indices size: {len(pool)}. {coverage(pool_data.labels, pool)}% of all categories is seen")
     num_classes = int(max(pool_data.labels.max(), pool_data.val_labels.max())) + 1

@@ -2,6 +2,7 @@
 
 Features are the cached, L2-normalised backbone features (or --feats / --val-feats), so squared-L2
 neighbours are cosine neighbours. Ties in the vote go to the nearest neighbour's class among the tied.
+Under torchrun the processes share out the feature extraction, then rank 0 classifies alone.
 """
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from typing import Sequence
 
 import numpy as np
 
-from tools import cli, faiss_ops
+from tools import cli, distributed, faiss_ops
 from tools.features import require_labels, train_features, val_features
 from tools.indices import read_indices, split_files
 from tools.metrics import class_mean_accuracy, coverage, majority_vote, top1
@@ -42,9 +43,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise cli.UsageError(f"-k: must be at least 1, got {args.k}")
     paths = split_files(args)
     seed_everything(args.seed)
-    device = resolve_device(args.device)
+    device = distributed.init_from_env(resolve_device(args.device))
     train, val = train_features(args, device), val_features(args, device)
     train_labels, val_labels = require_labels(train, "--feats"), require_labels(val, "--val-feats")
+    if not distributed.main_continues_alone():
+        return
     if train.feats.shape[1] != val.feats.shape[1]:
         raise cli.UsageError(f"--val-feats: dimension {val.feats.shape[1]} differs from the train "
                              f"features' {train.feats.shape[1]}")

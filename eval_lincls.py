@@ -7,6 +7,8 @@ last; the last validation's top-1 is reported (and the best, labelled as such). 
 cached centre-crop features of the evaluation set, which is what the original computes on the fly.
 --cached trains the same head, optimiser and schedule on cached centre-crop train features instead:
 seconds on a CPU rather than hours, without augmentation.
+Under torchrun the features are extracted by all processes; the default protocol then trains the head
+in DistributedDataParallel, while --cached leaves the training to rank 0 alone.
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ from typing import Sequence
 
 import torch
 
-from tools import cli, datasets, engine
+from tools import cli, datasets, distributed, engine
 from tools.features import frozen_backbone, require_labels, train_features, val_features
 from tools.indices import read_indices, split_files
 from tools.metrics import coverage
@@ -50,12 +52,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     if not args.cached and not args.data:
         raise cli.UsageError("data: the default protocol trains on the images; give the dataset root or use --cached")
     seed_everything(args.seed)
-    device = resolve_device(args.device)
+    device = distributed.init_from_env(resolve_device(args.device))
     val = val_features(args, device)
     val_labels = require_labels(val, "--val-feats")
     if args.cached:
         train = train_features(args, device)
         feats, labels = train.feats, require_labels(train, "--feats")
+        if not distributed.main_continues_alone():
+            return
     else:
         images = datasets.load_images(args.dataset, args.data, "train", args.lt_list, args.download)
         labels = images.labels
@@ -78,7 +82,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                                           args.workers, generator)
             embed = backbone
         validate = functools.partial(engine.feature_accuracy, head, val.feats, val_labels, device)
-        head.to(device)
+        head = distributed.ddp(head.to(device), device)
         result = engine.fit(head, torch.optim.Adam(head.parameters(), args.lr), batches, validate, schedule, device,
                             args.seed, generator, checkpoint_path(args, split), resume=bool(args.resume), embed=embed)
         print(f"Final accuracy of {split} labeled data is: {result['top1']:.3f} "

@@ -5,6 +5,8 @@ maxherding (the newer low-budget methods). `--splits` is an absolute budget for 
 kmeans, and a per-round increment on top of the current pool for the others (as accu_kmeans and
 coreset in the original). Every index file holds exactly the
 size in its name: `{indices}/{name}_{dataset}_{N}.npy`, with a JSON sidecar.
+Under torchrun the processes share out the backbone's feature extraction, then rank 0 selects alone;
+strategies that need no backbone start no process group.
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ import numpy as np
 
 import strategies
 import tools
-from tools import cli
+from tools import cli, distributed
 from tools.cli import UsageError
 from tools.features import rows_of, train_features, train_labels
 from tools.indices import index_path, read_indices, write_indices
@@ -211,7 +213,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     splits = cli.parse_splits(args.splits)
     seed_everything(args.seed)
     device = resolve_device(args.device)
+    if args.name in NEEDS_FEATURES and not args.feats:
+        device = distributed.init_from_env(device)
+    elif not distributed.is_main():
+        return  # nothing to share out: rank 0 does it all
     feats, labels, num_images, fingerprint, keep = load_pool(args, device)
+    if not distributed.main_continues_alone():
+        return
     if args.name == "uniform" and labels is None:
         source = "the --feats file" if args.feats else f"the unlabelled folder {args.data!r}"
         raise UsageError(f"--name uniform needs labels, and {source} has none")

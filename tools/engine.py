@@ -1,7 +1,11 @@
 """The training and evaluation loop shared by the scripts that train a head on the labelled pool.
 
 One epoch is seeded from (seed, epoch) alone, for the shuffle order and the augmentation, so a run
-resumed from its checkpoint ends with the same weights as an uninterrupted one.
+resumed from its checkpoint ends with the same weights as an uninterrupted one. Each image's
+augmentation is drawn from (epoch seed, position in the pool) alone, so it does not depend on which
+DataLoader worker or torchrun process loads it. Under torchrun (tools.distributed) the model is in
+DistributedDataParallel, each process loads --batch-size / world images of every step through a
+DistributedSampler, evaluation is shared out by blocks of rows, and rank 0 alone saves checkpoints.
 """
 from __future__ import annotations
 
@@ -13,11 +17,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
 from models.backbones import strip_module_prefix
-from tools import datasets
+from tools import datasets, distributed
 from tools.cli import UsageError
 from tools.fileio import atomic_write
 from tools.metrics import class_mean_accuracy
@@ -62,12 +66,38 @@ def feature_loader(feats: np.ndarray, labels: np.ndarray, batch_size: int, gener
     return epoch_batches
 
 
+class SeededItems(Dataset):
+    """`dataset` whose item i is drawn with torch's random generator seeded from (`epoch_seed`, i): the
+    same augmentation whatever the order, worker or process that loads it."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset, self.epoch_seed = dataset, 0
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed((self.epoch_seed * 2**32 + i) % 2**63)
+            return self.dataset[i]
+
+
 def image_loader(images: datasets.Images, pool: np.ndarray, dataset: str, image_size: int | None, batch_size: int,
                  workers: int, generator: torch.Generator) -> Callable[[int], Batches]:
-    """Shuffled, augmented (image, label) batches of the pool for each epoch."""
-    loader = DataLoader(datasets.AugmentedSubset(images, pool, dataset, image_size), batch_size=batch_size,
-                        shuffle=True, num_workers=workers, generator=generator, pin_memory=torch.cuda.is_available())
-    return lambda epoch: loader
+    """Shuffled, augmented (image, label) batches of the pool for each epoch (after seed_epoch); under
+    torchrun this process's share of each batch, from a DistributedSampler."""
+    items = SeededItems(datasets.AugmentedSubset(images, pool, dataset, image_size))
+    sampler = DistributedSampler(items, seed=0) if distributed.active() else None
+    loader = DataLoader(items, batch_size=distributed.per_process_batch(batch_size), shuffle=sampler is None,
+                        sampler=sampler, num_workers=workers, generator=generator,
+                        pin_memory=torch.cuda.is_available())
+
+    def epoch_batches(epoch: int) -> Batches:
+        items.epoch_seed = generator.initial_seed()  # what seed_epoch set
+        if sampler is not None:
+            sampler.set_epoch(items.epoch_seed)  # it shuffles with seed + epoch, here the epoch's own seed
+        return loader
+    return epoch_batches
 
 
 def seed_epoch(seed: int, epoch: int, generator: torch.Generator) -> None:
@@ -85,11 +115,11 @@ def train_epoch(model: nn.Module, batches: Batches, optimizer: torch.optim.Optim
                 embed: Callable[[torch.Tensor], torch.Tensor] | None = None,
                 scaler: torch.amp.GradScaler | None = None) -> float:
     """One pass of cross-entropy training (inputs through the frozen `embed` first; mixed precision
-    when `scaler` is enabled): mean loss."""
+    when `scaler` is enabled): mean loss (over all torchrun processes)."""
     model.train()
     amp = scaler is not None and scaler.is_enabled()
     total, count = 0.0, 0
-    for x, y in tqdm(batches, desc="train", leave=False, disable=None):
+    for x, y in tqdm(batches, desc="train", leave=False, disable=distributed.quiet()):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         if embed is not None:
             with torch.no_grad():
@@ -105,6 +135,7 @@ def train_epoch(model: nn.Module, batches: Batches, optimizer: torch.optim.Optim
             loss.backward()
             optimizer.step()
         total, count = total + loss.item() * len(y), count + len(y)
+    total, count = distributed.sum_over_processes(total, count)
     return total / max(count, 1)
 
 
@@ -127,8 +158,10 @@ def image_logits(head: nn.Module, backbone: nn.Module, images: datasets.Images, 
 
 
 def accuracy(logit_batches: Iterable[torch.Tensor], labels: np.ndarray) -> dict[str, float]:
-    """top-1, top-5 and per-class mean accuracy (percent) from streamed logits."""
+    """top-1, top-5 and per-class mean accuracy (percent) from streamed logits of this process's
+    distributed.shard() block of the evaluation set (all of it without torchrun)."""
     top = torch.cat([logits.topk(min(5, logits.shape[1]), dim=1).indices for logits in logit_batches])
+    top = distributed.gather_rows(top, len(labels))
     target = torch.from_numpy(labels)
     return {"top1": 100.0 * float((top[:, 0] == target).float().mean()),
             "top5": 100.0 * float((top == target[:, None]).any(1).float().mean()),
@@ -136,12 +169,14 @@ def accuracy(logit_batches: Iterable[torch.Tensor], labels: np.ndarray) -> dict[
 
 
 def feature_accuracy(head: nn.Module, feats: np.ndarray, labels: np.ndarray, device: torch.device) -> dict[str, float]:
-    """accuracy() of `head` on feature rows."""
-    return accuracy(feature_logits(head, feats, device), labels)
+    """accuracy() of `head` on feature rows, each torchrun process scoring its block."""
+    return accuracy(feature_logits(head, feats[distributed.shard(len(feats))], device), labels)
 
 
 def save_checkpoint(path: str, state: dict) -> None:
-    atomic_write(path, lambda f: torch.save(state, f))
+    """Written by rank 0 alone under torchrun (every process holds the same weights)."""
+    if distributed.is_main():
+        atomic_write(path, lambda f: torch.save(state, f))
 
 
 def best_path(checkpoint: str) -> str:

@@ -6,6 +6,10 @@ folder), `skipped` (int64 indices of the image files that could not be decoded: 
 and `meta` (JSON). It is written atomically, and a cache whose metadata differs from the request is
 recomputed, never used. For `--dataset folder` the metadata includes a digest of the file listing and
 labels, so a folder whose files changed is never matched to stale features.
+
+Under torchrun each process extracts a contiguous block of the images; every process receives all the
+rows back in dataset order (the next steps need them, and the gather costs what reading the cache
+would) and rank 0 alone writes the cache.
 """
 from __future__ import annotations
 
@@ -23,7 +27,7 @@ from torch import nn
 from tqdm import tqdm
 
 from models import build_backbone, weights_fingerprint
-from tools import datasets
+from tools import datasets, distributed
 from tools.cli import UsageError
 from tools.fileio import atomic_write, file_digest, text_digest
 from tools.runtime import on_device
@@ -76,14 +80,14 @@ def normalize_rows(feats: np.ndarray) -> np.ndarray:
 @torch.inference_mode()
 def extract(model: nn.Module, images: datasets.Images, dataset: str, batch_size: int, workers: int,
             device: torch.device, image_size: int | None = None, desc: str = "features",
-            strict: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """(L2-normalised features of every image in dataset order, indices of the files that could not be
-    decoded): each of those is reported as found and gets a zero row, or with `strict` is a UsageError."""
+            strict: bool = False) -> tuple[np.ndarray, dict[int, str]]:
+    """(L2-normalised features of every image in dataset order, {index: why} of the files that could not
+    be decoded): each of those gets a zero row, or with `strict` is a UsageError at once."""
     model = on_device(model.eval(), device)
     batches = datasets.decoded_batches(images, dataset, batch_size, workers, image_size)
     total = -(-len(images) // batch_size)
-    feats, start, skipped = None, 0, []
-    for x, unreadable in tqdm(batches, total=total, desc=desc, disable=None):
+    feats, start, skipped = None, 0, {}
+    for x, unreadable in tqdm(batches, total=total, desc=desc, disable=distributed.quiet()):
         out = l2_normalize(model(x.to(device, non_blocking=True)).float()).cpu().numpy()
         if feats is None:  # filled in place: no list of batches concatenated at the end (2x memory)
             feats = np.empty((len(images), out.shape[1]), dtype=np.float32)
@@ -92,11 +96,20 @@ def extract(model: nn.Module, images: datasets.Images, dataset: str, batch_size:
         for i, why in unreadable.items():
             if strict:
                 raise datasets.unreadable_error(images.paths[i], why)
-            tqdm.write(f"=> skipped unreadable image {images.paths[i]!r} ({why})")
             feats[i] = 0
-            skipped.append(i)
+            skipped[i] = why
     feats = feats if feats is not None else np.zeros((0, 0), np.float32)
-    return feats, np.asarray(skipped, dtype=np.int64)
+    return feats, skipped
+
+
+def gather_blocks(feats: np.ndarray, skipped: dict[int, str], n: int) -> tuple[np.ndarray, dict[int, str]]:
+    """extract()'s output for this torchrun process's distributed.shard(n) block of the images, put
+    together with every other process's: all n rows and the unreadable files, in dataset order, on every
+    process (unchanged without torchrun)."""
+    start = distributed.shard(n).start
+    feats = distributed.gather_rows(torch.from_numpy(feats), n).numpy()
+    parts = distributed.gather_objects({start + i: why for i, why in skipped.items()})
+    return feats, {i: why for part in parts for i, why in part.items()}
 
 
 # ---------------------------------------------------------------- cache files
@@ -187,12 +200,12 @@ def split_images(args: argparse.Namespace, split: str) -> datasets.Images:
     return images
 
 
-def report_cached_skips(images: datasets.Images, skipped: np.ndarray, strict: bool) -> None:
-    """The unreadable files a reused cache recorded: each path, or with `strict` the first as an error."""
-    for i in skipped:
+def report_skips(images: datasets.Images, skipped: dict[int, str], strict: bool) -> None:
+    """Each unreadable file {index: why}, or with `strict` the first as an error."""
+    for i, why in skipped.items():
         if strict:
-            raise datasets.unreadable_error(images.paths[i], "found unreadable when the cache was written")
-        print(f"=> skipped unreadable image {images.paths[i]!r} (found when the cache was written)")
+            raise datasets.unreadable_error(images.paths[i], why)
+        print(f"=> skipped unreadable image {images.paths[i]!r} ({why})")
 
 
 def report_skip_count(skipped: np.ndarray, split: str) -> None:
@@ -202,6 +215,9 @@ def report_skip_count(skipped: np.ndarray, split: str) -> None:
 
 
 def write_cache(path: str, feats: np.ndarray, labels: np.ndarray | None, skipped: np.ndarray, meta: dict) -> None:
+    """Written by rank 0 alone under torchrun."""
+    if not distributed.is_main():
+        return
     arrays = {"feats": feats, "skipped": skipped, "meta": np.array(json.dumps(meta))}
     if labels is not None:
         arrays["labels"] = labels
@@ -219,13 +235,16 @@ def backbone_features(args: argparse.Namespace, split: str, device: torch.device
     if cached is not None:
         print(f"=> loading {'inference' if split == 'train' else 'val'} feats of {args.dataset} from cache: {path}")
         feats, labels, skipped = cached
-        report_cached_skips(images, skipped, args.strict)
+        report_skips(images, dict.fromkeys(skipped.tolist(), "found when the cache was written"), args.strict)
     else:
         model, _ = frozen_backbone(args)
         print(f"get {'inference' if split == 'train' else 'val'} feats =>")
-        feats, skipped = extract(model, images, args.dataset, args.batch_size, args.workers, device,
-                                 args.image_size, desc=f"{split} feats", strict=args.strict)
-        labels = images.labels
+        early = args.strict and not distributed.active()  # under torchrun every process stops alike, below
+        feats, unreadable = extract(model, distributed.shard_images(images), args.dataset, args.batch_size,
+                                    args.workers, device, args.image_size, desc=f"{split} feats", strict=early)
+        feats, unreadable = gather_blocks(feats, unreadable, len(images))
+        report_skips(images, unreadable, args.strict)
+        labels, skipped = images.labels, np.array(sorted(unreadable), dtype=np.int64)
         write_cache(path, feats, labels, skipped, meta)
     report_skip_count(skipped, split)
     features = Features(feats, labels, fingerprint=text_digest(json.dumps(meta, sort_keys=True)), skipped=skipped,

@@ -8,6 +8,7 @@ import time
 
 import numpy as np
 
+from tools import distributed
 from tools.cli import UsageError, parse_splits
 from tools.fileio import atomic_write
 
@@ -23,10 +24,13 @@ def sidecar_path(path: str) -> str:
 
 
 def write_indices(path: str, indices: np.ndarray, meta: dict) -> None:
-    """Atomically write the index file, then its sidecar (strategy, parameters, seed, pool, version)."""
+    """Atomically write the index file, then its sidecar (strategy, parameters, seed, pool, version);
+    under torchrun rank 0 alone writes."""
     indices = np.asarray(indices, dtype=np.int64).reshape(-1)
     if len(np.unique(indices)) != len(indices):
         raise ValueError("index file would contain duplicates")
+    if not distributed.is_main():
+        return
     record = {"size": int(len(indices)), "format_version": FORMAT_VERSION,
               "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **meta}
     atomic_write(path, lambda f: np.save(f, indices))

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from tools import distributed
 from tools.cli import UsageError
 
 
@@ -34,8 +35,9 @@ def faiss_uses_gpu(device: torch.device) -> bool:
 
 
 def on_device(model: nn.Module, device: torch.device) -> nn.Module:
-    """`model` on `device`; wrapped in DataParallel when several GPUs are visible, as the original."""
+    """`model` on `device`; wrapped in DataParallel when several GPUs are visible, as the original, unless
+    torchrun gave this process its own GPU (training then wraps it in DistributedDataParallel)."""
     model = model.to(device)
-    if device.type == "cuda" and torch.cuda.device_count() > 1:
+    if device.type == "cuda" and torch.cuda.device_count() > 1 and not distributed.active():
         model = nn.DataParallel(model)
     return model

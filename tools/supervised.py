@@ -1,4 +1,8 @@
-"""The per-split driver of finetune.py and trainer_DP.py: a whole network trained on a labelled pool."""
+"""The per-split driver of finetune.py and trainer_DP.py: a whole network trained on a labelled pool.
+
+Under torchrun the network trains in DistributedDataParallel (each process loads --batch-size / world
+images of every step) and each process validates a block of the evaluation images.
+"""
 from __future__ import annotations
 
 import argparse
@@ -9,7 +13,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from tools import cli, datasets, engine
+from tools import cli, datasets, distributed, engine
 from tools.indices import read_indices, split_files
 from tools.metrics import coverage
 from tools.results import append_result
@@ -28,9 +32,9 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 
 def image_accuracy(model: nn.Module, images: datasets.Images, args: argparse.Namespace,
                    device: torch.device) -> dict[str, float]:
-    """The model's accuracy on the evaluation images (centre crop)."""
-    logits = engine.image_logits(model, nn.Identity(), images, args.dataset, args.batch_size, args.workers,
-                                 args.image_size, device)
+    """The model's accuracy on the evaluation images (centre crop), each torchrun process scoring its block."""
+    logits = engine.image_logits(model, nn.Identity(), distributed.shard_images(images), args.dataset,
+                                 args.batch_size, args.workers, args.image_size, device)
     return engine.accuracy(logits, images.labels)
 
 
@@ -41,7 +45,7 @@ def train_splits(args: argparse.Namespace, script: str, build: ModelBuilder, val
     paths, milestones = split_files(args), cli.parse_milestones(args.lr_schedule)
     cli.check_resume(args, list(paths))
     seed_everything(args.seed)
-    device = resolve_device(args.device)
+    device = distributed.init_from_env(resolve_device(args.device))
     train = datasets.load_images(args.dataset, args.data, "train", args.lt_list, args.download)
     val = datasets.load_images(args.dataset, args.data, "val", args.lt_list, args.download)
     pools = {split: read_indices(path, len(train), flag="--splits") for split, path in paths.items()}
@@ -52,7 +56,7 @@ def train_splits(args: argparse.Namespace, script: str, build: ModelBuilder, val
         print(f"current indices size: {len(pool)}. {coverage(train.labels, pool)}% of all categories is seen")
         torch.manual_seed(args.seed)
         model, make_optimizer = build(num_classes)
-        model = on_device(model, device)
+        model = distributed.ddp(on_device(model, device), device)
         generator = torch.Generator()
         batches = engine.image_loader(train, pool, args.dataset, args.image_size, args.batch_size, args.workers,
                                       generator)
