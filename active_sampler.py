@@ -20,7 +20,7 @@ import torch
 import strategies
 import tools
 from tools import cli, datasets, distributed, engine
-from tools.features import frozen_backbone, require_labels, train_features, val_features
+from tools.features import frozen_backbone, require_labels, split_images, train_features, val_features
 from tools.indices import index_path, read_indices, write_indices
 from tools.metrics import coverage
 from tools.results import append_result
@@ -58,8 +58,8 @@ class RoundData:
             val = val_features(args, device)
             self.val_feats, self.val_labels = val.feats, require_labels(val, "--val-feats")
         else:
-            self.images = datasets.load_images(args.dataset, args.data, "train", args.lt_list, args.download)
-            self.val_images = datasets.load_images(args.dataset, args.data, "val", args.lt_list, args.download)
+            self.images = split_images(args, "train")
+            self.val_images = split_images(args, "val")
             model, self.dim = frozen_backbone(args)
             self.backbone = on_device(model, device)
             self.labels, self.fingerprint = self.images.labels, f"{args.arch}-{args.backbone}-images"

@@ -44,7 +44,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     paths = split_files(args)
     seed_everything(args.seed)
     device = distributed.init_from_env(resolve_device(args.device))
-    train, val = train_features(args, device), val_features(args, device)
+    val = val_features(args, device)  # first: an unlabelled folder stops here, before any extraction
+    train = train_features(args, device)
     train_labels, val_labels = require_labels(train, "--feats"), require_labels(val, "--val-feats")
     if not distributed.main_continues_alone():
         return

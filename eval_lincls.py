@@ -19,8 +19,8 @@ from typing import Sequence
 
 import torch
 
-from tools import cli, datasets, distributed, engine
-from tools.features import frozen_backbone, require_labels, train_features, val_features
+from tools import cli, distributed, engine
+from tools.features import frozen_backbone, require_labels, split_images, train_features, val_features
 from tools.indices import read_indices, split_files
 from tools.metrics import coverage
 from tools.results import append_result
@@ -61,7 +61,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         if not distributed.main_continues_alone():
             return
     else:
-        images = datasets.load_images(args.dataset, args.data, "train", args.lt_list, args.download)
+        images = split_images(args, "train")
         labels = images.labels
         backbone = on_device(frozen_backbone(args)[0], device)
     pools = {split: read_indices(path, len(labels), flag="--splits") for split, path in paths.items()}

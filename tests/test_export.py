@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 import eval_knn
+import trainer_DP
 import sampler
 from tests.conftest import call_main, run_cli, write_photo_folder
 from tools import datasets, export
@@ -127,11 +128,19 @@ def test_labels_are_required_by_uniform_and_the_evaluators(tmp_path, photos, cap
     status, _, err = sample(tmp_path, root, "uniform", "4", capsys)
     assert status == 2 and "labels" in err and len(err.strip().splitlines()) == 1
     assert sample(tmp_path, root, "random", "4", capsys)[0] == 0
-    status, _, err = call_main(eval_knn.main, [root, "--dataset", "folder", "--backbone", "random", "--image-size",
-                                               "32", "--save", tmp_path / "out", "--indices", tmp_path / "idx",
-                                               "--splits", "4", "--name", "random", "-j", "0", "--load_cache"], capsys)
+    status, out, err = call_main(eval_knn.main, [root, "--dataset", "folder", "--backbone", "random", "--image-size",
+                                                 "32", "--save", tmp_path / "fresh", "--indices", tmp_path / "idx",
+                                                 "--splits", "4", "--name", "random", "-j", "0"], capsys)
     assert status == 2 and "labels are required" in err and str(root) in err
-    assert len(err.strip().splitlines()) == 1
+    assert len(err.strip().splitlines()) == 1 and "feats =>" not in out  # stopped before any extraction
+
+
+def test_training_scripts_honour_unlabeled_and_need_labels(tmp_path, folder_root, capsys):
+    assert sample(tmp_path, folder_root, "random", "4", capsys)[0] == 0
+    status, _, err = call_main(trainer_DP.main, [folder_root, "--dataset", "folder", "--arch", "resnet18", "--unlabeled",
+                                                 "--indices", tmp_path / "idx", "--save", tmp_path / "out",
+                                                 "--splits", "4", "--name", "random", "-j", "0"], capsys)
+    assert status == 2 and "labels are required" in err and len(err.strip().splitlines()) == 1
 
 
 def test_unlabeled_flag_reads_nested_folders_that_are_not_classes(tmp_path, capsys):

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from tools import cli, datasets, distributed, engine
+from tools.features import split_images
 from tools.indices import read_indices, split_files
 from tools.metrics import coverage
 from tools.results import append_result
@@ -46,8 +47,8 @@ def train_splits(args: argparse.Namespace, script: str, build: ModelBuilder, val
     cli.check_resume(args, list(paths))
     seed_everything(args.seed)
     device = distributed.init_from_env(resolve_device(args.device))
-    train = datasets.load_images(args.dataset, args.data, "train", args.lt_list, args.download)
-    val = datasets.load_images(args.dataset, args.data, "val", args.lt_list, args.download)
+    train = split_images(args, "train")
+    val = split_images(args, "val")
     pools = {split: read_indices(path, len(train), flag="--splits") for split, path in paths.items()}
     num_classes = int(max(train.labels.max(), val.labels.max())) + 1
     schedule = engine.Schedule(args.epochs, args.lr, milestones, validate_every)
