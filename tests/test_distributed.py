@@ -112,7 +112,7 @@ def test_trainer_steps_average_the_processes_gradients(tmp_path, cifar):
         rank0_buffers = [b.clone() for b in model.buffers()]
         optimizer.zero_grad()
         for rank in (1, 0):  # rank 0 last: its statistics stay
-            for buffer, saved in zip(model.buffers(), rank0_buffers):
+            for buffer, saved in zip(model.buffers(), rank0_buffers, strict=True):
                 buffer.copy_(saved)
             x, y = default_collate([items[i] for i in halves[rank][10 * step:10 * step + 10]])
             (F.cross_entropy(model(x), y) / 2).backward()

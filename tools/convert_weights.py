@@ -176,7 +176,7 @@ def map_tensors(source: dict[str, torch.Tensor], target: Target, arch: str, src:
             raise UsageError(f"SRC: {src!r}: tensor {i} {key!r} is {value.dtype}, {arch}'s {slot.key!r} is "
                              f"{slot.dtype} ({counts}); nothing written")
     return {slot.key: value.detach().to(slot.dtype).contiguous().clone()
-            for slot, (_, value) in zip(slots, items)}
+            for slot, (_, value) in zip(slots, items, strict=True)}
 
 
 def convert(src: str, arch: str, out: str) -> tuple[int, str]:

@@ -179,7 +179,7 @@ def _image_folder(root: str, flag: str = "data") -> FileImages:
         folder = tv_datasets.ImageFolder(root)
     except (FileNotFoundError, RuntimeError) as err:
         raise UsageError(f"{flag}: {root!r} is not a class-per-folder image tree ({err})") from None
-    paths, labels = zip(*folder.samples) if folder.samples else ((), ())
+    paths, labels = zip(*folder.samples, strict=True) if folder.samples else ((), ())
     return FileImages(list(paths), list(labels), folder.classes)
 
 
