@@ -85,19 +85,16 @@ def add_low_budget_args(parser: argparse.ArgumentParser) -> None:
                             "included) and is 0 beyond them, so memory is O(N k), not N x N")
 
 
-def check_low_budget_args(args: argparse.Namespace, labels: np.ndarray | None) -> None:
-    """Ranges of the typiclust / probcover / maxherding options, and the pseudo-class count."""
+def check_low_budget_args(args: argparse.Namespace) -> None:
+    """Ranges of the typiclust / probcover / maxherding options (before any feature is extracted)."""
     for flag, value, low in (("--max-clusters", args.max_clusters, 1), ("--min-cluster-size", args.min_cluster_size, 0),
                              ("--knn", args.knn, 1), ("--kernel-knn", args.kernel_knn, 1)):
         if value < low:
             raise UsageError(f"{flag}: must be at least {low}, got {value}")
     if not 0 < args.purity <= 1:
         raise UsageError(f"--purity: must be in (0, 1], got {args.purity}")
-    if args.name == "probcover" and args.delta is None:
-        if args.pseudo_classes is None and labels is None:
-            raise UsageError("--pseudo-classes: --delta auto needs the class count, and the features have no labels")
-        if args.pseudo_classes is not None and args.pseudo_classes < 2:
-            raise UsageError(f"--pseudo-classes: must be at least 2, got {args.pseudo_classes}")
+    if args.pseudo_classes is not None and args.pseudo_classes < 2:
+        raise UsageError(f"--pseudo-classes: must be at least 2, got {args.pseudo_classes}")
 
 
 def check_budgets(name: str, splits: Sequence[int], pool_size: int, initial: int) -> None:
@@ -161,7 +158,9 @@ def incremental_step(args: argparse.Namespace, feats: np.ndarray, labels: np.nda
 
 def probcover_step(args: argparse.Namespace, feats: np.ndarray, labels: np.ndarray | None, gpu: bool) -> Step:
     """Choose δ (given, or the purity heuristic), build the ball graph once, and print the coverage of each round."""
-    classes = args.pseudo_classes or (len(np.unique(labels)) if labels is not None else 0)
+    classes = args.pseudo_classes or (None if labels is None else len(np.unique(labels)))
+    if args.delta is None and classes is None:
+        raise UsageError("--pseudo-classes: --delta auto needs the class count, and the features have no labels")
     try:
         graph, delta = strategies.probcover_graph(feats, args.delta, args.purity, classes, seed=args.seed, gpu=gpu)
     except ValueError as err:
@@ -211,6 +210,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.name not in NAMES:
         raise UsageError(f"--name: unknown strategy {args.name!r}; choose one of {', '.join(NAMES)}")
     splits = cli.parse_splits(args.splits)
+    check_low_budget_args(args)
     seed_everything(args.seed)
     device = resolve_device(args.device)
     if args.name in NEEDS_FEATURES and not args.feats:
@@ -223,7 +223,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.name == "uniform" and labels is None:
         source = "the --feats file" if args.feats else f"the unlabelled folder {args.data!r}"
         raise UsageError(f"--name uniform needs labels, and {source} has none")
-    check_low_budget_args(args, labels)
     initial = load_initial(args, num_images, labels)
     check_budgets(args.name, splits, len(keep), len(initial))
     print(f"Current unlabeled indices is {len(keep) - len(initial)}.")

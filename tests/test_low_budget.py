@@ -274,3 +274,11 @@ def test_sampler_probcover_auto_delta_without_labels_needs_the_class_count(tmp_p
                                    capsys=capsys)
     assert status == 0, err
     assert "under 4 k-means pseudo-labels" in out and "categories is seen" not in out
+
+
+def test_sampler_checks_the_options_before_extracting_features(tmp_path, cifar10_root, capsys):
+    status, out, err = call_main(sampler.main, [cifar10_root, "--dataset", "cifar10", "--arch", "resnet18",
+                                                "--backbone", "random", "--name", "typiclust", "--splits", "5",
+                                                "--knn", "0", "--save", tmp_path / "out", "--indices", tmp_path / "idx"],
+                                 capsys)
+    assert status == 2 and "--knn: must be at least 1, got 0" in err and "feats =>" not in out
