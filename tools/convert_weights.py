@@ -34,12 +34,8 @@ import sys
 from collections.abc import Iterator, Sequence
 from typing import NamedTuple
 
-if __package__ in (None, ""):  # run as `python tools/convert_weights.py`: import from the repository root
-    _HERE = os.path.dirname(os.path.abspath(__file__))
-    if sys.path and os.path.abspath(sys.path[0] or ".") == _HERE:
-        sys.path[0] = os.path.dirname(_HERE)  # and keep tools/*.py from shadowing top-level modules
-    else:
-        sys.path.insert(0, os.path.dirname(_HERE))
+if __package__ in (None, ""):  # `python tools/convert_weights.py`: import the repository's packages, not tools/*.py
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 import torch
 import torchvision
