@@ -12,21 +12,18 @@ from __future__ import annotations
 import argparse
 import functools
 import os
-from typing import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
 
-import strategies
-import tools
-from tools import cli, datasets, distributed, engine
-from tools.features import frozen_backbone, require_labels, split_images, train_features, val_features
-from tools.indices import index_path, read_indices, write_indices
-from tools.metrics import coverage
-from tools.results import append_result
-from tools.runtime import on_device, resolve_device, seed_everything
-
-NAMES = ("entropy", "margin", "least_confidence")
+from lowbudget import cli, datasets, distributed, engine, strategies
+from lowbudget.features import frozen_backbone, require_labels, split_images, train_features, val_features
+from lowbudget.indices import index_path, read_indices, write_indices
+from lowbudget.metrics import coverage
+from lowbudget.results import append_result, provenance
+from lowbudget.runtime import on_device, resolve_device, seed_everything
+from lowbudget.strategy_table import Inputs, Strategy, lookup, names
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli.add_data_args(parser)
     cli.add_backbone_args(parser)
     cli.add_val_feats_arg(parser)
-    cli.add_split_args(parser, NAMES)
+    cli.add_split_args(parser, names(model=True))
     cli.add_training_args(parser)
     parser.add_argument("--resume", default="", type=str, help="accepted, unused, as the original "
                         "(continue a run with --resume-indices)")
@@ -109,7 +106,7 @@ def initial_pool(args: argparse.Namespace, num_images: int, to_add: int) -> np.n
     check_room(len(pool), to_add, num_images)
     path = index_path(args.indices, "random", args.dataset, len(pool))
     write_indices(path, pool, {"strategy": "random", "dataset": args.dataset, "params": {"budget": len(pool)},
-                               "seed": args.seed, "initial_pool": None, "version": tools.__version__})
+                               "seed": args.seed, "initial_pool": None, **provenance(args)})
     print(f"=> initial random pool of {len(pool)} written to {path}")
     return pool
 
@@ -129,22 +126,28 @@ def train_head(pool_data: RoundData, pool: np.ndarray, num_classes: int, schedul
     return head, result
 
 
-def select(pool_data: RoundData, head: torch.nn.Module, pool: np.ndarray, budget: int) -> np.ndarray:
-    """The `budget` most uncertain unlabelled images under `head`, scored batch by batch (each torchrun
-    process scoring a block of them)."""
-    unlabeled = np.setdiff1d(np.arange(len(pool_data.labels)), pool)
-    print(f"Current unlabeled indices is {len(unlabeled)}.")
-    block = unlabeled[distributed.shard(len(unlabeled))]
-    scores = torch.cat([strategies.uncertainty(logits, pool_data.args.name)
-                        for logits in pool_data.logits(head, block)])
-    scores = distributed.gather_rows(scores, len(unlabeled)).numpy()
-    return strategies.most_uncertain(scores, unlabeled, budget)
+def model_scores(pool_data: RoundData, head: torch.nn.Module) -> Callable:
+    """The table's model hook for `head`: candidates scored batch by batch (each torchrun process scoring a
+    block of them), gathered in candidate order."""
+    def scores(labelled: np.ndarray, candidates: np.ndarray, score: Callable[[torch.Tensor], torch.Tensor]
+               ) -> np.ndarray:
+        block = candidates[distributed.shard(len(candidates))]
+        local = torch.cat([score(logits) for logits in pool_data.logits(head, block)])
+        return distributed.gather_rows(local, len(candidates)).numpy()
+    return scores
+
+
+def select(strategy: Strategy, pool_data: RoundData, head: torch.nn.Module, pool: np.ndarray, budget: int
+           ) -> np.ndarray:
+    """The `budget` unlabelled images that the strategy picks under `head`, a model trained on `pool`."""
+    inputs = Inputs(np.zeros((len(pool_data.labels), 0), np.float32), pool_data.labels, seed=pool_data.args.seed,
+                    device=pool_data.device, model_scores=model_scores(pool_data, head))
+    return strategy.build(inputs, vars(pool_data.args))(pool, budget).indices
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    if args.name not in NAMES:
-        raise cli.UsageError(f"--name: unknown uncertainty {args.name!r}; choose one of {', '.join(NAMES)}")
+    strategy = lookup(args.name, model=True)
     splits, milestones = cli.parse_splits(args.splits), cli.parse_milestones(args.lr_schedule)
     if not args.cached and not args.data:
         raise cli.UsageError("data: the default protocol trains on the images; give the dataset root or use --cached")
@@ -158,15 +161,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     num_classes = int(max(pool_data.labels.max(), pool_data.val_labels.max())) + 1
     schedule = engine.Schedule(args.epochs, args.lr, milestones, max(args.print_freq, 1))
     record = functools.partial(append_result, cli.results_path(args), script="active_sampler", dataset=args.dataset,
-                               name=args.name, seed=args.seed, mode="cached" if args.cached else "images",
-                               arch=None if args.feats else args.arch, backbone=None if args.feats else args.backbone)
+                               name=args.name, seed=args.seed, **provenance(args))
     for increment in splits:
         print("Training task model started ...")
         head, result = train_head(pool_data, pool, num_classes, schedule)
         print(f"Final accuracy of {len(pool)} labeled data is: {result['top1']:.3f}")
         record(split=len(pool), metric="active_top1", value=result["top1"])
         print(f"Query sampling with {args.name} started ...")
-        previous, pool = pool, np.concatenate([pool, select(pool_data, head, pool, increment)])
+        previous, pool = pool, np.concatenate([pool, select(strategy, pool_data, head, pool, increment)])
         seen = coverage(pool_data.labels, pool)
         print(f"{len(pool)} indices are sampled in total, {len(np.unique(pool))} of them are unique")
         print(f"{seen}% of all categories is seen")
@@ -174,9 +176,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         write_indices(path, pool, {
             "strategy": args.name, "dataset": args.dataset, "params": {"increment": increment, "epochs": args.epochs,
                                                                          "lr": args.lr, "lr_schedule": milestones,
-                                                                         "mode": "cached" if args.cached else "images"},
+                                                                         "mode": provenance(args)["mode"]},
             "seed": args.seed, "initial_pool": {"size": len(previous), "path": args.resume_indices or None},
-            "features": pool_data.fingerprint, "version": tools.__version__})
+            "features": pool_data.fingerprint, **provenance(args)})
         print(f"=> saved {path}")
         record(split=len(pool), metric="coverage", value=seen)
 

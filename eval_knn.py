@@ -7,16 +7,16 @@ Under torchrun the processes share out the feature extraction, then rank 0 class
 from __future__ import annotations
 
 import argparse
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
-from tools import cli, distributed, faiss_ops
-from tools.features import require_labels, train_features, val_features
-from tools.indices import read_indices, split_files
-from tools.metrics import class_mean_accuracy, coverage, majority_vote, top1
-from tools.results import append_result
-from tools.runtime import faiss_uses_gpu, resolve_device, seed_everything
+from lowbudget import cli, distributed, faiss_ops
+from lowbudget.features import require_labels, train_features, val_features
+from lowbudget.indices import read_indices, split_files
+from lowbudget.metrics import class_mean_accuracy, coverage, majority_vote, top1
+from lowbudget.results import append_result, provenance
+from lowbudget.runtime import faiss_uses_gpu, resolve_device, seed_everything
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,8 +64,7 @@ def main(argv: Sequence[str] | None = None) -> None:
               f"(per-class mean {measures['knn_class_mean']:.2f}, k={args.k})")
         for metric, value in measures.items():
             append_result(cli.results_path(args), script="eval_knn", dataset=args.dataset, name=args.name,
-                          split=split, metric=metric, value=value, k=args.k, seed=args.seed,
-                          arch=None if args.feats else args.arch, backbone=None if args.feats else args.backbone)
+                          split=split, metric=metric, value=value, k=args.k, seed=args.seed, **provenance(args))
 
 
 if __name__ == "__main__":

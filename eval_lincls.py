@@ -15,16 +15,16 @@ from __future__ import annotations
 import argparse
 import functools
 import os
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
-from tools import cli, distributed, engine
-from tools.features import frozen_backbone, require_labels, split_images, train_features, val_features
-from tools.indices import read_indices, split_files
-from tools.metrics import coverage
-from tools.results import append_result
-from tools.runtime import on_device, resolve_device, seed_everything
+from lowbudget import cli, distributed, engine
+from lowbudget.features import frozen_backbone, require_labels, split_images, train_features, val_features
+from lowbudget.indices import read_indices, split_files
+from lowbudget.metrics import coverage
+from lowbudget.results import append_result, provenance
+from lowbudget.runtime import on_device, resolve_device, seed_everything
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -86,14 +86,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         result = engine.fit(head, torch.optim.Adam(head.parameters(), args.lr), batches, validate, schedule, device,
                             args.seed, generator, checkpoint_path(args, split), resume=bool(args.resume), embed=embed)
         print(f"Final accuracy of {split} labeled data is: {result['top1']:.3f} "
-              f"(best {result['best_top1']:.3f}, top-5 {result['top5']:.3f}, per-class mean {result['class_mean']:.3f})")
+              f"(best {result['best_top1']:.3f}, top-5 {result['top5']:.3f}, "
+              f"per-class mean {result['class_mean']:.3f})")
         measures = {"coverage": seen, "lincls_top1": result["top1"], "lincls_top1_best": result["best_top1"],
                     "lincls_top5": result["top5"], "lincls_class_mean": result["class_mean"]}
         for metric, value in measures.items():
             append_result(cli.results_path(args), script="eval_lincls", dataset=args.dataset, name=args.name,
-                          split=split, metric=metric, value=value, mode="cached" if args.cached else "images",
-                          epochs=args.epochs, seed=args.seed, arch=None if args.feats else args.arch,
-                          backbone=None if args.feats else args.backbone)
+                          split=split, metric=metric, value=value, epochs=args.epochs, seed=args.seed,
+                          **provenance(args))
 
 
 if __name__ == "__main__":

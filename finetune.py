@@ -7,13 +7,13 @@ head, no weight decay; MultiStepLR at --lr_schedule; BatchNorm in train mode; va
 from __future__ import annotations
 
 import argparse
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 
-from models import build_backbone
-from tools import cli, engine, supervised
+from lowbudget import cli, engine, supervised
+from lowbudget.backbones import build_backbone
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -23,7 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--weights", default="", type=str, help="pretrained backbone checkpoint")
     parser.add_argument("--backbone", default="compress", choices=cli.BACKBONE_NAMES,
                         help="checkpoint format (default: compress)")
-    supervised.add_args(parser)
+    supervised.add_args(parser, sgd=False)
     parser.add_argument("--lr-lin", default=0.01, type=float, dest="lr_lin", help="head learning rate (default: 0.01)")
     parser.add_argument("--resume-indices", default="", type=str, help="accepted, unused, as the original")
     return parser

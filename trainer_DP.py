@@ -7,13 +7,13 @@ stride-2 stem and max-pool for a 3x3 stride-1 convolution, for 32x32 inputs.
 from __future__ import annotations
 
 import argparse
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torchvision
 from torch import nn
 
-from tools import cli, supervised
+from lowbudget import cli, supervised
 
 VALIDATE_EVERY = 10  # hard-coded in the original
 
@@ -22,7 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = cli.Parser(description=__doc__.splitlines()[0])
     cli.add_data_args(parser)
     parser.add_argument("-a", "--arch", default="resnet50", metavar="ARCH", help="torchvision architecture")
-    supervised.add_args(parser)
+    supervised.add_args(parser, sgd=True)
     parser.add_argument("--cifar-stem", action="store_true",
                         help="3x3 stride-1 first convolution and no max-pool (ResNets, 32x32 images)")
     return parser

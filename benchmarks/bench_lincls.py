@@ -20,17 +20,16 @@ import contextlib
 import gzip
 import io
 import pickle
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import eval_lincls  # noqa: E402
-import sampler  # noqa: E402
-from tools import datasets  # noqa: E402
+from lowbudget import datasets
+from lowbudget.programs import load_program
+
+eval_lincls, sampler = load_program("eval_lincls.py"), load_program("sampler.py")
 
 
 def quiet(main, args: list) -> float:
@@ -50,7 +49,8 @@ def synthetic_cifar(root: Path, n_train: int, n_test: int) -> None:
         batch = {b"data": rng.integers(0, 256, (len(part), 3072), dtype=np.uint8),
                  b"labels": rng.integers(0, 10, len(part)).tolist()}
         (folder / f"data_batch_{i}").write_bytes(pickle.dumps(batch))
-    test = {b"data": rng.integers(0, 256, (n_test, 3072), dtype=np.uint8), b"labels": rng.integers(0, 10, n_test).tolist()}
+    test = {b"data": rng.integers(0, 256, (n_test, 3072), dtype=np.uint8),
+            b"labels": rng.integers(0, 10, n_test).tolist()}
     (folder / "test_batch").write_bytes(pickle.dumps(test))
 
 
@@ -83,7 +83,8 @@ def probe(root: Path, dataset: str, work: Path, name: str, budget: int, epochs: 
 def final_top1(work: Path, name: str, mode: str) -> float:
     import json
     rows = [json.loads(line) for line in (work / "results.jsonl").read_text().splitlines()]
-    return [r["value"] for r in rows if r["name"] == name and r.get("mode") == mode and r["metric"] == "lincls_top1"][-1]
+    return [r["value"] for r in rows
+            if r["name"] == name and r.get("mode") == mode and r["metric"] == "lincls_top1"][-1]
 
 
 def bench_speed(work: Path, epochs: int) -> None:

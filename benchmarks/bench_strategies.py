@@ -37,18 +37,16 @@ from __future__ import annotations
 import argparse
 import multiprocessing
 import os
-import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import faiss
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
-import strategies  # noqa: E402
-from tools import faiss_ops  # noqa: E402
+from lowbudget import faiss_ops, strategies
 
 DIM = 512
 CENTRES = 1000
@@ -165,9 +163,10 @@ def bench_coreset(feats: np.ndarray, budget: int, reference_picks: int, seed: in
 # ---------------------------------------------------------------- 2. k-means
 
 def faiss_training(feats: np.ndarray, k: int) -> None:
-    """faiss k-means training alone, with the settings of tools.faiss_ops.kmeans at seed 0."""
+    """faiss k-means training alone, with the settings of lowbudget.faiss_ops.kmeans at seed 0."""
     n, dim = feats.shape
-    faiss.Kmeans(dim, k, niter=20, nredo=5, seed=faiss_ops.FAISS_SEED_OFFSET,
+    settings = faiss_ops.KmeansSettings()
+    faiss.Kmeans(dim, k, niter=settings.niter, nredo=settings.nredo, seed=faiss_ops.FAISS_SEED_OFFSET,
                  max_points_per_centroid=max(1, 2 * n // k)).train(feats)
 
 

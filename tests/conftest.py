@@ -118,7 +118,7 @@ def run_cli(script: str, *args: str, cwd: Path | None = None) -> subprocess.Comp
 
 def call_main(main, args, capsys) -> tuple[int, str, str]:
     """Run a script's main in-process through the same error handling as the CLI: (status, out, err)."""
-    from tools.cli import run_main
+    from lowbudget.cli import run_main
     try:
         run_main(main, [str(a) for a in args])
         status = 0

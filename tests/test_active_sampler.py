@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import active_sampler
-import strategies
+from lowbudget import strategies
+from lowbudget.strategy_table import names
 from tests.conftest import call_main
 from tests.test_evaluators import write_feats
 
@@ -25,7 +26,7 @@ def brute_force_scores(logits, name):
     return -(top[:, 0] - top[:, 1]) if name == "margin" else -top[:, 0]
 
 
-@pytest.mark.parametrize("name", active_sampler.NAMES)
+@pytest.mark.parametrize("name", names(model=True))
 def test_selection_equals_brute_force_ranking(name):
     logits = np.random.default_rng(0).standard_normal((200, 7)) * 3
     logits[0] = [900, 0, 0, 0, 0, 0, 0]  # softmax underflows: log(softmax) would give NaN
@@ -95,7 +96,7 @@ def test_default_protocol_on_images(tmp_path, cifar10_root, capsys):
 
 @pytest.mark.parametrize("extra,pattern", [
     (["--name", "entropy", "--splits", "5"], "needs an initial pool"),
-    (["--name", "vaal", "--splits", "5", "--init-random", "5"], "--name: unknown uncertainty 'vaal'"),
+    (["--name", "vaal", "--splits", "5", "--init-random", "5"], "--name: unknown strategy 'vaal'"),
     (["--name", "entropy", "--splits", "390,5", "--init-random", "10"], "--splits: 395 images to add but only 390"),
     (["--name", "entropy", "--splits", "5", "--init-random", "500"], "--init-random: 500 is more than"),
     (["--name", "entropy", "--splits", "5", "--resume-indices", "BAD"], "has indices outside [0, 400)"),

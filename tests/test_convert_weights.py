@@ -11,10 +11,10 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
-from models import build_backbone
+from lowbudget.backbones import build_backbone
+from lowbudget.fileio import file_digest
 from tests.conftest import REPO, call_main
 from tools.convert_weights import main
-from tools.fileio import file_digest
 
 
 def renamed(state: dict[str, torch.Tensor], drop_prefix: str | None = None) -> dict[str, torch.Tensor]:

@@ -9,9 +9,9 @@ import torch
 from PIL import Image
 from torchvision import transforms as T
 
+from lowbudget import datasets
+from lowbudget.cli import UsageError
 from tests.conftest import write_cifar, write_image_tree, write_photo_folder
-from tools import datasets
-from tools.cli import UsageError
 
 
 def test_cifar10_reader_keeps_torchvision_order(cifar10_root):

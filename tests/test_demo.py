@@ -5,11 +5,12 @@ import json
 import numpy as np
 import pytest
 
+from lowbudget.strategy_table import names
 from tests.conftest import call_main
 from tests.test_datasets import write_idx
 from tools import demo
 
-METHODS = ("uniform", "random", "kmeans", "accu_kmeans", "coreset", "typiclust", "probcover", "maxherding")
+METHODS = names(model=False)
 
 
 @pytest.fixture

@@ -14,8 +14,8 @@ from torch.utils.data import DistributedSampler, default_collate
 import eval_lincls
 import sampler
 import trainer_DP
+from lowbudget import datasets, distributed, engine, runtime
 from tests.conftest import REPO, call_main, write_cifar, write_photo_folder
-from tools import datasets, distributed, engine, runtime
 
 
 def torchrun(script, *args):

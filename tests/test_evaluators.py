@@ -9,9 +9,9 @@ import torch
 import eval_knn
 import eval_lincls
 import sampler
+from lowbudget import engine
+from lowbudget.metrics import majority_vote
 from tests.conftest import call_main, unit_rows
-from tools import engine
-from tools.metrics import majority_vote
 
 
 def brute_force_knn(train, train_labels, queries, k):

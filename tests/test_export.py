@@ -9,10 +9,11 @@ import pytest
 from PIL import Image
 
 import eval_knn
-import trainer_DP
 import sampler
+import trainer_DP
+from lowbudget import datasets
 from tests.conftest import call_main, run_cli, write_photo_folder
-from tools import datasets, export
+from tools import export
 
 
 @pytest.fixture
@@ -137,7 +138,8 @@ def test_labels_are_required_by_uniform_and_the_evaluators(tmp_path, photos, cap
 
 def test_training_scripts_honour_unlabeled_and_need_labels(tmp_path, folder_root, capsys):
     assert sample(tmp_path, folder_root, "random", "4", capsys)[0] == 0
-    status, _, err = call_main(trainer_DP.main, [folder_root, "--dataset", "folder", "--arch", "resnet18", "--unlabeled",
+    status, _, err = call_main(trainer_DP.main, [folder_root, "--dataset", "folder", "--arch", "resnet18",
+                                                 "--unlabeled",
                                                  "--indices", tmp_path / "idx", "--save", tmp_path / "out",
                                                  "--splits", "4", "--name", "random", "-j", "0"], capsys)
     assert status == 2 and "labels are required" in err and len(err.strip().splitlines()) == 1

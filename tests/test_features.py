@@ -8,11 +8,11 @@ import torch.nn.functional as F
 
 import eval_knn
 import sampler
-from models import build_backbone
+from lowbudget import datasets, features
+from lowbudget.backbones import build_backbone
+from lowbudget.cli import UsageError
+from lowbudget.features import Features, read_feats_file, require_labels, rows_of
 from tests.conftest import call_main, compress_checkpoint, resnet_backbone_state, write_photo_folder
-from tools import datasets, features
-from tools.cli import UsageError
-from tools.features import Features, read_feats_file, require_labels, rows_of
 
 
 @pytest.fixture

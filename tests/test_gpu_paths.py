@@ -6,10 +6,9 @@ import pytest
 import torch
 
 import sampler
-import strategies
+from lowbudget import faiss_ops, strategies
+from lowbudget.runtime import faiss_uses_gpu, resolve_device
 from tests.conftest import call_main, unit_rows
-from tools import faiss_ops
-from tools.runtime import faiss_uses_gpu, resolve_device
 
 
 @pytest.fixture

@@ -5,8 +5,8 @@ import os
 import numpy as np
 import pytest
 
-from tools.cli import UsageError
-from tools.indices import index_path, read_indices, sidecar_path, write_indices
+from lowbudget.cli import UsageError
+from lowbudget.indices import index_path, read_indices, sidecar_path, write_indices
 
 
 def test_round_trip_with_sidecar(tmp_path):

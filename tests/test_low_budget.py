@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import sampler
-import strategies as S
+from lowbudget import strategies as S
 from tests.conftest import call_main, unit_rows
 from tests.test_strategies import assert_valid
 
@@ -279,6 +279,7 @@ def test_sampler_probcover_auto_delta_without_labels_needs_the_class_count(tmp_p
 def test_sampler_checks_the_options_before_extracting_features(tmp_path, cifar10_root, capsys):
     status, out, err = call_main(sampler.main, [cifar10_root, "--dataset", "cifar10", "--arch", "resnet18",
                                                 "--backbone", "random", "--name", "typiclust", "--splits", "5",
-                                                "--knn", "0", "--save", tmp_path / "out", "--indices", tmp_path / "idx"],
+                                                "--knn", "0", "--save", tmp_path / "out",
+                                                "--indices", tmp_path / "idx"],
                                  capsys)
     assert status == 2 and "--knn: must be at least 1, got 0" in err and "feats =>" not in out

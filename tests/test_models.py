@@ -5,10 +5,9 @@ import pytest
 import torch
 from torch import nn
 
-from models import build_backbone
-from models.backbones import build_architecture
+from lowbudget.backbones import build_architecture, build_backbone
+from lowbudget.cli import UsageError
 from tests.conftest import compress_checkpoint, moco_checkpoint, resnet_backbone_state
-from tools.cli import UsageError
 
 
 def assert_loaded(model: nn.Module, state: dict) -> None:

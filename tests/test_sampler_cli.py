@@ -185,11 +185,13 @@ def test_checkpoint_without_backbone_weights(tmp_path, cifar10_root, capsys):
 def test_truncated_feats_file_and_uniform_without_labels(tmp_path, capsys):
     np.save(tmp_path / "f.npy", np.random.default_rng(0).standard_normal((50, 4)).astype(np.float32))
     status, _, err = call_main(sampler.main, ["--feats", tmp_path / "f.npy", "--dataset", "cifar10",
-                                              "--name", "uniform", "--splits", "5", "--indices", tmp_path / "idx"], capsys)
+                                              "--name", "uniform", "--splits", "5", "--indices", tmp_path / "idx"],
+                               capsys)
     assert_usage_error(tmp_path, status, err, "--name uniform needs labels")
     (tmp_path / "g.npy").write_bytes((tmp_path / "f.npy").read_bytes()[:90])
     status, _, err = call_main(sampler.main, ["--feats", tmp_path / "g.npy", "--dataset", "cifar10",
-                                              "--name", "kmeans", "--splits", "5", "--indices", tmp_path / "idx"], capsys)
+                                              "--name", "kmeans", "--splits", "5", "--indices", tmp_path / "idx"],
+                               capsys)
     assert_usage_error(tmp_path, status, err, "--feats: cannot read")
 
 

@@ -2,9 +2,9 @@
 import numpy as np
 import pytest
 
-import strategies as S
+from lowbudget import faiss_ops
+from lowbudget import strategies as S
 from tests.conftest import unit_rows
-from tools import faiss_ops
 
 
 def assert_valid(indices, budget, n, exclude=()):

@@ -32,8 +32,8 @@ def colour_cifar(tmp_path):
 
 
 def common(tmp_path, root, *extra):
-    return [root, "--dataset", "cifar10", "--arch", "resnet18", "-j", "0", "-b", "8", "--name", "random", "--image-size", "16",
-            "--splits", "40", "--indices", tmp_path / "idx", "--save", tmp_path / "out", *extra]
+    return [root, "--dataset", "cifar10", "--arch", "resnet18", "-j", "0", "-b", "8", "--name", "random",
+            "--image-size", "16", "--splits", "40", "--indices", tmp_path / "idx", "--save", tmp_path / "out", *extra]
 
 
 SCRIPTS = {
@@ -67,7 +67,7 @@ def test_loss_falls_and_results_are_written(tmp_path, colour_cifar, capsys, scri
 
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_resume_equals_uninterrupted_and_accepts_module_keys(tmp_path, colour_cifar, capsys, monkeypatch, script):
-    from tools import engine
+    from lowbudget import engine
     module, flags = SCRIPTS[script]
     args = common(tmp_path, colour_cifar, *flags, "--epochs", "3")
     assert call_main(module.main, args, capsys)[0] == 0

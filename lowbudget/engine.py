@@ -10,8 +10,8 @@ DistributedSampler, evaluation is shared out by blocks of rows, and rank 0 alone
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
-from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -20,11 +20,11 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
-from models.backbones import strip_module_prefix
-from tools import datasets, distributed
-from tools.cli import UsageError
-from tools.fileio import atomic_write
-from tools.metrics import class_mean_accuracy
+from lowbudget import datasets, distributed
+from lowbudget.backbones import strip_module_prefix
+from lowbudget.cli import UsageError
+from lowbudget.fileio import atomic_write
+from lowbudget.metrics import class_mean_accuracy
 
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
 

@@ -8,25 +8,25 @@ from __future__ import annotations
 import argparse
 import functools
 import os
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
-from tools import cli, datasets, distributed, engine
-from tools.features import split_images
-from tools.indices import read_indices, split_files
-from tools.metrics import coverage
-from tools.results import append_result
-from tools.runtime import on_device, resolve_device, seed_everything
+from lowbudget import cli, datasets, distributed, engine
+from lowbudget.features import split_images
+from lowbudget.indices import read_indices, split_files
+from lowbudget.metrics import coverage
+from lowbudget.results import append_result, provenance
+from lowbudget.runtime import on_device, resolve_device, seed_everything
 
 ModelBuilder = Callable[[int], tuple[nn.Module, Callable[[nn.Module], torch.optim.Optimizer]]]
 
 
-def add_args(parser: argparse.ArgumentParser) -> None:
-    """Flags the two training scripts share beyond the data flags."""
+def add_args(parser: argparse.ArgumentParser, *, sgd: bool) -> None:
+    """Flags the two training scripts share beyond the data flags (`sgd`: the script trains with SGD)."""
     cli.add_split_args(parser, ["any strategy that wrote {indices}/{name}_{dataset}_{split}.npy"])
-    cli.add_training_args(parser, cached=False)
+    cli.add_training_args(parser, cached=False, sgd=sgd)
     cli.add_resume_arg(parser)
     parser.add_argument("--amp", action="store_true", help="mixed precision on CUDA")
 
@@ -73,4 +73,4 @@ def train_splits(args: argparse.Namespace, script: str, build: ModelBuilder, val
         for metric, value in measures.items():
             append_result(cli.results_path(args), script=script, dataset=args.dataset, name=args.name, split=split,
                           metric=f"{script}_{metric}", value=value, epochs=args.epochs, seed=args.seed,
-                          arch=args.arch, backbone=getattr(args, "backbone", None))
+                          **provenance(args))

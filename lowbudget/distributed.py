@@ -18,8 +18,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from tools import datasets
-from tools.cli import UsageError
+from lowbudget import datasets
+from lowbudget.cli import UsageError
 
 
 def launched() -> bool:
@@ -48,7 +48,7 @@ def init_from_env(device: torch.device) -> torch.device:
     dist.init_process_group("cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo")
     atexit.register(cleanup)
     if not is_main():
-        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the rest of the process
+        sys.stdout = open(os.devnull, "w")
     return device
 
 

@@ -8,9 +8,9 @@ import time
 
 import numpy as np
 
-from tools import distributed
-from tools.cli import UsageError, parse_splits
-from tools.fileio import atomic_write
+from lowbudget import distributed
+from lowbudget.cli import UsageError, parse_splits
+from lowbudget.fileio import atomic_write
 
 FORMAT_VERSION = 1
 

@@ -26,11 +26,11 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from models import build_backbone, weights_fingerprint
-from tools import datasets, distributed
-from tools.cli import UsageError
-from tools.fileio import atomic_write, file_digest, text_digest
-from tools.runtime import on_device
+from lowbudget import datasets, distributed
+from lowbudget.backbones import build_backbone, weights_fingerprint
+from lowbudget.cli import UsageError
+from lowbudget.fileio import atomic_write, file_digest, text_digest
+from lowbudget.runtime import on_device
 
 CACHE_VERSION = 1
 
@@ -290,7 +290,7 @@ def read_feats_file(path: str, dataset: str, flag: str = "--feats", split: str =
         feats, labels = _read_feature_arrays(path, flag)
     except UsageError:
         raise
-    except Exception as err:  # noqa: BLE001 - any unreadable file is bad input
+    except Exception as err:
         raise UsageError(f"{flag}: cannot read {path!r} ({type(err).__name__}: {err})".splitlines()[0]) from None
     if feats.ndim != 2 or not np.issubdtype(feats.dtype, np.floating) or len(feats) == 0:
         raise UsageError(f"{flag}: {path!r} must hold a non-empty 2-D float array, got shape {feats.shape}")
@@ -299,7 +299,8 @@ def read_feats_file(path: str, dataset: str, flag: str = "--feats", split: str =
     if labels is not None:
         labels = np.asarray(labels).reshape(-1)
         if len(labels) != len(feats) or not np.issubdtype(labels.dtype, np.integer):
-            raise UsageError(f"{flag}: {path!r} labels must be {len(feats)} integers, got {labels.shape} {labels.dtype}")
+            raise UsageError(f"{flag}: {path!r} labels must be {len(feats)} integers, "
+                             f"got {labels.shape} {labels.dtype}")
         labels = labels.astype(np.int64)
     usual = datasets.DATASET_INFO[dataset].num_images if split == "train" else None
     if usual is not None and len(feats) != usual:

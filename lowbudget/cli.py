@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 DATASET_NAMES = ("cifar10", "cifar100", "imagenet", "imagenet_lt", "fashion_mnist", "folder")
 BACKBONE_NAMES = ("compress", "moco", "torchvision", "random")
@@ -30,6 +31,40 @@ def run_main(main: Callable[[Sequence[str] | None], None], argv: Sequence[str] |
         prog = sys.argv[0].rsplit("/", 1)[-1]
         print(f"{prog}: error: {err}", file=sys.stderr)
         sys.exit(2)
+
+
+def int_at_least(low: int) -> Callable[[str], int]:
+    """argparse type: an integer of at least `low` (argparse names the flag in the error)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+    return parse
+
+
+def share(text: str) -> float:
+    """argparse type: a number in (0, 1]."""
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value
+
+
+def auto_or_positive(text: str) -> float | None:
+    """argparse type: 'auto' -> None, else a finite positive number."""
+    if text == "auto":
+        return None
+    value = float(text)
+    if not (value > 0 and math.isfinite(value)):
+        raise ValueError(text)
+    return value
+
+
+auto_or_positive.__name__ = "'auto' or a positive number"  # argparse names the type in its error
 
 
 def add_data_args(parser: argparse.ArgumentParser, workers: int = 4, print_freq: int = 10) -> None:
@@ -105,16 +140,20 @@ def add_split_args(parser: argparse.ArgumentParser, names: Sequence[str]) -> Non
                         help="strategy name: " + ", ".join(names))
 
 
-def add_training_args(parser: argparse.ArgumentParser, cached: bool = True) -> None:
-    """Training flags of the original eval_lincls.py, active_sampler.py, finetune.py, trainer_DP.py."""
+def add_training_args(parser: argparse.ArgumentParser, *, cached: bool = True, sgd: bool = False) -> None:
+    """Training flags of the original eval_lincls.py, active_sampler.py, finetune.py, trainer_DP.py; `sgd`
+    for the script that trains with SGD (its --momentum and --wd are used), the others use Adam."""
+    optimizer = "SGD" if sgd else "Adam"
     parser.add_argument("--epochs", default=40, type=int, help="epochs per split (default: 40)")
     parser.add_argument("--lr", "--learning-rate", default=0.01, type=float, dest="lr",
-                        help="Adam learning rate (default: 0.01)")
+                        help=f"{optimizer} learning rate (default: 0.01)")
     parser.add_argument("--lr_schedule", default="30,60,90", type=str,
                         help="epochs at which the learning rate drops 10x (default: 30,60,90)")
-    parser.add_argument("--momentum", default=0.9, type=float, help="accepted, unused (Adam), as the original")
+    parser.add_argument("--momentum", default=0.9, type=float,
+                        help="SGD momentum (default: 0.9)" if sgd else "accepted, unused (Adam), as the original")
     parser.add_argument("--wd", "--weight-decay", default=1e-4, type=float, dest="weight_decay",
-                        help="accepted, unused (Adam without weight decay), as the original")
+                        help="SGD weight decay (default: 1e-4)" if sgd
+                        else "accepted, unused (Adam without weight decay), as the original")
     parser.add_argument("-e", "--evaluate", action="store_true", help="accepted, unused, as the original")
     if cached:
         parser.add_argument("--cached", action="store_true",

@@ -11,9 +11,9 @@ from __future__ import annotations
 import gzip
 import os
 import pickle
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import datasets as tv_datasets
 from torchvision import transforms as T
 
-from tools.cli import UsageError
+from lowbudget.cli import UsageError
 
 IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
@@ -301,7 +301,7 @@ class _TolerantFiles(Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, str]:
         try:
             return self.transform(open_rgb(self.paths[i])), ""
-        except Exception as err:  # noqa: BLE001 - whatever a broken file raises, it is that file's fault
+        except Exception as err:
             return torch.zeros(3, self.size, self.size), f"{type(err).__name__}: {err}".splitlines()[0]
 
 

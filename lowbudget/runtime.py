@@ -8,8 +8,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from tools import distributed
-from tools.cli import UsageError
+from lowbudget import distributed
+from lowbudget.cli import UsageError
 
 
 def seed_everything(seed: int) -> None:

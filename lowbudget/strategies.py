@@ -12,25 +12,38 @@ the budget is met. The number of points filled this way is reported.
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from tools import faiss_ops
+from lowbudget import faiss_ops
 
 _NONE = np.iinfo(np.int64).max
 
 
-class Selection(NamedTuple):
-    indices: np.ndarray  # int64 dataset indices, exactly the budget, unique
-    filled: int  # how many came from the filling rule instead of one-per-cluster
+@dataclass(frozen=True)
+class Selection:
+    """What a strategy returns: the picks, how many came from a fill rule, and the parameters it used."""
+
+    indices: np.ndarray  # int64 row indices, exactly the budget, unique
+    filled: int = 0  # how many came from the filling rule instead of the strategy's own criterion
+    params: dict[str, Any] = field(default_factory=dict)  # values the sidecar records (e.g. k-means niter)
 
 
 def _check_budget(budget: int, available: int) -> None:
     if budget <= 0 or budget > available:
         raise ValueError(f"budget {budget} is not within 1..{available}, the number of selectable images")
+
+
+def _eligible_mask(n: int, taken: np.ndarray) -> np.ndarray:
+    """True for the n rows but those `taken`."""
+    eligible = np.ones(n, dtype=bool)
+    eligible[taken] = False
+    return eligible
 
 
 # ---------------------------------------------------------------- random and uniform
@@ -120,23 +133,30 @@ def cluster_representatives(assign: np.ndarray, dist: np.ndarray, eligible: np.n
     return Selection(selected.astype(np.int64), filled)
 
 
+def _kmeans_representatives(feats: np.ndarray, eligible: np.ndarray, budget: int, *, seed: int, gpu: bool,
+                            verbose: bool) -> Selection:
+    """`budget` faiss k-means clusters over all points, each sending its eligible point nearest the centroid."""
+    settings = faiss_ops.KmeansSettings()
+    _, assign, dist = faiss_ops.kmeans(feats, budget, seed, settings, gpu=gpu, verbose=verbose)
+    selection = cluster_representatives(assign, dist, eligible, budget)
+    return Selection(selection.indices, selection.filled, {"niter": settings.niter, "nredo": settings.nredo})
+
+
 def kmeans_select(feats: np.ndarray, budget: int, seed: int = 0, gpu: bool = False,
                   verbose: bool = False) -> Selection:
     """Single-batch k-means: `budget` clusters over all points, each sends its point nearest the centroid."""
     _check_budget(budget, len(feats))
-    _, assign, dist = faiss_ops.kmeans(feats, budget, seed=seed, gpu=gpu, verbose=verbose)
-    return cluster_representatives(assign, dist, np.ones(len(feats), dtype=bool), budget)
+    return _kmeans_representatives(feats, np.ones(len(feats), dtype=bool), budget, seed=seed, gpu=gpu,
+                                   verbose=verbose)
 
 
 def accu_kmeans_select(feats: np.ndarray, labeled: np.ndarray, budget: int, seed: int = 0, gpu: bool = False,
                        verbose: bool = False) -> Selection:
     """Multi-batch k-means: `budget` clusters over all points (labelled included); each cluster sends
     its unlabelled point nearest the centroid. Returns only the new indices."""
-    eligible = np.ones(len(feats), dtype=bool)
-    eligible[labeled] = False
+    eligible = _eligible_mask(len(feats), labeled)
     _check_budget(budget, int(eligible.sum()))
-    _, assign, dist = faiss_ops.kmeans(feats, budget, seed=seed, gpu=gpu, verbose=verbose)
-    return cluster_representatives(assign, dist, eligible, budget)
+    return _kmeans_representatives(feats, eligible, budget, seed=seed, gpu=gpu, verbose=verbose)
 
 
 # ---------------------------------------------------------------- core-set (greedy k-center)
@@ -183,12 +203,6 @@ def coreset_select(feats: np.ndarray, labeled: np.ndarray, budget: int, device: 
 
 # ---------------------------------------------------------------- low-budget: TypiClust, ProbCover, MaxHerding
 
-def _eligible_mask(n: int, taken: np.ndarray) -> np.ndarray:
-    eligible = np.ones(n, dtype=bool)
-    eligible[taken] = False
-    return eligible
-
-
 def _seeded_fill(eligible: np.ndarray, count: int, seed: int) -> np.ndarray:
     """`count` eligible indices in a seeded random order: the fill once a greedy objective is exhausted."""
     return np.random.default_rng(seed).permutation(np.flatnonzero(eligible))[:count].astype(np.int64)
@@ -232,7 +246,7 @@ def typiclust_select(feats: np.ndarray, labeled: np.ndarray, budget: int, knn: i
     eligible = _eligible_mask(len(feats), labeled)
     _check_budget(budget, int(eligible.sum()))
     k = min(len(labeled) + budget, max_clusters, len(feats))
-    _, assign, _ = faiss_ops.kmeans(feats, k, seed=seed, gpu=gpu, verbose=verbose)
+    _, assign, _ = faiss_ops.kmeans(feats, k, seed, gpu=gpu, verbose=verbose)
     sizes = np.bincount(assign, minlength=k)
     taken = np.bincount(assign[labeled], minlength=k)
     left = np.bincount(assign[eligible], minlength=k)
@@ -348,14 +362,17 @@ def cover_graph(feats: np.ndarray, delta: float, neighbours: Neighbours, max_edg
     return _csr(n, rows.astype(np.int64), cols.astype(np.int64))
 
 
-def probcover_graph(feats: np.ndarray, delta: float | None = None, purity: float = 0.95, pseudo_classes: int = 10,
-                    neighbours: int = 64, seed: int = 0, gpu: bool = False) -> tuple[CoverGraph, float]:
+def probcover_graph(feats: np.ndarray, delta: float | None = None, purity: float = 0.95,
+                    pseudo_classes: int | None = 10, neighbours: int = 64, seed: int = 0, gpu: bool = False
+                    ) -> tuple[CoverGraph, float]:
     """ProbCover's ball graph and its δ: the given one, or when None the purity heuristic under
     k-means pseudo-labels with `pseudo_classes` clusters (one faiss run, seeded). One exact k-NN
     pass with `neighbours` neighbours serves both the heuristic and the graph."""
     near = nearest_neighbours(feats, neighbours, gpu)
     if delta is None:
-        _, pseudo_labels, _ = faiss_ops.kmeans(feats, pseudo_classes, seed=seed, nredo=1, gpu=gpu)
+        if pseudo_classes is None:
+            raise ValueError("the purity heuristic needs the number of pseudo-classes")
+        _, pseudo_labels, _ = faiss_ops.kmeans(feats, pseudo_classes, seed, faiss_ops.KmeansSettings(nredo=1), gpu=gpu)
         delta = purity_delta(feats, pseudo_labels, purity, near, gpu)
     return cover_graph(feats, delta, near), delta
 

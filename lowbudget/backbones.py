@@ -18,8 +18,8 @@ import torch
 import torchvision
 from torch import nn
 
-from tools.cli import UsageError
-from tools.fileio import file_digest
+from lowbudget.cli import UsageError
+from lowbudget.fileio import file_digest
 
 HEAD_PREFIX_MOCO = "encoder_q."
 
@@ -57,7 +57,7 @@ def read_checkpoint(path: str) -> object:
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any unreadable file is bad input
+    except Exception as err:
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UsageError(f"--weights: cannot read checkpoint {path!r}: {first_line}") from None
 

@@ -1,6 +1,8 @@
 """Exact nearest-neighbour search and k-means with faiss, on CPU or on all GPUs."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import faiss
 import numpy as np
 
@@ -29,16 +31,24 @@ def flat_search(base: np.ndarray, queries: np.ndarray, k: int, gpu: bool = False
     return flat_index(base, gpu).search(as_float32(queries), k)
 
 
-def kmeans(feats: np.ndarray, k: int, seed: int = 0, niter: int = 20, nredo: int = 5,
+@dataclass(frozen=True)
+class KmeansSettings:
+    """faiss k-means iterations and restarts; the defaults are the original's."""
+
+    niter: int = 20
+    nredo: int = 5
+
+
+def kmeans(feats: np.ndarray, k: int, seed: int = 0, settings: KmeansSettings = KmeansSettings(), *,
            gpu: bool = False, verbose: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """faiss k-means on all points (no subsampling), as the original: (centroids, assignment, sq. distance).
 
-    max_points_per_centroid = 2N // k keeps faiss from subsampling; the best of `nredo` runs is kept.
+    max_points_per_centroid = 2N // k keeps faiss from subsampling; the best of `settings.nredo` runs is kept.
     """
     feats = as_float32(feats)
     n, dim = feats.shape
-    km = faiss.Kmeans(dim, k, niter=niter, nredo=nredo, verbose=verbose, seed=FAISS_SEED_OFFSET + seed,
-                      max_points_per_centroid=max(1, 2 * n // k), gpu=gpu)
+    km = faiss.Kmeans(dim, k, niter=settings.niter, nredo=settings.nredo, verbose=verbose,
+                      seed=FAISS_SEED_OFFSET + seed, max_points_per_centroid=max(1, 2 * n // k), gpu=gpu)
     km.train(feats)
     dist, assign = flat_search(km.centroids, feats, 1, gpu)
     return km.centroids, assign[:, 0], dist[:, 0]

@@ -4,7 +4,8 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
-from typing import BinaryIO, Callable
+from collections.abc import Callable
+from typing import BinaryIO
 
 
 def _umask() -> int:
