@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from lowbudget import cli, datasets, distributed, engine, strategies
-from lowbudget.features import frozen_backbone, require_labels, split_images, train_features, val_features
+from lowbudget.features import frozen_backbone, labelled_split, require_labels, train_features, val_features
 from lowbudget.indices import index_path, read_indices, write_indices
 from lowbudget.metrics import coverage
 from lowbudget.results import append_result, provenance
@@ -55,33 +55,40 @@ class RoundData:
             val = val_features(args, device)
             self.val_feats, self.val_labels = val.feats, require_labels(val, "--val-feats")
         else:
-            self.images = split_images(args, "train")
-            self.val_images = split_images(args, "val")
+            self.images, self.labels = labelled_split(args, "train")
+            self.val_images, self.val_labels = labelled_split(args, "val")
             model, self.dim = frozen_backbone(args)
             self.backbone = on_device(model, device)
-            self.labels, self.fingerprint = self.images.labels, f"{args.arch}-{args.backbone}-images"
-            self.val_labels = self.val_images.labels
+            self.fingerprint = f"{args.arch}-{args.backbone}-images"
 
-    def batches(self, pool: np.ndarray, generator: torch.Generator):
+    def batches(self, pool: np.ndarray) -> engine.EpochBatches:
         """Per-epoch training batches of the pool."""
         a = self.args
         if a.cached:
-            return engine.feature_loader(self.feats[pool], self.labels[pool], a.batch_size, generator)
-        return engine.image_loader(self.images, pool, a.dataset, a.image_size, a.batch_size, a.workers, generator)
+            return engine.feature_loader(self.feats[pool], self.labels[pool], a.batch_size)
+        return engine.image_loader(self.images, pool, a.dataset, a.image_size, a.batch_size, a.workers)
 
-    def logits(self, head: torch.nn.Module, rows: np.ndarray | None, val: bool = False) -> Iterable[torch.Tensor]:
-        """Streamed logits of training rows `rows`, or of this torchrun process's block of the evaluation
-        set (`val`; all of it without torchrun)."""
+    def logits(self, head: torch.nn.Module, rows: np.ndarray) -> Iterable[torch.Tensor]:
+        """Streamed logits of training rows `rows`."""
+        if self.args.cached:
+            return engine.feature_logits(head, self.feats[rows], self.device)
+        return self.image_logits(head, self.images.subset(rows))
+
+    def val_logits(self, head: torch.nn.Module) -> Iterable[torch.Tensor]:
+        """Streamed logits of this torchrun process's block of the evaluation set (all of it without torchrun)."""
+        if self.args.cached:
+            return engine.feature_logits(head, self.val_feats, self.device)
+        return self.image_logits(head, distributed.shard_images(self.val_images))
+
+    def image_logits(self, head: torch.nn.Module, images: datasets.Images) -> Iterable[torch.Tensor]:
+        """Streamed logits of head(backbone(image)) for `images`."""
         a = self.args
-        if a.cached:
-            return engine.feature_logits(head, self.val_feats if val else self.feats[rows], self.device)
-        images = distributed.shard_images(self.val_images) if val else datasets.subset(self.images, rows)
-        return engine.image_logits(head, self.backbone, images, a.dataset, a.batch_size, a.workers,
-                                   a.image_size, self.device)
+        return engine.image_logits(head, self.backbone, images, a.dataset, a.batch_size, a.workers, a.image_size,
+                                   self.device)
 
     def accuracy(self, head: torch.nn.Module) -> dict[str, float]:
         """The head's accuracy on the evaluation set."""
-        return engine.accuracy(self.logits(head, None, val=True), self.val_labels)
+        return engine.accuracy(self.val_logits(head), self.val_labels)
 
 
 def check_room(pool_size: int, to_add: int, num_images: int) -> None:
@@ -111,19 +118,19 @@ def initial_pool(args: argparse.Namespace, num_images: int, to_add: int) -> np.n
     return pool
 
 
-def train_head(pool_data: RoundData, pool: np.ndarray, num_classes: int, schedule: engine.Schedule) -> tuple:
+def train_head(pool_data: RoundData, pool: np.ndarray, num_classes: int, schedule: engine.Schedule
+               ) -> tuple[torch.nn.Module, dict[str, float]]:
     """A fresh head (Linear, no normalisation, as the original) trained on `pool`: (head, last accuracy)."""
     args = pool_data.args
-    generator = torch.Generator()
     torch.manual_seed(args.seed)
     head = engine.linear_head(pool_data.dim, num_classes, normalize=False)
     validate = functools.partial(pool_data.accuracy, head)
     checkpoint = os.path.join(args.save, f"active_{args.name}_{args.dataset}_{len(pool)}_seed{args.seed}.pth")
-    head = distributed.ddp(head.to(pool_data.device), pool_data.device)
-    result = engine.fit(head, torch.optim.Adam(head.parameters(), args.lr), pool_data.batches(pool, generator),
-                        validate, schedule, pool_data.device, args.seed, generator, checkpoint,
-                        embed=None if args.cached else pool_data.backbone)
-    return head, result
+    model = distributed.ddp(head.to(pool_data.device), pool_data.device)
+    result = engine.fit(model, torch.optim.Adam(model.parameters(), args.lr), epoch_batches=pool_data.batches(pool),
+                        validate=validate, schedule=schedule, device=pool_data.device, seed=args.seed,
+                        checkpoint=checkpoint, embed=None if args.cached else pool_data.backbone)
+    return model, result
 
 
 def model_scores(pool_data: RoundData, head: torch.nn.Module) -> Callable:

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 import torch
 
 from lowbudget import cli, distributed, engine
-from lowbudget.features import frozen_backbone, require_labels, split_images, train_features, val_features
+from lowbudget.features import frozen_backbone, labelled_split, require_labels, train_features, val_features
 from lowbudget.indices import read_indices, split_files
 from lowbudget.metrics import coverage
 from lowbudget.results import append_result, provenance
@@ -61,8 +61,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         if not distributed.main_continues_alone():
             return
     else:
-        images = split_images(args, "train")
-        labels = images.labels
+        images, labels = labelled_split(args, "train")
         backbone = on_device(frozen_backbone(args)[0], device)
     pools = {split: read_indices(path, len(labels), flag="--splits") for split, path in paths.items()}
     num_classes = int(max(labels.max(), val_labels.max())) + 1
@@ -72,19 +71,18 @@ def main(argv: Sequence[str] | None = None) -> None:
         seen = coverage(labels, pool)
         print(f"current indices size: {len(pool)}. {seen}% of all categories is seen")
         print("Training task model started ...")
-        generator = torch.Generator()
         torch.manual_seed(args.seed)
         head = engine.linear_head(val.feats.shape[1], num_classes)
         if args.cached:
-            batches, embed = engine.feature_loader(feats[pool], labels[pool], args.batch_size, generator), None
+            batches, embed = engine.feature_loader(feats[pool], labels[pool], args.batch_size), None
         else:
-            batches = engine.image_loader(images, pool, args.dataset, args.image_size, args.batch_size,
-                                          args.workers, generator)
+            batches = engine.image_loader(images, pool, args.dataset, args.image_size, args.batch_size, args.workers)
             embed = backbone
         validate = functools.partial(engine.feature_accuracy, head, val.feats, val_labels, device)
-        head = distributed.ddp(head.to(device), device)
-        result = engine.fit(head, torch.optim.Adam(head.parameters(), args.lr), batches, validate, schedule, device,
-                            args.seed, generator, checkpoint_path(args, split), resume=bool(args.resume), embed=embed)
+        model = distributed.ddp(head.to(device), device)
+        result = engine.fit(model, torch.optim.Adam(model.parameters(), args.lr), epoch_batches=batches,
+                            validate=validate, schedule=schedule, device=device, seed=args.seed,
+                            checkpoint=checkpoint_path(args, split), resume=bool(args.resume), embed=embed)
         print(f"Final accuracy of {split} labeled data is: {result['top1']:.3f} "
               f"(best {result['best_top1']:.3f}, top-5 {result['top5']:.3f}, "
               f"per-class mean {result['class_mean']:.3f})")

@@ -39,8 +39,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         model = nn.Sequential(backbone, engine.linear_head(dim, num_classes))
 
         def optimizer(net: nn.Module) -> torch.optim.Optimizer:
-            return torch.optim.Adam([{"params": net[0].parameters()},
-                                     {"params": net[1].parameters(), "lr": args.lr_lin}], args.lr)
+            """Adam over net = Sequential(backbone, head): --lr for the backbone, --lr-lin for the head."""
+            backbone_part, head_part = net.children()
+            return torch.optim.Adam([{"params": backbone_part.parameters()},
+                                     {"params": head_part.parameters(), "lr": args.lr_lin}], args.lr)
         return model, optimizer
 
     supervised.train_splits(args, "finetune", build, validate_every=max(args.print_freq, 1))

@@ -6,6 +6,7 @@ import math
 import os
 import sys
 from collections.abc import Callable, Sequence
+from typing import NoReturn
 
 DATASET_NAMES = ("cifar10", "cifar100", "imagenet", "imagenet_lt", "fashion_mnist", "folder")
 BACKBONE_NAMES = ("compress", "moco", "torchvision", "random")
@@ -18,7 +19,7 @@ class UsageError(Exception):
 class Parser(argparse.ArgumentParser):
     """ArgumentParser whose errors are a single line (no usage dump), exit status 2."""
 
-    def error(self, message: str) -> None:  # type: ignore[override]
+    def error(self, message: str) -> NoReturn:
         print(f"{self.prog}: error: {message}", file=sys.stderr)
         sys.exit(2)
 

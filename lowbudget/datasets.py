@@ -69,6 +69,10 @@ class ArrayImages:
     def __len__(self) -> int:
         return len(self.labels)
 
+    def subset(self, indices: np.ndarray) -> ArrayImages:
+        """The images at `indices`, in that order."""
+        return ArrayImages(self.images[indices], self.labels[indices])
+
 
 class FileImages:
     """Image files with their labels (ImageNet, ImageNet-LT, folders); decoded only when iterated.
@@ -83,16 +87,13 @@ class FileImages:
     def __len__(self) -> int:
         return len(self.paths)
 
+    def subset(self, indices: np.ndarray) -> FileImages:
+        """The images at `indices`, in that order."""
+        labels = None if self.labels is None else self.labels[indices]
+        return FileImages([self.paths[i] for i in indices], labels, self.classes)
+
 
 Images = ArrayImages | FileImages
-
-
-def subset(images: Images, indices: np.ndarray) -> Images:
-    """The images at `indices`, in that order, of the same kind (arrays stay arrays)."""
-    if isinstance(images, ArrayImages):
-        return ArrayImages(images.images[indices], images.labels[indices])
-    labels = None if images.labels is None else images.labels[indices]
-    return FileImages([images.paths[i] for i in indices], labels, images.classes)
 
 
 # ---------------------------------------------------------------- CIFAR (our own pickle reader)
@@ -305,10 +306,15 @@ class _TolerantFiles(Dataset):
             return torch.zeros(3, self.size, self.size), f"{type(err).__name__}: {err}".splitlines()[0]
 
 
-def decoded_batches(images: Images, name: str, batch_size: int, workers: int = 0, image_size: int | None = None
-                    ) -> Iterator[tuple[torch.Tensor, dict[int, str]]]:
+def unreadable_error(path: str, why: str) -> UsageError:
+    return UsageError(f"data: cannot read image {path!r} ({why})")
+
+
+def decoded_batches(images: Images, name: str, batch_size: int, workers: int = 0, image_size: int | None = None,
+                    strict: bool = False) -> Iterator[tuple[torch.Tensor, dict[int, str]]]:
     """(batch, {dataset index: why} of the files in it that could not be decoded, their rows zero),
-    in dataset order, with the original's centre-crop inference transform."""
+    in dataset order, with the original's centre-crop inference transform; with `strict` the first
+    such file is a UsageError naming it instead."""
     info, size = DATASET_INFO[name], inference_size(name, image_size)
     if isinstance(images, ArrayImages):
         for x in _array_batches(images, info, size, batch_size):
@@ -320,45 +326,47 @@ def decoded_batches(images: Images, name: str, batch_size: int, workers: int = 0
                         num_workers=workers, pin_memory=torch.cuda.is_available())
     start = 0
     for x, whys in loader:
-        yield x, {start + j: why for j, why in enumerate(whys) if why}
+        unreadable = {start + j: why for j, why in enumerate(whys) if why}
+        if strict and unreadable:
+            i, why = next(iter(unreadable.items()))
+            raise unreadable_error(images.paths[i], why)
+        yield x, unreadable
         start += len(x)
-
-
-def unreadable_error(path: str, why: str) -> UsageError:
-    return UsageError(f"data: cannot read image {path!r} ({why})")
 
 
 def inference_batches(images: Images, name: str, batch_size: int, workers: int = 0,
                       image_size: int | None = None) -> Iterator[torch.Tensor]:
     """Normalised image batches in dataset order; an unreadable file is a UsageError naming it."""
-    for x, unreadable in decoded_batches(images, name, batch_size, workers, image_size):
-        if unreadable:
-            i, why = next(iter(unreadable.items()))
-            raise unreadable_error(images.paths[i], why)
+    for x, _ in decoded_batches(images, name, batch_size, workers, image_size, strict=True):
         yield x
 
 
 # ---------------------------------------------------------------- augmented training images
 
-class AugmentedSubset(Dataset):
-    """The images at `indices` with the original's train augmentation (RandomResizedCrop to the
+TrainingItem = tuple[torch.Tensor, int]  # an augmented image and its label
+
+
+class AugmentedSubset(Dataset[TrainingItem]):
+    """The labelled images at `indices` with the original's train augmentation (RandomResizedCrop to the
     inference size, horizontal flip, normalise): (tensor, label). Arrays are augmented as uint8
     tensors, files as PIL images."""
 
     def __init__(self, images: Images, indices: np.ndarray, name: str, image_size: int | None = None):
+        if images.labels is None:
+            raise ValueError("training images need labels")
         info = DATASET_INFO[name]
-        self.images, self.indices = images, np.asarray(indices)
+        self.images, self.labels, self.indices = images, images.labels, np.asarray(indices)
         self.augment = T.Compose([T.RandomResizedCrop(inference_size(name, image_size)), T.RandomHorizontalFlip()])
         self.normalize = T.Normalize(info.mean, info.std)
 
     def __len__(self) -> int:
         return len(self.indices)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, i: int) -> TrainingItem:
         j = int(self.indices[i])
         if isinstance(self.images, ArrayImages):
             x = torch.from_numpy(self.images.images[j]).expand(3, -1, -1)
             x = self.augment(x).float().div_(255)
         else:
             x = T.functional.to_tensor(self.augment(open_rgb(self.images.paths[j])))
-        return self.normalize(x), int(self.images.labels[j])
+        return self.normalize(x), int(self.labels[j])

@@ -11,6 +11,7 @@ from __future__ import annotations
 import atexit
 import os
 import sys
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -20,6 +21,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from lowbudget import datasets
 from lowbudget.cli import UsageError
+
+T = TypeVar("T")
 
 
 def launched() -> bool:
@@ -86,7 +89,7 @@ def shard(n: int) -> slice:
 
 def shard_images(images: datasets.Images) -> datasets.Images:
     """This process's block of `images` (see shard); `images` itself, not copied, without a process group."""
-    return datasets.subset(images, np.arange(len(images))[shard(len(images))]) if active() else images
+    return images.subset(np.arange(len(images))[shard(len(images))]) if active() else images
 
 
 def gather_rows(local: torch.Tensor, n: int) -> torch.Tensor:
@@ -103,11 +106,11 @@ def gather_rows(local: torch.Tensor, n: int) -> torch.Tensor:
     return out
 
 
-def gather_objects(obj: object) -> list:
+def gather_objects(obj: T) -> list[T]:
     """Every process's `obj` (small, picklable), in rank order; [obj] without a process group."""
     if not active():
         return [obj]
-    out = [None] * dist.get_world_size()
+    out = [obj] * dist.get_world_size()  # each replaced by that process's object
     dist.all_gather_object(out, obj)
     return out
 

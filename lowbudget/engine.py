@@ -17,6 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
@@ -27,6 +28,7 @@ from lowbudget.fileio import atomic_write
 from lowbudget.metrics import class_mean_accuracy
 
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
+EpochBatches = Callable[[int], Batches]  # an epoch's batches, from that epoch's seed
 
 
 class Normalize(nn.Module):
@@ -55,88 +57,82 @@ class Schedule:
         return epoch % self.print_freq == 0 or epoch == self.epochs - 1
 
 
-def feature_loader(feats: np.ndarray, labels: np.ndarray, batch_size: int, generator: torch.Generator
-                   ) -> Callable[[int], Batches]:
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The seed of an epoch's shuffle and augmentation: a function of (seed, epoch) only."""
+    return seed * 10007 + epoch
+
+
+def feature_loader(feats: np.ndarray, labels: np.ndarray, batch_size: int) -> EpochBatches:
     """Shuffled (feature, label) batches for each epoch, sliced from whole tensors (no per-row calls)."""
     x, y = torch.from_numpy(feats), torch.from_numpy(labels)
 
-    def epoch_batches(epoch: int) -> Batches:
-        order = torch.randperm(len(y), generator=generator)
+    def epoch_batches(seed: int) -> Batches:
+        order = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
         return [(x[rows], y[rows]) for rows in order.split(batch_size)]
     return epoch_batches
 
 
-class SeededItems(Dataset):
+class SeededItems(Dataset[datasets.TrainingItem]):
     """`dataset` whose item i is drawn with torch's random generator seeded from (`epoch_seed`, i): the
     same augmentation whatever the order, worker or process that loads it."""
 
-    def __init__(self, dataset: Dataset):
+    def __init__(self, dataset: datasets.AugmentedSubset):
         self.dataset, self.epoch_seed = dataset, 0
 
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, i: int):
+    def __getitem__(self, i: int) -> datasets.TrainingItem:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed((self.epoch_seed * 2**32 + i) % 2**63)
             return self.dataset[i]
 
 
 def image_loader(images: datasets.Images, pool: np.ndarray, dataset: str, image_size: int | None, batch_size: int,
-                 workers: int, generator: torch.Generator) -> Callable[[int], Batches]:
-    """Shuffled, augmented (image, label) batches of the pool for each epoch (after seed_epoch); under
-    torchrun this process's share of each batch, from a DistributedSampler."""
+                 workers: int) -> EpochBatches:
+    """Shuffled, augmented (image, label) batches of the pool for each epoch; under torchrun this
+    process's share of each batch, from a DistributedSampler."""
     items = SeededItems(datasets.AugmentedSubset(images, pool, dataset, image_size))
-    sampler = DistributedSampler(items, seed=0) if distributed.active() else None
-    loader = DataLoader(items, batch_size=distributed.per_process_batch(batch_size), shuffle=sampler is None,
-                        sampler=sampler, num_workers=workers, generator=generator,
-                        pin_memory=torch.cuda.is_available())
+    sampler: DistributedSampler[datasets.TrainingItem] | None = (
+        DistributedSampler(items, seed=0) if distributed.active() else None)
+    per_process = distributed.per_process_batch(batch_size)
 
-    def epoch_batches(epoch: int) -> Batches:
-        items.epoch_seed = generator.initial_seed()  # what seed_epoch set
+    def epoch_batches(seed: int) -> Batches:
+        items.epoch_seed = seed
         if sampler is not None:
-            sampler.set_epoch(items.epoch_seed)  # it shuffles with seed + epoch, here the epoch's own seed
-        return loader
+            sampler.set_epoch(seed)  # it shuffles with seed + epoch, here the epoch's own seed
+        return DataLoader(items, batch_size=per_process, shuffle=sampler is None, sampler=sampler,
+                          num_workers=workers, generator=torch.Generator().manual_seed(seed),
+                          pin_memory=torch.cuda.is_available())
     return epoch_batches
-
-
-def seed_epoch(seed: int, epoch: int, generator: torch.Generator) -> None:
-    """Make an epoch's shuffle and augmentation a function of (seed, epoch) only."""
-    torch.manual_seed(seed * 10007 + epoch)
-    generator.manual_seed(seed * 10007 + epoch)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
     """The module inside DataParallel / DistributedDataParallel, or the model itself."""
-    return model.module if hasattr(model, "module") else model
+    return model.module if isinstance(model, (nn.DataParallel, DistributedDataParallel)) else model
 
 
-def train_epoch(model: nn.Module, batches: Batches, optimizer: torch.optim.Optimizer, device: torch.device,
-                embed: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                scaler: torch.amp.GradScaler | None = None) -> float:
+def train_epoch(model: nn.Module, batches: Batches, *, optimizer: torch.optim.Optimizer, device: torch.device,
+                scaler: torch.amp.GradScaler, embed: Callable[[torch.Tensor], torch.Tensor] | None = None) -> float:
     """One pass of cross-entropy training (inputs through the frozen `embed` first; mixed precision
-    when `scaler` is enabled): mean loss (over all torchrun processes)."""
+    when `scaler` is enabled, a disabled one passing the loss and the step through unchanged): mean
+    loss (over all torchrun processes)."""
     model.train()
-    amp = scaler is not None and scaler.is_enabled()
     total, count = 0.0, 0
     for x, y in tqdm(batches, desc="train", leave=False, disable=distributed.quiet()):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         if embed is not None:
             with torch.no_grad():
                 x = embed(x)
-        with torch.autocast(device.type, enabled=amp):
+        with torch.autocast(device.type, enabled=scaler.is_enabled()):
             loss = F.cross_entropy(model(x), y)
         optimizer.zero_grad(set_to_none=True)
-        if amp:
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            optimizer.step()
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
         total, count = total + loss.item() * len(y), count + len(y)
-    total, count = distributed.sum_over_processes(total, count)
-    return total / max(count, 1)
+    loss_sum, images = distributed.sum_over_processes(total, count)
+    return loss_sum / max(images, 1)
 
 
 def feature_logits(head: nn.Module, feats: np.ndarray, device: torch.device, batch_size: int = 4096
@@ -185,19 +181,49 @@ def best_path(checkpoint: str) -> str:
     return f"{stem}_best{ext}"
 
 
-def fit(model: nn.Module, optimizer: torch.optim.Optimizer, epoch_batches: Callable[[int], Batches],
+@dataclass
+class TrainingState:
+    """How far training has gone: epochs done, the last validation and the best validated top-1. The
+    checkpoint holds these three under the same keys."""
+    epoch: int = 0
+    last: dict[str, float] | None = None
+    best_top1: float | None = None
+
+    @classmethod
+    def from_checkpoint(cls, saved: dict) -> TrainingState:
+        return cls(saved["epoch"], saved["last"], saved["best_top1"])
+
+    def to_checkpoint(self) -> dict:
+        return asdict(self)
+
+    def record(self, validation: dict[str, float]) -> bool:
+        """Keep `validation` as the last one: whether its top-1 is the best so far."""
+        self.last = validation
+        if self.best_top1 is None or validation["top1"] > self.best_top1:
+            self.best_top1 = validation["top1"]
+            return True
+        return False
+
+    def result(self) -> dict[str, float]:
+        """The last validation ('top1', 'top5', 'class_mean') and 'best_top1'."""
+        assert self.last is not None and self.best_top1 is not None, "no validation recorded"
+        return {**self.last, "best_top1": self.best_top1}
+
+
+def fit(model: nn.Module, optimizer: torch.optim.Optimizer, *, epoch_batches: EpochBatches,
         validate: Callable[[], dict[str, float]], schedule: Schedule, device: torch.device, seed: int,
-        generator: torch.Generator, checkpoint: str, resume: bool = False,
-        embed: Callable[[torch.Tensor], torch.Tensor] | None = None, amp: bool = False) -> dict:
+        checkpoint: str, resume: bool = False, embed: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        amp: bool = False) -> dict[str, float]:
     """Train `model` (already on `device`) for the schedule, validating (`validate()`: accuracy now) as
-    the original; the latest state is checkpointed every epoch, the best validated weights apart.
+    the original; the latest state is checkpointed every epoch, the best validated weights apart. Each
+    epoch's batches come from epoch_seed(seed, epoch), which also seeds torch's global generator.
 
     Returns the last validation ('top1', 'top5', 'class_mean') and 'best_top1'. With `resume` and an
     existing checkpoint, training continues from it (weights, optimiser, scheduler, scaler, history).
     """
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, schedule.milestones, gamma=0.1)
     scaler = torch.amp.GradScaler(device.type, enabled=amp and device.type == "cuda")
-    state = {"epoch": 0, "last": None, "best_top1": None}
+    state = TrainingState()
     if resume and os.path.isfile(checkpoint):
         saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
         if saved.get("schedule") != asdict(schedule) or saved.get("seed") != seed:
@@ -207,26 +233,26 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, epoch_batches: Calla
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
         scaler.load_state_dict(saved["scaler"])
-        state = {k: saved[k] for k in state}
-        print(f"=> resumed from {checkpoint} at epoch {state['epoch']}")
-    for epoch in range(state["epoch"], schedule.epochs):
-        seed_epoch(seed, epoch, generator)
-        loss = train_epoch(model, epoch_batches(epoch), optimizer, device, embed, scaler)
+        state = TrainingState.from_checkpoint(saved)
+        print(f"=> resumed from {checkpoint} at epoch {state.epoch}")
+    for epoch in range(state.epoch, schedule.epochs):
+        this_seed = epoch_seed(seed, epoch)
+        torch.manual_seed(this_seed)
+        loss = train_epoch(model, epoch_batches(this_seed), optimizer=optimizer, device=device, scaler=scaler,
+                           embed=embed)
         print(f"Epoch: [{epoch}]\tLoss {loss:.4f}")
         if schedule.validates_at(epoch):
-            state["last"] = validate()
-            print(f" * Acc@1 {state['last']['top1']:.3f} Acc@5 {state['last']['top5']:.3f}")
-            if state["best_top1"] is None or state["last"]["top1"] > state["best_top1"]:
-                state["best_top1"] = state["last"]["top1"]
+            validation = validate()
+            print(f" * Acc@1 {validation['top1']:.3f} Acc@5 {validation['top5']:.3f}")
+            if state.record(validation):
                 save_checkpoint(best_path(checkpoint), {"epoch": epoch + 1, "model": unwrap(model).state_dict(),
-                                                        **state["last"]})
+                                                        **validation})
         scheduler.step()
         print("LR: " + ", ".join(f"{lr:f}" for lr in scheduler.get_last_lr()))
-        state["epoch"] = epoch + 1
-        save_checkpoint(checkpoint, {**state, "schedule": asdict(schedule), "seed": seed,
+        state.epoch = epoch + 1
+        save_checkpoint(checkpoint, {**state.to_checkpoint(), "schedule": asdict(schedule), "seed": seed,
                                      "model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
                                      "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict()})
-    if state["last"] is None:  # nothing left to train (resumed at the end, or --epochs 0): still measure
-        state["last"] = validate()
-        state["best_top1"] = state["last"]["top1"]
-    return {**state["last"], "best_top1": state["best_top1"]}
+    if state.last is None:  # nothing left to train (resumed at the end, or --epochs 0): still measure
+        state.record(validate())
+    return state.result()

@@ -16,7 +16,7 @@ def as_float32(x: np.ndarray) -> np.ndarray:
 def flat_index(base: np.ndarray, gpu: bool) -> faiss.Index:
     """Exact squared-L2 index over `base`, cloned to all GPUs (sharded) when `gpu`."""
     base = as_float32(base)
-    index = faiss.IndexFlatL2(base.shape[1])
+    index: faiss.Index = faiss.IndexFlatL2(base.shape[1])
     if gpu:
         options = faiss.GpuMultipleClonerOptions()
         options.shard = True
@@ -50,5 +50,6 @@ def kmeans(feats: np.ndarray, k: int, seed: int = 0, settings: KmeansSettings = 
     km = faiss.Kmeans(dim, k, niter=settings.niter, nredo=settings.nredo, verbose=verbose,
                       seed=FAISS_SEED_OFFSET + seed, max_points_per_centroid=max(1, 2 * n // k), gpu=gpu)
     km.train(feats)
+    assert km.centroids is not None  # set by train()
     dist, assign = flat_search(km.centroids, feats, 1, gpu)
     return km.centroids, assign[:, 0], dist[:, 0]

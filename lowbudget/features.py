@@ -84,7 +84,7 @@ def extract(model: nn.Module, images: datasets.Images, dataset: str, batch_size:
     """(L2-normalised features of every image in dataset order, {index: why} of the files that could not
     be decoded): each of those gets a zero row, or with `strict` is a UsageError at once."""
     model = on_device(model.eval(), device)
-    batches = datasets.decoded_batches(images, dataset, batch_size, workers, image_size)
+    batches = datasets.decoded_batches(images, dataset, batch_size, workers, image_size, strict=strict)
     total = -(-len(images) // batch_size)
     feats, start, skipped = None, 0, {}
     for x, unreadable in tqdm(batches, total=total, desc=desc, disable=distributed.quiet()):
@@ -94,8 +94,6 @@ def extract(model: nn.Module, images: datasets.Images, dataset: str, batch_size:
         feats[start:start + len(out)] = out
         start += len(out)
         for i, why in unreadable.items():
-            if strict:
-                raise datasets.unreadable_error(images.paths[i], why)
             feats[i] = 0
             skipped[i] = why
     feats = feats if feats is not None else np.zeros((0, 0), np.float32)
@@ -114,7 +112,7 @@ def gather_blocks(feats: np.ndarray, skipped: dict[int, str], n: int) -> tuple[n
 
 # ---------------------------------------------------------------- cache files
 
-def listing_digest(images: datasets.Images, root: str) -> str:
+def listing_digest(images: datasets.FileImages, root: str) -> str:
     """A digest of the image files (relative to `root`) and their labels, in index order."""
     paths = [os.path.relpath(path, root) for path in images.paths]
     labels = None if images.labels is None else images.labels.tolist()
@@ -127,7 +125,7 @@ def cache_meta(args: argparse.Namespace, split: str, fingerprint: str, images: d
     meta = {"version": CACHE_VERSION, "dataset": args.dataset, "split": split, "arch": args.arch,
             "backbone": args.backbone, "weights_fingerprint": fingerprint, "num_images": len(images),
             "transform": datasets.describe_transform(args.dataset, args.image_size), "normalized": True}
-    if args.dataset == "folder":
+    if args.dataset == "folder" and isinstance(images, datasets.FileImages):
         meta["listing"] = listing_digest(images, args.data)
     return meta
 
@@ -155,7 +153,7 @@ def read_cache(path: str, meta: dict, labeled: bool = True
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
         print(f"=> cache {path} is unreadable ({type(err).__name__}); recomputing")
         return None
-    if len(feats) != meta["num_images"] or (labeled and len(labels) != meta["num_images"]):
+    if len(feats) != meta["num_images"] or (labels is not None and len(labels) != meta["num_images"]):
         print(f"=> cache {path} is truncated; recomputing")
         return None
     return feats, labels, skipped
@@ -200,8 +198,20 @@ def split_images(args: argparse.Namespace, split: str) -> datasets.Images:
     return images
 
 
+def labelled_split(args: argparse.Namespace, split: str) -> tuple[datasets.Images, np.ndarray]:
+    """The `split` images and their labels, for the scripts that train on them; an unlabelled folder is
+    the UsageError that says labels are required."""
+    images = split_images(args, split)
+    if images.labels is None:
+        raise datasets.labels_required(args.data)
+    return images, images.labels
+
+
 def report_skips(images: datasets.Images, skipped: dict[int, str], strict: bool) -> None:
-    """Each unreadable file {index: why}, or with `strict` the first as an error."""
+    """Each unreadable file {index: why}, or with `strict` the first as an error (images held in arrays
+    are never unreadable)."""
+    if not isinstance(images, datasets.FileImages):
+        return
     for i, why in skipped.items():
         if strict:
             raise datasets.unreadable_error(images.paths[i], why)
@@ -221,7 +231,7 @@ def write_cache(path: str, feats: np.ndarray, labels: np.ndarray | None, skipped
     arrays = {"feats": feats, "skipped": skipped, "meta": np.array(json.dumps(meta))}
     if labels is not None:
         arrays["labels"] = labels
-    atomic_write(path, lambda f: np.savez(f, **arrays))
+    atomic_write(path, lambda f: np.savez(f, allow_pickle=False, **arrays))
 
 
 def backbone_features(args: argparse.Namespace, split: str, device: torch.device) -> Features:
@@ -261,6 +271,11 @@ def readable_rows(features: Features) -> Features:
 
 # ---------------------------------------------------------------- --feats files
 
+def _as_numpy(x: object) -> np.ndarray:
+    """A tensor (from a .pth file) or an array-like as a numpy array."""
+    return x.numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+
+
 def _read_feature_arrays(path: str, flag: str) -> tuple[np.ndarray, np.ndarray | None]:
     if path.endswith(".npy"):
         return np.load(path, allow_pickle=False), None
@@ -277,8 +292,7 @@ def _read_feature_arrays(path: str, flag: str) -> tuple[np.ndarray, np.ndarray |
             raise UsageError(f"{flag}: {path!r} is not a (feats, labels) tuple")
         feats = obj[0]
         labels = obj[1] if len(obj) > 1 else None
-        as_np = lambda t: t.numpy() if torch.is_tensor(t) else np.asarray(t)  # noqa: E731
-        return as_np(feats), (None if labels is None else as_np(labels))
+        return _as_numpy(feats), (None if labels is None else _as_numpy(labels))
     raise UsageError(f"{flag}: {path!r} is not .npy, .npz, .pth or .pth.tar")
 
 

@@ -14,9 +14,9 @@ def _umask() -> int:
     return mask
 
 
-def atomic_write(path: str, write: Callable[[BinaryIO], None]) -> None:
-    """Write through `write(file)` to a temporary file beside `path`, then rename it into place, with
-    the permissions a plain open() would give (mkstemp's are owner-only)."""
+def atomic_write(path: str, write: Callable[[BinaryIO], object]) -> None:
+    """Write through `write(file)` (its return value unused) to a temporary file beside `path`, then
+    rename it into place, with the permissions a plain open() would give (mkstemp's are owner-only)."""
     directory = os.path.dirname(path) or "."
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
@@ -28,6 +28,11 @@ def atomic_write(path: str, write: Callable[[BinaryIO], None]) -> None:
     except BaseException:
         os.unlink(tmp)
         raise
+
+
+def atomic_write_bytes(path: str, data: bytes) -> None:
+    """atomic_write() of `data`."""
+    atomic_write(path, lambda f: f.write(data))
 
 
 def file_digest(path: str, length: int = 10) -> str:

@@ -10,7 +10,7 @@ import numpy as np
 
 from lowbudget import distributed
 from lowbudget.cli import UsageError, parse_splits
-from lowbudget.fileio import atomic_write
+from lowbudget.fileio import atomic_write, atomic_write_bytes
 
 FORMAT_VERSION = 1
 
@@ -34,7 +34,7 @@ def write_indices(path: str, indices: np.ndarray, meta: dict) -> None:
     record = {"size": int(len(indices)), "format_version": FORMAT_VERSION,
               "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **meta}
     atomic_write(path, lambda f: np.save(f, indices))
-    atomic_write(sidecar_path(path), lambda f: f.write((json.dumps(record, indent=2) + "\n").encode()))
+    atomic_write_bytes(sidecar_path(path), (json.dumps(record, indent=2) + "\n").encode())
 
 
 def read_indices(path: str, num_images: int, flag: str = "--resume-indices",

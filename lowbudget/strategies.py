@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 import torch
@@ -263,7 +263,8 @@ def typiclust_select(feats: np.ndarray, labeled: np.ndarray, budget: int, knn: i
     return Selection(np.asarray(picks, dtype=np.int64), filled)
 
 
-class Neighbours(NamedTuple):
+@dataclass(frozen=True)
+class Neighbours:
     """The k exact nearest rows of every row: squared L2 distances (ascending) and row indices."""
     sq_dist: np.ndarray  # N x k
     index: np.ndarray  # N x k int64
@@ -313,7 +314,8 @@ def purity_delta(feats: np.ndarray, pseudo_labels: np.ndarray, purity: float, ne
     return delta
 
 
-class CoverGraph(NamedTuple):
+@dataclass(frozen=True)
+class CoverGraph:
     """Symmetric δ-ball graph in CSR form: the ball of row i is indices[indptr[i]:indptr[i+1]] (itself included)."""
     indptr: np.ndarray  # N + 1 int64
     indices: np.ndarray  # E int32 (int64 beyond 2^31 rows)
@@ -337,7 +339,8 @@ def _range_edges(feats: np.ndarray, rows: np.ndarray, delta: float, max_edges: i
     for start in range(0, len(rows), block):
         queries = rows[start:start + block]
         lims, _, found = index.range_search(faiss_ops.as_float32(feats[queries]), delta * delta)
-        sources.append(np.repeat(queries, np.diff(lims.astype(np.int64))))
+        limits = lims.astype(np.int64)  # uint64 from faiss, which repeat refuses
+        sources.append(np.repeat(queries, limits[1:] - limits[:-1]))
         targets.append(found)
         edges += len(found)
         if edges > max_edges:
@@ -413,7 +416,7 @@ def probcover_select(graph: CoverGraph, labeled: np.ndarray, budget: int, seed: 
     state = _Coverage(graph)
     if len(labeled):
         state.add(labeled)
-    picks = []
+    picks: list[int] = []
     while len(picks) < budget and state.degree.max() > 0:
         pick = int(np.argmax(state.degree))
         state.add(np.array([pick]))
@@ -431,7 +434,8 @@ def ball_coverage(graph: CoverGraph, pool: np.ndarray) -> float:
     return float(state.covered.mean())
 
 
-class HerdingKernel(NamedTuple):
+@dataclass(frozen=True)
+class HerdingKernel:
     """Gaussian kernel truncated to each row's k nearest neighbours: row j holds k(x_j, x) for x in kNN(j)."""
     weight: np.ndarray  # N x k float64
     index: np.ndarray  # N x k int64
@@ -479,7 +483,7 @@ def maxherding_select(kernel: HerdingKernel, labeled: np.ndarray, budget: int, s
 
     for x in labeled:
         add(int(x))
-    picks = []
+    picks: list[int] = []
     while len(picks) < budget:
         masked = np.where(eligible, gain, -np.inf)
         pick = int(np.argmax(masked))

@@ -10,11 +10,12 @@ import functools
 import os
 from collections.abc import Callable
 
+import numpy as np
 import torch
 from torch import nn
 
 from lowbudget import cli, datasets, distributed, engine
-from lowbudget.features import split_images
+from lowbudget.features import labelled_split
 from lowbudget.indices import read_indices, split_files
 from lowbudget.metrics import coverage
 from lowbudget.results import append_result, provenance
@@ -31,12 +32,13 @@ def add_args(parser: argparse.ArgumentParser, *, sgd: bool) -> None:
     parser.add_argument("--amp", action="store_true", help="mixed precision on CUDA")
 
 
-def image_accuracy(model: nn.Module, images: datasets.Images, args: argparse.Namespace,
+def image_accuracy(model: nn.Module, images: datasets.Images, *, labels: np.ndarray, args: argparse.Namespace,
                    device: torch.device) -> dict[str, float]:
-    """The model's accuracy on the evaluation images (centre crop), each torchrun process scoring its block."""
+    """The model's accuracy on the evaluation images (centre crop) with their `labels`, each torchrun
+    process scoring its block."""
     logits = engine.image_logits(model, nn.Identity(), distributed.shard_images(images), args.dataset,
                                  args.batch_size, args.workers, args.image_size, device)
-    return engine.accuracy(logits, images.labels)
+    return engine.accuracy(logits, labels)
 
 
 def train_splits(args: argparse.Namespace, script: str, build: ModelBuilder, validate_every: int) -> None:
@@ -47,25 +49,24 @@ def train_splits(args: argparse.Namespace, script: str, build: ModelBuilder, val
     cli.check_resume(args, list(paths))
     seed_everything(args.seed)
     device = distributed.init_from_env(resolve_device(args.device))
-    train = split_images(args, "train")
-    val = split_images(args, "val")
+    train, train_labels = labelled_split(args, "train")
+    val, val_labels = labelled_split(args, "val")
     pools = {split: read_indices(path, len(train), flag="--splits") for split, path in paths.items()}
-    num_classes = int(max(train.labels.max(), val.labels.max())) + 1
+    num_classes = int(max(train_labels.max(), val_labels.max())) + 1
     schedule = engine.Schedule(args.epochs, args.lr, milestones, validate_every)
     for split, pool in pools.items():
         print(f"=> Loading current indices: {paths[split]}")
-        print(f"current indices size: {len(pool)}. {coverage(train.labels, pool)}% of all categories is seen")
+        print(f"current indices size: {len(pool)}. {coverage(train_labels, pool)}% of all categories is seen")
         torch.manual_seed(args.seed)
         model, make_optimizer = build(num_classes)
         model = distributed.ddp(on_device(model, device), device)
-        generator = torch.Generator()
-        batches = engine.image_loader(train, pool, args.dataset, args.image_size, args.batch_size, args.workers,
-                                      generator)
+        batches = engine.image_loader(train, pool, args.dataset, args.image_size, args.batch_size, args.workers)
         checkpoint = cli.checkpoint_for(args, os.path.join(args.save, f"{script}_{args.name}_{args.dataset}_{split}"
                                                                       f"_seed{args.seed}.pth"))
-        result = engine.fit(model, make_optimizer(engine.unwrap(model)), batches,
-                            functools.partial(image_accuracy, model, val, args, device), schedule, device, args.seed,
-                            generator, checkpoint, resume=bool(args.resume), amp=args.amp)
+        validate = functools.partial(image_accuracy, model, val, labels=val_labels, args=args, device=device)
+        result = engine.fit(model, make_optimizer(engine.unwrap(model)), epoch_batches=batches, validate=validate,
+                            schedule=schedule, device=device, seed=args.seed, checkpoint=checkpoint,
+                            resume=bool(args.resume), amp=args.amp)
         print(f"Final accuracy of {split} labeled data is: {result['top1']:.2f} "
               f"(best {result['best_top1']:.2f}, top-5 {result['top5']:.2f})")
         measures = {"top1": result["top1"], "top1_best": result["best_top1"], "top5": result["top5"],

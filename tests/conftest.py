@@ -1,13 +1,17 @@
-"""Shared fixtures: small synthetic datasets in the original formats, checkpoints, a CLI runner."""
+"""Shared fixtures: small synthetic datasets in the original formats, checkpoints, script runners (in this
+process or a new one), one thread per process."""
 from __future__ import annotations
 
 import argparse
 import os
 import pickle
+import runpy
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
+import faiss
 import numpy as np
 import pytest
 import torch
@@ -15,6 +19,15 @@ import torchvision
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def pytest_configure(config):
+    """One thread per process (here and in the scripts the tests start) unless OMP_NUM_THREADS says
+    otherwise: on the tests' tiny inputs a second thread gains nothing, and costs much on a busy machine."""
+    if "OMP_NUM_THREADS" not in os.environ:
+        os.environ["OMP_NUM_THREADS"] = "1"
+        torch.set_num_threads(1)
+        faiss.omp_set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)
@@ -116,16 +129,41 @@ def run_cli(script: str, *args: str, cwd: Path | None = None) -> subprocess.Comp
                           capture_output=True, text=True, timeout=600)
 
 
-def call_main(main, args, capsys) -> tuple[int, str, str]:
-    """Run a script's main in-process through the same error handling as the CLI: (status, out, err)."""
-    from lowbudget.cli import run_main
+def exit_status_and_output(run: Callable[[], object], capsys) -> tuple[int, str, str]:
+    """Call `run` and read its exit as a process's: (status, out, err)."""
     try:
-        run_main(main, [str(a) for a in args])
+        run()
         status = 0
     except SystemExit as exit_:
         status = exit_.code if isinstance(exit_.code, int) else 1
     out, err = capsys.readouterr()
     return status, out, err
+
+
+def call_main(main, args, capsys) -> tuple[int, str, str]:
+    """Run a script's main in-process through the same error handling as the CLI: (status, out, err)."""
+    from lowbudget.cli import run_main
+    return exit_status_and_output(lambda: run_main(main, [str(a) for a in args]), capsys)
+
+
+def run_script(script: str, args, capsys, monkeypatch) -> tuple[int, str, str]:
+    """Run one of the repository's scripts in this process as `python script args` runs it, through its
+    `__main__` block: (status, out, err)."""
+    path = str(REPO / script)
+    monkeypatch.setattr(sys, "argv", [path, *map(str, args)])
+    return exit_status_and_output(lambda: runpy.run_path(path, run_name="__main__"), capsys)
+
+
+@pytest.fixture(params=["in_process", pytest.param("new_process", marks=pytest.mark.slow)])
+def script_run(request, capsys, monkeypatch):
+    """Run a repository script as a user runs it: through its `__main__` block in this process, or in a
+    new process (slow). Called as script_run(script, *args) -> (status, out, err)."""
+    def run(script: str, *args) -> tuple[int, str, str]:
+        if request.param == "in_process":
+            return run_script(script, args, capsys, monkeypatch)
+        done = run_cli(script, *args)
+        return done.returncode, done.stdout, done.stderr
+    return run
 
 
 def unit_rows(n: int, d: int, seed: int = 0) -> np.ndarray:

@@ -84,6 +84,7 @@ def test_seeded_runs_identical_and_resumable(tmp_path, capsys, name):
     assert (tmp_path / "c" / "idx" / f"{name}_cifar10_20.npy").read_bytes() == runs[0]
 
 
+@pytest.mark.slow
 def test_default_protocol_on_images(tmp_path, cifar10_root, capsys):
     status, out, err = call_main(active_sampler.main, [
         cifar10_root, "--dataset", "cifar10", "--arch", "resnet18", "--backbone", "random", "-j", "0",

@@ -64,6 +64,7 @@ def test_renamed_mobilenet_v2_features_load_and_match(tmp_path, capsys, mnv2, mn
     assert torch.equal(model.features[0][1].num_batches_tracked, torch.tensor(7))
 
 
+@pytest.mark.slow
 def test_cli_from_any_folder_without_pythonpath(tmp_path, mnv2, mnv2_src):
     out = tmp_path / "sub" / "mnv2.pth"
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}

@@ -132,7 +132,7 @@ def test_unlabeled_flag_reads_a_class_tree_without_labels(folder_root):
     assert datasets.load_images("folder", str(folder_root), "train").classes == ["ant", "bee", "cat"]
 
 
-@pytest.mark.parametrize("workers", [0, 1])
+@pytest.mark.parametrize("workers", [0, pytest.param(1, marks=pytest.mark.slow)])  # 1: a loader process
 def test_unreadable_files_are_reported_by_index_not_raised(tmp_path, workers):
     names = write_photo_folder(tmp_path)
     images = datasets.load_images("folder", str(tmp_path), "train")

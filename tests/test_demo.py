@@ -32,6 +32,7 @@ def demo_args(root, out, *extra):
             *extra]
 
 
+@pytest.mark.slow
 def test_demo_end_to_end_then_reuses_features(tmp_path, fashion_root, capsys, monkeypatch):
     out = tmp_path / "demo"
     status, stdout, err = call_main(demo.main, demo_args(fashion_root, out), capsys)

@@ -48,6 +48,7 @@ def backbone_flags(*extra):
     return ["--arch", "resnet18", "--backbone", "random", "--image-size", "16", "-j", "0", "-b", "8", *extra]
 
 
+@pytest.mark.slow
 def test_sampler_features_and_index_files_equal_one_process(tmp_path, photos, capsys):
     flags = [photos, "--dataset", "folder", "--unlabeled", "--name", "kmeans", "--splits", "5,10",
              *backbone_flags()]
@@ -64,6 +65,7 @@ def test_sampler_features_and_index_files_equal_one_process(tmp_path, photos, ca
     assert run.stdout.count("skipped unreadable image") == 2 and run.stdout.count("=> saved") == 2  # rank 0 prints
 
 
+@pytest.mark.slow
 def test_linear_head_equals_one_process_and_rank0_alone_writes(tmp_path, cifar, capsys):
     flags = [cifar, "--dataset", "cifar10", "--name", "random", "--splits", "40", "--epochs", "2",
              "--indices", tmp_path / "idx", *backbone_flags("-b", "40")]  # one step per epoch on the whole pool
@@ -83,6 +85,7 @@ def test_linear_head_equals_one_process_and_rank0_alone_writes(tmp_path, cifar, 
     assert [r["metric"] for r in rows[0]] == [r["metric"] for r in rows[1]] and len(rows[1]) == 5
 
 
+@pytest.mark.slow
 def test_trainer_steps_average_the_processes_gradients(tmp_path, cifar):
     """An epoch of two SGD steps of 20 images equals one taken here: each step from 10 images of each
     process's DistributedSampler half, each 10 through BatchNorm alone (as with DataParallel), the
@@ -96,9 +99,7 @@ def test_trainer_steps_average_the_processes_gradients(tmp_path, cifar):
     pool = np.load(tmp_path / "idx" / "random_cifar10_40.npy")
     items = engine.SeededItems(datasets.AugmentedSubset(datasets.load_images("cifar10", str(cifar), "train"), pool,
                                                         "cifar10", 16))
-    generator = torch.Generator()
-    engine.seed_epoch(0, 0, generator)
-    items.epoch_seed = generator.initial_seed()
+    items.epoch_seed = engine.epoch_seed(0, 0)
     halves = []
     for rank in (0, 1):
         half = DistributedSampler(items, num_replicas=2, rank=rank, seed=0)
@@ -122,6 +123,7 @@ def test_trainer_steps_average_the_processes_gradients(tmp_path, cifar):
     assert not torch.allclose(trained["fc.weight"], initial["fc.weight"])
 
 
+@pytest.mark.slow
 def test_an_error_in_one_process_stops_all_with_one_line(tmp_path, photos):
     (photos / "broken.jpg").unlink()  # only the second process's block has an unreadable file
     run = torchrun("sampler.py", photos, "--dataset", "folder", "--unlabeled", "--name", "kmeans", "--splits", "5",

@@ -135,6 +135,7 @@ def test_cached_resume_gives_the_same_weights(tmp_path, capsys, monkeypatch):
         assert torch.equal(resumed["model"][key], value), key
 
 
+@pytest.mark.slow
 def test_default_protocol_end_to_end_and_resume(tmp_path, cifar10_root, capsys, monkeypatch):
     common = [cifar10_root, "--dataset", "cifar10", "--arch", "resnet18", "--backbone", "random", "-j", "0",
               "--indices", tmp_path / "idx", "--save", tmp_path / "out", "--load_cache"]

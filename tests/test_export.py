@@ -12,7 +12,7 @@ import eval_knn
 import sampler
 import trainer_DP
 from lowbudget import datasets
-from tests.conftest import call_main, run_cli, write_photo_folder
+from tests.conftest import call_main, write_photo_folder
 from tools import export
 
 
@@ -194,11 +194,12 @@ def test_export_errors_name_the_input_and_write_nothing(tmp_path, photos, capsys
     assert not (tmp_path / "export").exists() and not (root / "export").exists()
 
 
-def test_export_runs_as_a_script_and_crosses_out_an_unreadable_pick(tmp_path, photos):
+def test_export_runs_as_a_script_and_crosses_out_an_unreadable_pick(tmp_path, photos, script_run):
     root, names = photos
     np.save(tmp_path / "pick.npy", np.array([names.index("broken.jpg"), 3], dtype=np.int64))
-    result = run_cli("tools/export.py", tmp_path / "pick.npy", "--data", root, "--out", tmp_path / "export")
-    assert result.returncode == 0, result.stderr
-    assert "cannot read image" in result.stdout and "broken.jpg" in result.stdout
+    status, out, err = script_run("tools/export.py", tmp_path / "pick.npy", "--data", root, "--out",
+                                  tmp_path / "export")
+    assert status == 0, err
+    assert "cannot read image" in out and "broken.jpg" in out
     with Image.open(tmp_path / "export" / "pick_contact_sheet.png") as sheet:
         assert sheet.size == sheet_size(2, panels=1, thumb=96, columns=10)

@@ -12,7 +12,7 @@ from lowbudget import datasets, features
 from lowbudget.backbones import build_backbone
 from lowbudget.cli import UsageError
 from lowbudget.features import Features, read_feats_file, require_labels, rows_of
-from tests.conftest import call_main, compress_checkpoint, resnet_backbone_state, write_photo_folder
+from tests.conftest import call_main, compress_checkpoint, resnet_backbone_state, write_cifar, write_photo_folder
 
 
 @pytest.fixture
@@ -22,10 +22,16 @@ def compress_weights(tmp_path):
     return path
 
 
+@pytest.fixture
+def cifar10_root(tmp_path):
+    """40 CIFAR-10 training images: three extraction batches of 16 (the last one short)."""
+    return write_cifar(tmp_path / "cifar", n_train=40, n_test=10)
+
+
 def run_kmeans(tmp_path, cifar10_root, capsys, *extra):
     return call_main(sampler.main, [cifar10_root, "--dataset", "cifar10", "--arch", "resnet18",
                                     "--save", tmp_path / "out", "--indices", tmp_path / "idx",
-                                    "--splits", "5", "--name", "kmeans", "-j", "0", "-b", "64", *extra], capsys)
+                                    "--splits", "5", "--name", "kmeans", "-j", "0", "-b", "16", *extra], capsys)
 
 
 def cache_file(tmp_path):

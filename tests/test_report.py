@@ -226,6 +226,7 @@ def test_missing_results_file_and_out_that_is_a_file(tmp_path, capsys):
     assert status == 2 and "RESULTS.jsonl" in error_line(err)
 
 
+@pytest.mark.slow
 def test_runs_as_a_script_from_the_repository_root_without_pythonpath(tmp_path):
     results = write_jsonl(tmp_path / "results.jsonl", demo_records())
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import sampler
-from tests.conftest import call_main, compress_checkpoint, resnet_backbone_state, run_cli
+from lowbudget import features
+from tests.conftest import call_main, compress_checkpoint, resnet_backbone_state
 
 
 def base_args(tmp_path, root, name, splits, *extra):
@@ -66,15 +67,32 @@ def test_incremental_without_pool_starts_empty(tmp_path, cifar10_root, capsys, n
     assert len(load(tmp_path, name, 10)) == 10 and len(np.unique(load(tmp_path, name, 30))) == 30
 
 
+def forget_earlier_runs():
+    """Drop the backbone built by an earlier run and move the global random generators on."""
+    features._backbone.cache_clear()
+    torch.rand(1000)
+    np.random.random(1000)
+
+
+def seeded_args(out, root, name):
+    return base_args(out, root, name, "10,15", "--seed", "3")
+
+
+def index_files(out, name) -> list[bytes]:
+    """The bytes of the index files a run with seeded_args wrote under `out`."""
+    sizes = (10, 15) if name in ("random", "uniform", "kmeans") else (10, 25)
+    return [(out / "idx" / f"{name}_cifar10_{n}.npy").read_bytes() for n in sizes]
+
+
 @pytest.mark.parametrize("name", ["random", "uniform", "kmeans", "accu_kmeans", "coreset"])
-def test_seeded_runs_write_identical_files(tmp_path, cifar10_root, name):
-    outputs = []
-    for run in ("a", "b"):
-        result = run_cli("sampler.py", *base_args(tmp_path / run, cifar10_root, name, "10,15", "--seed", "3"))
-        assert result.returncode == 0, result.stderr
-        outputs.append([(tmp_path / run / "idx" / f"{name}_cifar10_{n}.npy").read_bytes()
-                        for n in ((10, 15) if name in ("random", "uniform", "kmeans") else (10, 25))])
-    assert outputs[0] == outputs[1]
+def test_seeded_runs_write_identical_files(tmp_path, cifar10_root, capsys, script_run, name):
+    """A second seeded run, in this process after the first or in a new process, writes the same bytes."""
+    status, _, err = call_main(sampler.main, seeded_args(tmp_path / "a", cifar10_root, name), capsys)
+    assert status == 0, err
+    forget_earlier_runs()
+    status, _, err = script_run("sampler.py", *seeded_args(tmp_path / "b", cifar10_root, name))
+    assert status == 0, err
+    assert index_files(tmp_path / "a", name) == index_files(tmp_path / "b", name)
 
 
 def test_feats_file_without_data_and_row_warning(tmp_path, capsys):
@@ -195,14 +213,14 @@ def test_truncated_feats_file_and_uniform_without_labels(tmp_path, capsys):
     assert_usage_error(tmp_path, status, err, "--feats: cannot read")
 
 
-def test_real_cli_error_is_one_line_without_traceback(tmp_path, cifar10_root):
-    result = run_cli("sampler.py", cifar10_root, "--dataset", "cifar10", "--name", "kmeans", "--splits", "5",
-                     "--backbone", "random", "--arch", "resnet18", "--resume-indices", tmp_path / "none.npy",
-                     "--indices", tmp_path / "idx", "--save", tmp_path / "out")
-    assert result.returncode == 2
-    assert result.stderr.strip().splitlines() == [
+def test_script_error_is_one_line_without_traceback(tmp_path, cifar10_root, script_run):
+    status, _, err = script_run("sampler.py", cifar10_root, "--dataset", "cifar10", "--name", "kmeans", "--splits",
+                                "5", "--backbone", "random", "--arch", "resnet18", "--resume-indices",
+                                tmp_path / "none.npy", "--indices", tmp_path / "idx", "--save", tmp_path / "out")
+    assert status == 2
+    assert err.strip().splitlines() == [
         f"sampler.py: error: --resume-indices: no index file at '{tmp_path / 'none.npy'}'; "
         "no index files for cifar10 there"]
-    unknown = run_cli("sampler.py", "--dataset", "mnist")
-    assert unknown.returncode == 2 and len(unknown.stderr.strip().splitlines()) == 1
-    assert "--dataset" in unknown.stderr
+    status, _, err = script_run("sampler.py", "--dataset", "mnist")
+    assert status == 2 and len(err.strip().splitlines()) == 1
+    assert "--dataset" in err

@@ -50,6 +50,7 @@ def latest(tmp_path, script):
     return torch.load(tmp_path / "out" / f"{script}_random_cifar10_40_seed0.pth", weights_only=True)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_loss_falls_and_results_are_written(tmp_path, colour_cifar, capsys, script):
     module, flags = SCRIPTS[script]
@@ -65,6 +66,7 @@ def test_loss_falls_and_results_are_written(tmp_path, colour_cifar, capsys, scri
     assert best["epoch"] <= latest(tmp_path, script)["epoch"] == 5
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_resume_equals_uninterrupted_and_accepts_module_keys(tmp_path, colour_cifar, capsys, monkeypatch, script):
     from lowbudget import engine
@@ -108,7 +110,7 @@ def test_missing_index_file_stops_before_training(tmp_path, colour_cifar, capsys
 
 
 @pytest.mark.parametrize("extra,pattern", [
-    (["--arch", "vgg11", "--cifar-stem"], "--cifar-stem: only for ResNets"),
+    (["--arch", "mobilenet_v2", "--cifar-stem"], "--cifar-stem: only for ResNets"),
     (["--arch", "resnet_x"], "--arch: unknown"),
     (["--lr_schedule", "a,b"], "--lr_schedule"),
 ])

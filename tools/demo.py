@@ -102,7 +102,7 @@ def load_split(root: str, split: str, download: bool, count: int) -> datasets.Ar
     if count > len(images):
         raise UsageError(f"--{'pool' if split == 'train' else 'test'}: {count} images asked, the split has "
                          f"{len(images)}")
-    return datasets.subset(images, np.arange(count))
+    return images.subset(np.arange(count))
 
 
 def demo_weights(args: argparse.Namespace) -> str:

@@ -41,7 +41,7 @@ from tqdm import tqdm
 
 from lowbudget import cli, datasets
 from lowbudget.cli import UsageError
-from lowbudget.fileio import atomic_write
+from lowbudget.fileio import atomic_write_bytes
 from lowbudget.indices import read_indices, sidecar_path
 
 GAP = 4  # pixels around every thumbnail
@@ -153,12 +153,15 @@ def label_studio_tasks(images: datasets.FileImages, selection: IndexFile, root: 
 
 # ---------------------------------------------------------------- contact sheet
 
-def source_image(images: datasets.Images, index: int, size: int) -> Image.Image:
-    """The image at `index` as RGB, decoded at a reduced scale where the format allows (JPEG)."""
-    if isinstance(images, datasets.ArrayImages):
-        pixels = images.images[index]
-        return Image.fromarray(pixels[0] if pixels.shape[0] == 1 else pixels.transpose(1, 2, 0)).convert("RGB")
-    with Image.open(images.paths[index]) as image:
+def array_image(images: datasets.ArrayImages, index: int) -> Image.Image:
+    """The image at `index` of an array dataset as RGB."""
+    pixels = images.images[index]
+    return Image.fromarray(pixels[0] if pixels.shape[0] == 1 else pixels.transpose(1, 2, 0)).convert("RGB")
+
+
+def file_image(path: str, size: int) -> Image.Image:
+    """The image file as RGB, decoded at a reduced scale where the format allows (JPEG)."""
+    with Image.open(path) as image:
         image.draft("RGB", (size, size))
         return ImageOps.exif_transpose(image).convert("RGB")
 
@@ -174,12 +177,15 @@ def unreadable_mark(size: int) -> Image.Image:
 
 def thumbnail(images: datasets.Images, index: int, size: int) -> Image.Image:
     """The image letterboxed into a size x size square; an unreadable file is reported and crossed out."""
-    try:
-        image = source_image(images, index, size)
-    except Exception as err:
-        tqdm.write(f"=> warning: cannot read image {images.paths[index]!r} "
-                   f"({type(err).__name__}: {err})".splitlines()[0] + "; crossed out on the contact sheet")
-        return unreadable_mark(size)
+    if isinstance(images, datasets.ArrayImages):
+        image = array_image(images, index)
+    else:
+        try:
+            image = file_image(images.paths[index], size)
+        except Exception as err:
+            tqdm.write(f"=> warning: cannot read image {images.paths[index]!r} "
+                       f"({type(err).__name__}: {err})".splitlines()[0] + "; crossed out on the contact sheet")
+            return unreadable_mark(size)
     return ImageOps.pad(image, (size, size), color=LETTERBOX)
 
 
@@ -232,7 +238,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                                                                              args.columns))
     for name, content in outputs.items():
         path = os.path.join(args.out, name)
-        atomic_write(path, lambda f, content=content: f.write(content))
+        atomic_write_bytes(path, content)
         print(f"=> wrote {path}")
 
 

@@ -30,7 +30,7 @@ from matplotlib.ticker import NullFormatter, NullLocator
 
 from lowbudget import cli
 from lowbudget.cli import UsageError
-from lowbudget.fileio import atomic_write
+from lowbudget.fileio import atomic_write_bytes
 from lowbudget.strategy_table import STRATEGIES
 
 # Tabulated metric -> the record fields that split it into separate tables.
@@ -62,7 +62,7 @@ def record_problem(record: object) -> str | None:
         if type(record.get(field)) is not kind:
             return f"{field!r} must be {'an integer' if kind is int else 'a string'}, got {record.get(field)!r}"
     value = record.get("value")
-    if type(value) not in (int, float) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         return f"'value' must be a finite number, got {value!r}"
     for field in ("arch", "backbone", *TABLE_METRICS[record["metric"]]):
         if not isinstance(record.get(field), (str, int, float, type(None))):
@@ -262,7 +262,7 @@ def write_outputs(out: str, markdown: str, plots: dict[str, bytes]) -> None:
     for name, data in files.items():
         path = os.path.join(out, name)
         try:
-            atomic_write(path, lambda f, data=data: f.write(data))
+            atomic_write_bytes(path, data)
         except OSError as err:
             raise UsageError(f"--out: cannot write {path!r} ({err.strerror or err})") from None
 
