@@ -1,11 +1,15 @@
 # make setup: create .venv if missing and install the project (editable) with its test and lint tools.
 # make test: the full test suite (what CI runs); make quick: the fast tier for the edit loop.
+# make setup GPU=1: the same with faiss built for CUDA (FAISS_GPU, default faiss-gpu) in place of faiss-cpu.
+# make test-gpu: tools/gpu_check.py, the GPU paths against their CPU twins (skipped without a CUDA device).
 # make lint: ruff and mypy. make demo: the whole pipeline on Fashion-MNIST (output/demo/).
 VENV ?= .venv
 PYTHON ?= python3
 PY := $(VENV)/bin/python
 
-.PHONY: setup test quick lint bench demo
+FAISS_GPU ?= faiss-gpu
+
+.PHONY: setup test test-gpu quick lint bench demo
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -13,10 +17,19 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $@
 
-setup: $(VENV)/.installed
+# faiss-cpu and the GPU build both install the `faiss` module: remove one, force the other in whole.
+$(VENV)/.faiss-gpu: $(VENV)/.installed
+	$(PY) -m pip uninstall -q -y faiss-cpu
+	$(PY) -m pip install -q --force-reinstall --no-deps $(FAISS_GPU)
+	touch $@
+
+setup: $(VENV)/.installed $(if $(GPU),$(VENV)/.faiss-gpu)
 
 test: setup
 	$(PY) -m pytest -q
+
+test-gpu: setup
+	$(PY) tools/gpu_check.py
 
 quick: setup
 	$(PY) -m pytest -q -m 'not slow'

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from lowbudget import cli, datasets, distributed, engine, strategies
-from lowbudget.features import frozen_backbone, labelled_split, require_labels, train_features, val_features
+from lowbudget.features import labelled_split, loaded_backbone, require_labels, train_features, val_features
 from lowbudget.indices import index_path, read_indices, write_indices
 from lowbudget.metrics import coverage
 from lowbudget.results import append_result, provenance
@@ -57,7 +57,7 @@ class RoundData:
         else:
             self.images, self.labels = labelled_split(args, "train")
             self.val_images, self.val_labels = labelled_split(args, "val")
-            model, self.dim = frozen_backbone(args)
+            model, self.dim, self.preprocess = loaded_backbone(args)
             self.backbone = on_device(model, device)
             self.fingerprint = f"{args.arch}-{args.backbone}-images"
 
@@ -66,7 +66,8 @@ class RoundData:
         a = self.args
         if a.cached:
             return engine.feature_loader(self.feats[pool], self.labels[pool], a.batch_size)
-        return engine.image_loader(self.images, pool, a.dataset, a.image_size, a.batch_size, a.workers)
+        return engine.image_loader(self.images, pool, a.dataset, a.image_size, a.batch_size, a.workers,
+                                   self.preprocess)
 
     def logits(self, head: torch.nn.Module, rows: np.ndarray) -> Iterable[torch.Tensor]:
         """Streamed logits of training rows `rows`."""
@@ -84,7 +85,7 @@ class RoundData:
         """Streamed logits of head(backbone(image)) for `images`."""
         a = self.args
         return engine.image_logits(head, self.backbone, images, a.dataset, a.batch_size, a.workers, a.image_size,
-                                   self.device)
+                                   self.device, self.preprocess)
 
     def accuracy(self, head: torch.nn.Module) -> dict[str, float]:
         """The head's accuracy on the evaluation set."""

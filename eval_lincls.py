@@ -20,7 +20,7 @@ from collections.abc import Sequence
 import torch
 
 from lowbudget import cli, distributed, engine
-from lowbudget.features import frozen_backbone, labelled_split, require_labels, train_features, val_features
+from lowbudget.features import labelled_split, loaded_backbone, require_labels, train_features, val_features
 from lowbudget.indices import read_indices, split_files
 from lowbudget.metrics import coverage
 from lowbudget.results import append_result, provenance
@@ -62,7 +62,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             return
     else:
         images, labels = labelled_split(args, "train")
-        backbone = on_device(frozen_backbone(args)[0], device)
+        model, _, preprocess = loaded_backbone(args)
+        backbone = on_device(model, device)
     pools = {split: read_indices(path, len(labels), flag="--splits") for split, path in paths.items()}
     num_classes = int(max(labels.max(), val_labels.max())) + 1
     schedule = engine.Schedule(args.epochs, args.lr, milestones, max(args.print_freq, 1))
@@ -76,7 +77,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         if args.cached:
             batches, embed = engine.feature_loader(feats[pool], labels[pool], args.batch_size), None
         else:
-            batches = engine.image_loader(images, pool, args.dataset, args.image_size, args.batch_size, args.workers)
+            batches = engine.image_loader(images, pool, args.dataset, args.image_size, args.batch_size, args.workers,
+                                          preprocess)
             embed = backbone
         validate = functools.partial(engine.feature_accuracy, head, val.feats, val_labels, device)
         model = distributed.ddp(head.to(device), device)

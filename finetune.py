@@ -2,7 +2,8 @@
 
 As the original: head = L2-normalise + Linear; Adam with --lr for the backbone and --lr-lin for the
 head, no weight decay; MultiStepLR at --lr_schedule; BatchNorm in train mode; validation every
---print-freq epochs and after the last. Any dataset and any --backbone checkpoint format.
+--print-freq epochs and after the last. Any dataset and any --backbone checkpoint format (the backbones
+loaded by name, --backbone timm/open_clip/hf/hub or a torchvision weights name, embed only).
 """
 from __future__ import annotations
 
@@ -13,7 +14,9 @@ import torch
 from torch import nn
 
 from lowbudget import cli, engine, supervised
+from lowbudget.backbone_families import uses_pretrained_name
 from lowbudget.backbones import build_backbone
+from lowbudget.cli import UsageError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,6 +34,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+
+    if uses_pretrained_name(args.backbone, args.weights):
+        raise UsageError(f"--backbone: finetune.py trains compress, moco, random and torchvision checkpoint files; "
+                         f"{args.backbone} {args.weights or args.arch} is for the frozen-feature scripts")
 
     def build(num_classes: int):
         backbone, dim = build_backbone(args.arch, args.backbone, args.weights)

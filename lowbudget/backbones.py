@@ -3,7 +3,7 @@
 Checkpoint formats (--backbone):
   compress     CompRess: {'model': DataParallel state dict, 'opt': Namespace, ...}, maybe a projection head
   moco         MoCo v2: {'state_dict': {'module.encoder_q.*', 'module.encoder_k.*', ...}}
-  torchvision  a plain state dict
+  torchvision  a plain state dict (a torchvision weights enum name instead: lowbudget.backbone_families)
   random       no weights: the architecture's random initialisation (seeded)
 Any of the three files may hold its weights under 'model', 'state_dict' or at the top level, with or
 without 'module.' prefixes; any classifier or projection head is dropped whatever its size; missing
@@ -40,12 +40,19 @@ def build_architecture(arch: str) -> tuple[nn.Module, str, int]:
     if arch not in torchvision.models.list_models(module=torchvision.models):
         raise UsageError(f"--arch: unknown torchvision classification architecture {arch!r}")
     model = torchvision.models.get_model(arch, weights=None)
+    head, dim = remove_classifier(model, arch)
+    return model, head, dim
+
+
+def remove_classifier(model: nn.Module, arch: str) -> tuple[str, int]:
+    """Replace the torchvision model's final Linear by Identity: (its name, its input size)."""
     head = _last_linear_name(model)
     if head is None:
         raise UsageError(f"--arch: {arch!r} has no linear classifier to remove")
-    dim = model.get_submodule(head).in_features
+    linear = model.get_submodule(head)
+    assert isinstance(linear, nn.Linear)
     _replace_module(model, head, nn.Identity())
-    return model, head, dim
+    return head, linear.in_features
 
 
 def read_checkpoint(path: str) -> object:
@@ -124,9 +131,14 @@ def build_backbone(arch: str, backbone: str, weights: str = "") -> tuple[nn.Modu
         state = select_state_dict(read_checkpoint(weights), weights)
         load_backbone_weights(model, head, backbone_weights(state, backbone), weights)
         print(f"Weights of {backbone} loaded.")
+    return frozen(model), dim
+
+
+def frozen(model: nn.Module) -> nn.Module:
+    """`model` in eval mode with no parameter requiring gradients."""
     for parameter in model.parameters():
         parameter.requires_grad = False
-    return model.eval(), dim
+    return model.eval()
 
 
 def weights_fingerprint(backbone: str, weights: str, seed: int) -> str:

@@ -9,7 +9,8 @@ from collections.abc import Callable, Sequence
 from typing import NoReturn
 
 DATASET_NAMES = ("cifar10", "cifar100", "imagenet", "imagenet_lt", "fashion_mnist", "folder")
-BACKBONE_NAMES = ("compress", "moco", "torchvision", "random")
+BACKBONE_NAMES = ("compress", "moco", "torchvision", "random", "timm", "open_clip", "hf", "hub")
+PRECISION_NAMES = ("auto", "fp32", "bf16", "fp16")
 
 
 class UsageError(Exception):
@@ -113,10 +114,15 @@ def add_unlabeled_arg(parser: argparse.ArgumentParser) -> None:
 def add_backbone_args(parser: argparse.ArgumentParser, arch: str = "resnet50") -> None:
     """Backbone and feature-cache flags of the scripts that embed images."""
     parser.add_argument("-a", "--arch", default=arch, metavar="ARCH",
-                        help=f"any torchvision classification architecture (default: {arch})")
-    parser.add_argument("--weights", default="", type=str, help="backbone checkpoint")
+                        help="any torchvision classification architecture; with --backbone timm a timm model "
+                             "name, open_clip an OpenCLIP model, hf a Hugging Face repository id or folder, hub "
+                             f"REPO:ENTRY (default: {arch})")
+    parser.add_argument("--weights", default="", type=str,
+                        help="backbone checkpoint file; or with --backbone torchvision a weights name "
+                             "(IMAGENET1K_V2, DEFAULT), open_clip a pretrained tag; timm: a file instead of the "
+                             "download")
     parser.add_argument("--backbone", default="compress", choices=BACKBONE_NAMES,
-                        help="checkpoint format (default: compress)")
+                        help="checkpoint format, or the library that names the model (default: compress)")
     parser.add_argument("--load_cache", action="store_true",
                         help="reuse cached features when they match this backbone and dataset")
     parser.add_argument("--strict", action="store_true",
@@ -125,6 +131,15 @@ def add_backbone_args(parser: argparse.ArgumentParser, arch: str = "resnet50") -
     parser.add_argument("--feats", default=None, type=str, metavar="FILE",
                         help="precomputed train features (.npy, .npz with feats/labels, or a "
                              "(feats, labels) .pth/.pth.tar); data and --weights are then optional")
+    add_precision_arg(parser)
+
+
+def add_precision_arg(parser: argparse.ArgumentParser) -> None:
+    """--precision of the backbone's forward pass when it embeds images."""
+    parser.add_argument("--precision", default="auto", choices=PRECISION_NAMES,
+                        help="backbone forward pass: fp32, or bf16/fp16 autocast with channels-last weights; auto "
+                             "= the fastest that agrees with fp32 on this device type: fp32 on CPU and CUDA, "
+                             "docs/speed.md (default: auto)")
 
 
 def add_val_feats_arg(parser: argparse.ArgumentParser) -> None:

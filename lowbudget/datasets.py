@@ -12,7 +12,7 @@ import gzip
 import os
 import pickle
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -46,6 +46,7 @@ DATASET_INFO = {
     "fashion_mnist": DatasetInfo(60000, 10, (0.2860,) * 3, (0.3530,) * 3, 28),
     "folder": DatasetInfo(None, None, *IMAGENET_STATS, 224),
 }
+ARRAY_DATASETS = ("cifar10", "cifar100", "fashion_mnist")  # held in memory, inferred at their native size
 
 
 IMAGE_EXTENSIONS = tv_datasets.folder.IMG_EXTENSIONS  # what ImageFolder accepts, matched in any case
@@ -263,30 +264,76 @@ def load_images(name: str, root: str | None, split: str, lt_list: str = "data/Im
 
 # ---------------------------------------------------------------- inference batches
 
-def inference_size(name: str, image_size: int | None) -> int:
-    return image_size or DATASET_INFO[name].image_size
+@dataclass(frozen=True)
+class Preprocess:
+    """An inference transform: resize the shorter side to `resize` px with `interpolation` ('bilinear',
+    'bicubic' or 'nearest'), centre-crop `size` px, scale to [0, 1], normalise by `mean` and `std`. A
+    pretrained backbone brings its own (the one it was trained with); the others use the dataset's."""
+    size: int
+    resize: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    interpolation: str = "bilinear"
+
+    def at_size(self, size: int | None) -> Preprocess:
+        """The same transform cropping `size` px (--image-size), the resize scaled alike; unchanged for None."""
+        if size is None or size == self.size:
+            return self
+        return replace(self, size=size, resize=round(self.resize * size / self.size))
+
+    def describe(self) -> str:
+        return f"resize{self.resize}-{self.interpolation}-centercrop{self.size}-normalize{self.mean}{self.std}"
 
 
-def describe_transform(name: str, image_size: int | None) -> str:
-    """A short text naming the inference transform, stored in the feature cache's metadata."""
+def dataset_preprocess(name: str, image_size: int | None) -> Preprocess:
+    """The dataset's own protocol: arrays (CIFAR, Fashion-MNIST) resized to `size` without a crop, files
+    resized to size*256/224 and centre-cropped, normalised by the dataset's mean and std."""
     info, size = DATASET_INFO[name], inference_size(name, image_size)
-    if name in ("cifar10", "cifar100", "fashion_mnist"):
+    resize = size if name in ARRAY_DATASETS else round(size * 256 / 224)
+    return Preprocess(size, resize, info.mean, info.std)
+
+
+
+def inference_size(name: str, image_size: int | None, preprocess: Preprocess | None = None) -> int:
+    """The backbone's input size: --image-size, else the backbone's own, else the dataset's."""
+    return image_size or (preprocess.size if preprocess else DATASET_INFO[name].image_size)
+
+
+def describe_transform(name: str, image_size: int | None, preprocess: Preprocess | None = None) -> str:
+    """A short text naming the inference transform, stored in the feature cache's metadata: the
+    backbone's `preprocess` at --image-size when it has one, else the dataset's protocol."""
+    if preprocess is not None:
+        return preprocess.at_size(image_size).describe()
+    info, size = DATASET_INFO[name], inference_size(name, image_size)
+    if name in ARRAY_DATASETS:
         resize = "" if size == info.image_size else f"resize{size}-"
         return f"{resize}normalize{info.mean}{info.std}"
     return f"resize{round(size * 256 / 224)}-centercrop{size}-normalize{info.mean}{info.std}"
 
 
-def _array_batches(images: ArrayImages, info: DatasetInfo, size: int, batch_size: int
-                   ) -> Iterator[torch.Tensor]:
-    mean = torch.tensor(info.mean).view(1, 3, 1, 1)
-    std = torch.tensor(info.std).view(1, 3, 1, 1)
+def _resize_crop(x: torch.Tensor, prep: Preprocess) -> torch.Tensor:
+    """Square image tensors resized to prep.resize (when they differ) and centre-cropped to prep.size."""
+    if x.shape[-1] != prep.resize or x.shape[-2] != prep.resize:
+        smooth = prep.interpolation in ("bilinear", "bicubic")
+        x = F.interpolate(x, size=(prep.resize, prep.resize), mode=prep.interpolation, antialias=smooth,
+                          align_corners=False if smooth else None)
+    return T.functional.center_crop(x, [prep.size]) if prep.resize != prep.size else x
+
+
+def _array_batches(images: ArrayImages, prep: Preprocess, batch_size: int) -> Iterator[torch.Tensor]:
+    mean = torch.tensor(prep.mean).view(1, 3, 1, 1)
+    std = torch.tensor(prep.std).view(1, 3, 1, 1)
     for start in range(0, len(images), batch_size):
         x = torch.from_numpy(images.images[start:start + batch_size]).float().div_(255)
         if x.shape[1] == 1:
             x = x.expand(-1, 3, -1, -1)
-        if x.shape[-1] != size or x.shape[-2] != size:
-            x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-        yield (x - mean) / std
+        yield (_resize_crop(x, prep) - mean) / std
+
+
+def file_transform(prep: Preprocess) -> T.Compose:
+    """`prep` for a PIL image."""
+    return T.Compose([T.Resize(prep.resize, interpolation=T.InterpolationMode(prep.interpolation)),
+                      T.CenterCrop(prep.size), T.ToTensor(), T.Normalize(prep.mean, prep.std)])
 
 
 class _TolerantFiles(Dataset):
@@ -311,19 +358,18 @@ def unreadable_error(path: str, why: str) -> UsageError:
 
 
 def decoded_batches(images: Images, name: str, batch_size: int, workers: int = 0, image_size: int | None = None,
-                    strict: bool = False) -> Iterator[tuple[torch.Tensor, dict[int, str]]]:
+                    strict: bool = False, preprocess: Preprocess | None = None
+                    ) -> Iterator[tuple[torch.Tensor, dict[int, str]]]:
     """(batch, {dataset index: why} of the files in it that could not be decoded, their rows zero),
-    in dataset order, with the original's centre-crop inference transform; with `strict` the first
-    such file is a UsageError naming it instead."""
-    info, size = DATASET_INFO[name], inference_size(name, image_size)
+    in dataset order, with the backbone's `preprocess` (else the original's centre-crop inference
+    transform) at --image-size; with `strict` the first such file is a UsageError naming it instead."""
+    prep = preprocess.at_size(image_size) if preprocess else dataset_preprocess(name, image_size)
     if isinstance(images, ArrayImages):
-        for x in _array_batches(images, info, size, batch_size):
+        for x in _array_batches(images, prep, batch_size):
             yield x, {}
         return
-    transform = T.Compose([T.Resize(round(size * 256 / 224)), T.CenterCrop(size), T.ToTensor(),
-                           T.Normalize(info.mean, info.std)])
-    loader = DataLoader(_TolerantFiles(images.paths, transform, size), batch_size=batch_size, shuffle=False,
-                        num_workers=workers, pin_memory=torch.cuda.is_available())
+    loader = DataLoader(_TolerantFiles(images.paths, file_transform(prep), prep.size), batch_size=batch_size,
+                        shuffle=False, num_workers=workers, pin_memory=torch.cuda.is_available())
     start = 0
     for x, whys in loader:
         unreadable = {start + j: why for j, why in enumerate(whys) if why}
@@ -335,9 +381,9 @@ def decoded_batches(images: Images, name: str, batch_size: int, workers: int = 0
 
 
 def inference_batches(images: Images, name: str, batch_size: int, workers: int = 0,
-                      image_size: int | None = None) -> Iterator[torch.Tensor]:
+                      image_size: int | None = None, preprocess: Preprocess | None = None) -> Iterator[torch.Tensor]:
     """Normalised image batches in dataset order; an unreadable file is a UsageError naming it."""
-    for x, _ in decoded_batches(images, name, batch_size, workers, image_size, strict=True):
+    for x, _ in decoded_batches(images, name, batch_size, workers, image_size, strict=True, preprocess=preprocess):
         yield x
 
 
@@ -348,16 +394,18 @@ TrainingItem = tuple[torch.Tensor, int]  # an augmented image and its label
 
 class AugmentedSubset(Dataset[TrainingItem]):
     """The labelled images at `indices` with the original's train augmentation (RandomResizedCrop to the
-    inference size, horizontal flip, normalise): (tensor, label). Arrays are augmented as uint8
-    tensors, files as PIL images."""
+    inference size, horizontal flip, normalise by the backbone's `preprocess` mean and std, else the
+    dataset's): (tensor, label). Arrays are augmented as uint8 tensors, files as PIL images."""
 
-    def __init__(self, images: Images, indices: np.ndarray, name: str, image_size: int | None = None):
+    def __init__(self, images: Images, indices: np.ndarray, name: str, image_size: int | None = None,
+                 preprocess: Preprocess | None = None):
         if images.labels is None:
             raise ValueError("training images need labels")
-        info = DATASET_INFO[name]
+        stats = preprocess or DATASET_INFO[name]
         self.images, self.labels, self.indices = images, images.labels, np.asarray(indices)
-        self.augment = T.Compose([T.RandomResizedCrop(inference_size(name, image_size)), T.RandomHorizontalFlip()])
-        self.normalize = T.Normalize(info.mean, info.std)
+        size = inference_size(name, image_size, preprocess)
+        self.augment = T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip()])
+        self.normalize = T.Normalize(stats.mean, stats.std)
 
     def __len__(self) -> int:
         return len(self.indices)

@@ -89,10 +89,11 @@ class SeededItems(Dataset[datasets.TrainingItem]):
 
 
 def image_loader(images: datasets.Images, pool: np.ndarray, dataset: str, image_size: int | None, batch_size: int,
-                 workers: int) -> EpochBatches:
-    """Shuffled, augmented (image, label) batches of the pool for each epoch; under torchrun this
-    process's share of each batch, from a DistributedSampler."""
-    items = SeededItems(datasets.AugmentedSubset(images, pool, dataset, image_size))
+                 workers: int, preprocess: datasets.Preprocess | None = None) -> EpochBatches:
+    """Shuffled, augmented (image, label) batches of the pool for each epoch, normalised as the backbone's
+    `preprocess` says (else as the dataset's); under torchrun this process's share of each batch, from a
+    DistributedSampler."""
+    items = SeededItems(datasets.AugmentedSubset(images, pool, dataset, image_size, preprocess))
     sampler: DistributedSampler[datasets.TrainingItem] | None = (
         DistributedSampler(items, seed=0) if distributed.active() else None)
     per_process = distributed.per_process_batch(batch_size)
@@ -145,11 +146,13 @@ def feature_logits(head: nn.Module, feats: np.ndarray, device: torch.device, bat
 
 
 def image_logits(head: nn.Module, backbone: nn.Module, images: datasets.Images, dataset: str, batch_size: int,
-                 workers: int, image_size: int | None, device: torch.device) -> Iterator[torch.Tensor]:
-    """Logits of head(backbone(image)) with the centre-crop inference transform, batch by batch."""
+                 workers: int, image_size: int | None, device: torch.device,
+                 preprocess: datasets.Preprocess | None = None) -> Iterator[torch.Tensor]:
+    """Logits of head(backbone(image)) with the backbone's `preprocess` (else the dataset's centre-crop
+    inference transform), batch by batch."""
     head.eval()
     with torch.inference_mode():
-        for x in datasets.inference_batches(images, dataset, batch_size, workers, image_size):
+        for x in datasets.inference_batches(images, dataset, batch_size, workers, image_size, preprocess):
             yield head(backbone(x.to(device, non_blocking=True))).float().cpu()
 
 

@@ -17,6 +17,7 @@ import argparse
 import functools
 import json
 import os
+import re
 import zipfile
 from dataclasses import dataclass, field
 
@@ -26,11 +27,12 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from lowbudget import backbone_families as families
 from lowbudget import datasets, distributed
-from lowbudget.backbones import build_backbone, weights_fingerprint
+from lowbudget.backbones import weights_fingerprint
 from lowbudget.cli import UsageError
 from lowbudget.fileio import atomic_write, file_digest, text_digest
-from lowbudget.runtime import on_device
+from lowbudget.runtime import for_inference, inference_autocast, resolve_precision
 
 CACHE_VERSION = 1
 
@@ -80,15 +82,21 @@ def normalize_rows(feats: np.ndarray) -> np.ndarray:
 @torch.inference_mode()
 def extract(model: nn.Module, images: datasets.Images, dataset: str, batch_size: int, workers: int,
             device: torch.device, image_size: int | None = None, desc: str = "features",
-            strict: bool = False) -> tuple[np.ndarray, dict[int, str]]:
+            strict: bool = False, precision: str = "fp32", preprocess: datasets.Preprocess | None = None
+            ) -> tuple[np.ndarray, dict[int, str]]:
     """(L2-normalised features of every image in dataset order, {index: why} of the files that could not
-    be decoded): each of those gets a zero row, or with `strict` is a UsageError at once."""
-    model = on_device(model.eval(), device)
-    batches = datasets.decoded_batches(images, dataset, batch_size, workers, image_size, strict=strict)
+    be decoded): each of those gets a zero row, or with `strict` is a UsageError at once. Images are
+    transformed as the backbone's `preprocess` says (None: the dataset's protocol). `precision`:
+    'fp32', or 'bf16'/'fp16' autocast with channels-last weights (runtime.resolve_precision)."""
+    model = for_inference(model, precision, device)
+    batches = datasets.decoded_batches(images, dataset, batch_size, workers, image_size, strict=strict,
+                                       preprocess=preprocess)
     total = -(-len(images) // batch_size)
     feats, start, skipped = None, 0, {}
     for x, unreadable in tqdm(batches, total=total, desc=desc, disable=distributed.quiet()):
-        out = l2_normalize(model(x.to(device, non_blocking=True)).float()).cpu().numpy()
+        with inference_autocast(precision, device):
+            out = model(x.to(device, non_blocking=True))
+        out = l2_normalize(out.float()).cpu().numpy()
         if feats is None:  # filled in place: no list of batches concatenated at the end (2x memory)
             feats = np.empty((len(images), out.shape[1]), dtype=np.float32)
         feats[start:start + len(out)] = out
@@ -119,19 +127,32 @@ def listing_digest(images: datasets.FileImages, root: str) -> str:
     return text_digest(json.dumps([paths, labels]))
 
 
-def cache_meta(args: argparse.Namespace, split: str, fingerprint: str, images: datasets.Images) -> dict:
+def cache_meta(args: argparse.Namespace, split: str, fingerprint: str, images: datasets.Images,
+               precision: str) -> dict:
     """Everything that must match for a cached file to be reused; a folder's contents included (the
-    paper's datasets are fixed, a user's folder is not)."""
+    paper's datasets are fixed, a user's folder is not). `fingerprint`: the weights' digest or tag."""
     meta = {"version": CACHE_VERSION, "dataset": args.dataset, "split": split, "arch": args.arch,
             "backbone": args.backbone, "weights_fingerprint": fingerprint, "num_images": len(images),
-            "transform": datasets.describe_transform(args.dataset, args.image_size), "normalized": True}
+            "transform": transform_of(args), "normalized": True,
+            "precision": precision}
     if args.dataset == "folder" and isinstance(images, datasets.FileImages):
         meta["listing"] = listing_digest(images, args.data)
     return meta
 
 
 def cache_path(args: argparse.Namespace, split: str, fingerprint: str) -> str:
-    return os.path.join(args.save, f"feats_{args.dataset}_{split}_{args.arch}_{args.backbone}_{fingerprint}.npz")
+    """The cache file: named by dataset, split, model and weights; for a model loaded by name (its id may
+    hold '/' or ':'), by the digest of its id, weights tag and transform, so each of them gets its own file."""
+    model, tag = args.arch, fingerprint
+    if families.uses_pretrained_name(args.backbone, args.weights):
+        model = file_name_part(args.arch)
+        tag = text_digest(json.dumps([args.arch, fingerprint, transform_of(args)]))
+    return os.path.join(args.save, f"feats_{args.dataset}_{split}_{model}_{args.backbone}_{tag}.npz")
+
+
+def file_name_part(model_id: str) -> str:
+    """A model id (a repository id, a folder, REPO:ENTRY) shortened to a safe part of a file name."""
+    return re.sub(r"[^\w.-]+", "-", os.path.basename(model_id.rstrip("/")))[-60:]
 
 
 def read_cache(path: str, meta: dict, labeled: bool = True
@@ -160,13 +181,18 @@ def read_cache(path: str, meta: dict, labeled: bool = True
 
 
 @functools.lru_cache(maxsize=1)
-def _backbone(arch: str, backbone: str, weights: str, fingerprint: str, seed: int) -> tuple[nn.Module, int]:
+def _backbone(arch: str, backbone: str, weights: str, fingerprint: str, seed: int, image_size: int | None
+              ) -> families.Backbone:
     with torch.random.fork_rng():
         torch.manual_seed(seed)  # a random backbone depends on the seed alone, wherever it is built
-        return build_backbone(arch, backbone, weights)
+        return families.load_backbone(arch, backbone, weights, image_size)
 
 
 def check_weights(args: argparse.Namespace) -> None:
+    """--weights as the backbone needs it: a checkpoint file, a weights name, or nothing (random)."""
+    if families.uses_pretrained_name(args.backbone, args.weights):
+        families.check_pretrained_name(args.arch, args.backbone, args.weights)
+        return
     if args.backbone != "random" and not args.weights:
         raise UsageError(f"--weights: --backbone {args.backbone} needs a checkpoint (or pass --feats)")
     if args.backbone != "random" and not os.path.isfile(args.weights):
@@ -174,20 +200,46 @@ def check_weights(args: argparse.Namespace) -> None:
 
 
 @functools.lru_cache(maxsize=4)
-def _fingerprint(backbone: str, weights: str, seed: int, mtime_ns: int) -> str:
+def _fingerprint(arch: str, backbone: str, weights: str, seed: int, mtime_ns: int) -> str:
+    if families.uses_pretrained_name(backbone, weights):
+        return families.weights_label(arch, backbone, weights)
     return weights_fingerprint(backbone, weights, seed)
 
 
 def fingerprint_of(args: argparse.Namespace) -> str:
-    """The weights' fingerprint, hashed once per run however many splits and scripts parts ask for it."""
+    """The weights' fingerprint (a file's digest, or the tag of weights loaded by name), hashed once per run
+    however many splits and scripts parts ask for it."""
     check_weights(args)
-    mtime_ns = 0 if args.backbone == "random" else os.stat(args.weights).st_mtime_ns
-    return _fingerprint(args.backbone, args.weights, args.seed, mtime_ns)
+    mtime_ns = os.stat(args.weights).st_mtime_ns if families.is_weights_file(args.weights) else 0
+    return _fingerprint(args.arch, args.backbone, args.weights, args.seed, mtime_ns)
 
 
-def frozen_backbone(args: argparse.Namespace) -> tuple[nn.Module, int]:
-    """(backbone, feature dim), built once per run and shared by feature extraction and training."""
-    return _backbone(args.arch, args.backbone, args.weights, fingerprint_of(args), args.seed)
+def loaded_backbone(args: argparse.Namespace) -> families.Backbone:
+    """(backbone, feature dim, preprocessing), built once per run and shared by feature extraction and
+    training."""
+    return _backbone(args.arch, args.backbone, args.weights, fingerprint_of(args), args.seed, args.image_size)
+
+
+def backbone_preprocess(args: argparse.Namespace) -> datasets.Preprocess | None:
+    """The transform the backbone's weights expect (the model is built for it: its library says); None for
+    a checkpoint file or random weights, which use the dataset's protocol."""
+    if not families.uses_pretrained_name(args.backbone, args.weights):
+        return None
+    return loaded_backbone(args).preprocess
+
+
+def embedding_provenance(args: argparse.Namespace) -> dict[str, str | int | None]:
+    """The backbone's weights (tag or file digest; None when no file was given), input size and transform."""
+    given = args.backbone == "random" or families.uses_pretrained_name(args.backbone, args.weights) or \
+        families.is_weights_file(args.weights)
+    return {"weights": fingerprint_of(args) if given else None,
+            "image_size": datasets.inference_size(args.dataset, args.image_size, backbone_preprocess(args)),
+            "transform": transform_of(args)}
+
+
+def transform_of(args: argparse.Namespace) -> str:
+    """The inference transform as applied, described for caches, sidecars and results."""
+    return datasets.describe_transform(args.dataset, args.image_size, backbone_preprocess(args))
 
 
 def split_images(args: argparse.Namespace, split: str) -> datasets.Images:
@@ -239,7 +291,8 @@ def backbone_features(args: argparse.Namespace, split: str, device: torch.device
     extracted and cached. Unreadable files are reported; in the val split their rows are dropped."""
     images = split_images(args, split)
     fingerprint = fingerprint_of(args)
-    meta = cache_meta(args, split, fingerprint, images)
+    precision = resolve_precision(args.precision, device)
+    meta = cache_meta(args, split, fingerprint, images, precision)
     path = cache_path(args, split, fingerprint)
     cached = read_cache(path, meta, images.labels is not None) if args.load_cache else None
     if cached is not None:
@@ -247,11 +300,12 @@ def backbone_features(args: argparse.Namespace, split: str, device: torch.device
         feats, labels, skipped = cached
         report_skips(images, dict.fromkeys(skipped.tolist(), "found when the cache was written"), args.strict)
     else:
-        model, _ = frozen_backbone(args)
+        model, _, preprocess = loaded_backbone(args)
         print(f"get {'inference' if split == 'train' else 'val'} feats =>")
         early = args.strict and not distributed.active()  # under torchrun every process stops alike, below
         feats, unreadable = extract(model, distributed.shard_images(images), args.dataset, args.batch_size,
-                                    args.workers, device, args.image_size, desc=f"{split} feats", strict=early)
+                                    args.workers, device, args.image_size, desc=f"{split} feats", strict=early,
+                                    precision=precision, preprocess=preprocess)
         feats, unreadable = gather_blocks(feats, unreadable, len(images))
         report_skips(images, unreadable, args.strict)
         labels, skipped = images.labels, np.array(sorted(unreadable), dtype=np.int64)

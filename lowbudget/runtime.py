@@ -1,6 +1,7 @@
 """Seeding and device selection: the one place that decides CPU or CUDA, torch or faiss GPU."""
 from __future__ import annotations
 
+import contextlib
 import random
 
 import faiss
@@ -32,6 +33,30 @@ def faiss_uses_gpu(device: torch.device) -> bool:
     """faiss runs on all GPUs only when it was built with GPU support and the device is CUDA."""
     return (device.type == "cuda" and hasattr(faiss, "index_cpu_to_all_gpus")
             and faiss.get_num_gpus() > 0)
+
+
+# What --precision auto means per device type: measured by benchmarks/bench_embedding.py (docs/speed.md).
+AUTO_PRECISION = {"cpu": "fp32", "cuda": "fp32"}
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_precision(name: str, device: torch.device) -> str:
+    """--precision: 'auto' -> the measured choice for the device type; any other name as given."""
+    return AUTO_PRECISION.get(device.type, "fp32") if name == "auto" else name
+
+
+def inference_autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """Plain float32 for 'fp32'; else autocast to bf16 or fp16 (float32 where torch keeps it, e.g. norms)."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=AUTOCAST_DTYPES[precision])
+
+
+def for_inference(model: nn.Module, precision: str, device: torch.device) -> nn.Module:
+    """`model` on `device` for `precision`: channels-last weights with reduced precision (the layout fast
+    bf16/fp16 convolutions use), untouched for fp32 so its output stays what it always was."""
+    model = on_device(model.eval(), device)
+    return model if precision == "fp32" else model.to(memory_format=torch.channels_last)
 
 
 def on_device(model: nn.Module, device: torch.device) -> nn.Module:

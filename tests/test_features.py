@@ -120,7 +120,7 @@ def test_random_backbone_depends_on_the_seed_alone(tmp_path, cifar10_root, capsy
     features._backbone.cache_clear()
     torch.rand(1000)  # whatever ran before must not change the random weights
     parsed = sampler.build_parser().parse_args([str(cifar10_root), "--arch", "resnet18", *args])
-    model, _ = features.frozen_backbone(parsed)
+    model, _, _ = features.loaded_backbone(parsed)
     images = datasets.load_images("cifar10", str(cifar10_root), "train")
     with torch.no_grad():
         direct = F.normalize(model(next(datasets.inference_batches(images, "cifar10", 16))), dim=1).numpy()

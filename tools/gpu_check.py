@@ -1,0 +1,159 @@
+"""Check that everything the project runs on a CUDA GPU agrees with its CPU twin (`make test-gpu`).
+
+    .venv/bin/python tools/gpu_check.py
+
+Checks, one PASS/FAIL line each with its numbers (about a minute on one GPU): feature extraction
+(random ResNet-18, 256 synthetic images, CUDA against CPU, cosine >= 0.999 per image); faiss flat
+search (the same neighbours up to ties) and k-means (objective within 1 %) on the GPU against the CPU;
+the core-set CUDA path against the CPU path (the same picks, or the first differing pick a tie within
+float rounding); a linear probe trained with mixed precision (`engine.fit(amp=True)`); and a
+one-process torchrun on NCCL all-reducing a tensor. Exit status 1 if any check fails. Without a CUDA
+device it prints one line and exits 0.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a script from anywhere
+
+from lowbudget import datasets, engine, faiss_ops, strategies
+from lowbudget.backbones import build_backbone
+from lowbudget.features import extract
+from lowbudget.runtime import faiss_uses_gpu, resolve_precision
+
+CUDA, CPU = torch.device("cuda"), torch.device("cpu")
+NCCL_SCRIPT = """import torch, torch.distributed as dist
+dist.init_process_group("nccl")
+torch.cuda.set_device(0)
+t = torch.full((4,), 3.0, device="cuda")
+dist.all_reduce(t)
+print(f"all_reduce {t.sum().item():.1f}")
+dist.destroy_process_group()
+"""
+
+
+def report(name: str, ok: bool, numbers: str) -> bool:
+    print(f"{'PASS' if ok else 'FAIL'} {name}: {numbers}", flush=True)
+    return ok
+
+
+def clustered(rows: int, dim: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(unit float32 rows around 20 random centres, each row's centre): features with structure."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((20, dim)).astype(np.float32)
+    labels = rng.integers(0, 20, rows)
+    feats = centres[labels] + 0.3 * rng.standard_normal((rows, dim)).astype(np.float32)
+    return feats / np.linalg.norm(feats, axis=1, keepdims=True), labels
+
+
+def clustered_rows(rows: int, dim: int, seed: int) -> np.ndarray:
+    return clustered(rows, dim, seed)[0]
+
+
+def check_extraction() -> bool:
+    torch.manual_seed(0)
+    model, _ = build_backbone("resnet18", "random")
+    rng = np.random.default_rng(0)
+    images = datasets.ArrayImages(rng.integers(0, 256, (256, 3, 32, 32), dtype=np.uint8), np.zeros(256))
+    precision = resolve_precision("auto", CUDA)
+    on_gpu, _ = extract(model, images, "cifar10", 64, 0, CUDA, desc="", precision=precision)
+    on_cpu, _ = extract(model.cpu(), images, "cifar10", 64, 0, CPU, desc="")
+    cosine = np.einsum("ij,ij->i", on_gpu, on_cpu)
+    return report("extraction", bool(cosine.min() >= 0.999),
+                  f"256 images, CUDA ({precision}) vs CPU cosine min {cosine.min():.6f} mean {cosine.mean():.6f}")
+
+
+def check_flat_search() -> bool:
+    base, queries = clustered_rows(20000, 128, 1), clustered_rows(500, 128, 2)
+    dist_cpu, idx_cpu = faiss_ops.flat_search(base, queries, 10, gpu=False)
+    dist_gpu, idx_gpu = faiss_ops.flat_search(base, queries, 10, gpu=True)
+    differ = idx_cpu != idx_gpu
+    ties = np.abs(dist_cpu - dist_gpu)[differ].max(initial=0.0)
+    return report("faiss flat search", bool(ties <= 1e-4),
+                  f"{differ.sum()} of {differ.size} neighbours differ, largest distance gap there {ties:.2e}")
+
+
+def check_kmeans() -> bool:
+    feats = clustered_rows(20000, 128, 3)
+    objective_cpu = float(faiss_ops.kmeans(feats, 100, gpu=False)[2].sum())
+    objective_gpu = float(faiss_ops.kmeans(feats, 100, gpu=True)[2].sum())
+    gap = abs(objective_gpu - objective_cpu) / objective_cpu
+    return report("faiss k-means", gap <= 0.01,
+                  f"objective GPU {objective_gpu:.2f} vs CPU {objective_cpu:.2f} ({gap:.3%} apart)")
+
+
+def distance_to(feats: np.ndarray, centres: np.ndarray, point: int) -> float:
+    """Squared L2 distance (float64) from row `point` to its nearest row among `centres`."""
+    x = feats.astype(np.float64)
+    return float(((x[centres] - x[point]) ** 2).sum(1).min())
+
+
+def check_coreset() -> bool:
+    feats, labeled = clustered_rows(20000, 128, 4), np.arange(50)
+    on_cpu = strategies.coreset_select(feats, labeled, 200, progress=False).indices
+    on_gpu = strategies.coreset_select(feats, labeled, 200, device="cuda", progress=False).indices
+    if np.array_equal(on_cpu, on_gpu):
+        return report("core-set", True, "CUDA and CPU paths: the same 200 picks")
+    first = int(np.flatnonzero(on_cpu != on_gpu)[0])
+    centres = np.concatenate([labeled, on_cpu[:first]])
+    d_cpu, d_gpu = distance_to(feats, centres, on_cpu[first]), distance_to(feats, centres, on_gpu[first])
+    return report("core-set", abs(d_cpu - d_gpu) <= 1e-5 * max(d_cpu, 1.0),
+                  f"first different pick #{first}: distance CPU {d_cpu:.8f} vs CUDA {d_gpu:.8f}")
+
+
+def check_amp_probe() -> bool:
+    feats, labels = clustered(4000, 128, 5)
+    head = engine.linear_head(128, 20).to(CUDA)
+    schedule = engine.Schedule(epochs=5, lr=0.01, milestones=[], print_freq=5)
+    with tempfile.TemporaryDirectory() as folder:
+        result = engine.fit(head, torch.optim.Adam(head.parameters(), 0.01),
+                            epoch_batches=engine.feature_loader(feats[:3000], labels[:3000], 128),
+                            validate=lambda: engine.feature_accuracy(head, feats[3000:], labels[3000:], CUDA),
+                            schedule=schedule, device=CUDA, seed=0, checkpoint=os.path.join(folder, "head.pth"),
+                            amp=True)
+    return report("linear probe, --amp", result["top1"] >= 90,
+                  f"top-1 {result['top1']:.1f} % after 5 epochs on 20 separable clusters")
+
+
+def check_nccl() -> bool:
+    with tempfile.TemporaryDirectory() as folder:
+        script = os.path.join(folder, "nccl_all_reduce.py")
+        with open(script, "w") as f:
+            f.write(NCCL_SCRIPT)
+        done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                               "1", script], capture_output=True, text=True, timeout=180)
+    ok = done.returncode == 0 and "all_reduce 12.0" in done.stdout
+    last = (done.stdout + done.stderr).strip().splitlines()[-1:] or ["no output"]
+    return report("torchrun nccl", ok, f"exit {done.returncode}: {last[0]}")
+
+
+def run(check: Callable[[], bool]) -> bool:
+    """A check's verdict; an exception is its FAIL line."""
+    try:
+        return check()
+    except Exception as err:
+        return report(check.__name__.removeprefix("check_"), False, f"{type(err).__name__}: {err}")
+
+
+def main() -> int:
+    if not torch.cuda.is_available():
+        print("gpu_check: no CUDA device: skipped")
+        return 0
+    checks: list[Callable[[], bool]] = [check_extraction, check_coreset, check_amp_probe, check_nccl]
+    if faiss_uses_gpu(CUDA):
+        checks += [check_flat_search, check_kmeans]
+    else:
+        report("faiss GPU", False, "faiss has no GPU support here: install it with `make setup GPU=1`")
+    verdicts = [run(check) for check in checks]
+    return 0 if all(verdicts) and faiss_uses_gpu(CUDA) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
