@@ -125,6 +125,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                     device=device, gpu=faiss_uses_gpu(device), verbose=sys.stdout.isatty())
     step = strategy.build(inputs, vars(args))
     results_file = cli.results_path(args)
+    made_by = provenance(args, embedded=strategy.needs_features)
     for rows, params in select_pools(strategy, step, splits, rows_of(pool.keep, initial, "--resume-indices")):
         selected = pool.keep[rows]
         path = index_path(args.indices, args.name, args.dataset, len(selected))
@@ -135,11 +136,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         write_indices(path, selected, {
             "strategy": args.name, "dataset": args.dataset, "params": params, "seed": args.seed,
             "initial_pool": {"path": args.resume_indices, "size": len(initial)} if args.resume_indices else None,
-            "features": pool.fingerprint, **provenance(args)})
+            "features": pool.fingerprint, **made_by})
         print(f"=> saved {path}")
         if seen is not None:
             append_result(results_file, script="sampler", dataset=args.dataset, name=args.name, split=len(selected),
-                          metric="coverage", value=seen, seed=args.seed, **provenance(args))
+                          metric="coverage", value=seen, seed=args.seed, **made_by)
 
 
 if __name__ == "__main__":
