@@ -81,6 +81,11 @@ class Strategy:
     randomised: bool = False  # the seed changes the selection (beyond ties)
     nested: bool = False  # the pool of a larger absolute budget contains the smaller one's
     options: tuple[Option, ...] = field(default=())
+    label: str = ""  # its name in tables and plots (the paper's, e.g. Max-Entropy); the name itself when empty
+
+    @property
+    def title(self) -> str:
+        return self.label or self.name
 
     def defaults(self) -> dict[str, Any]:
         """Its options at their defaults."""
@@ -216,18 +221,20 @@ def _uncertainty_builder(name: str) -> Callable[[Inputs, Options], Step]:
 
 STRATEGIES: dict[str, Strategy] = {row.name: row for row in (
     Strategy("uniform", _build_uniform, incremental=False, needs_features=False, needs_labels=True,
-             randomised=True, nested=True),
-    Strategy("random", _build_random, incremental=False, needs_features=False, randomised=True, nested=True),
-    Strategy("kmeans", _build_kmeans, incremental=False, randomised=True),
-    Strategy("accu_kmeans", _build_accu_kmeans, incremental=True, randomised=True),
-    Strategy("coreset", _build_coreset, incremental=True),
+             randomised=True, nested=True, label="Uniform"),
+    Strategy("random", _build_random, incremental=False, needs_features=False, randomised=True, nested=True,
+             label="Random"),
+    Strategy("kmeans", _build_kmeans, incremental=False, randomised=True, label="K-means"),
+    Strategy("accu_kmeans", _build_accu_kmeans, incremental=True, randomised=True, label="Multi k-means"),
+    Strategy("coreset", _build_coreset, incremental=True, label="Core-set"),
     Strategy("typiclust", _build_typiclust, incremental=True, randomised=True,
-             options=(MAX_CLUSTERS, MIN_CLUSTER_SIZE, KNN, TYPICALITY)),
+             options=(MAX_CLUSTERS, MIN_CLUSTER_SIZE, KNN, TYPICALITY), label="TypiClust"),
     Strategy("probcover", _build_probcover, incremental=True, randomised=True,  # δ auto: seeded pseudo-labels
-             options=(DELTA, PURITY, PSEUDO_CLASSES)),
-    Strategy("maxherding", _build_maxherding, incremental=True, options=(BANDWIDTH, KERNEL_KNN)),
+             options=(DELTA, PURITY, PSEUDO_CLASSES), label="ProbCover"),
+    Strategy("maxherding", _build_maxherding, incremental=True, options=(BANDWIDTH, KERNEL_KNN), label="MaxHerding"),
     *(Strategy(name, _uncertainty_builder(name), incremental=True, needs_features=False, needs_labels=True,
-               needs_model=True) for name in ("entropy", "margin", "least_confidence")),
+               needs_model=True, label=label)
+      for name, label in (("entropy", "Max-Entropy"), ("margin", "Margin"), ("least_confidence", "Least confidence"))),
 )}
 
 

@@ -5,12 +5,12 @@ import json
 import numpy as np
 import pytest
 
-from lowbudget.strategy_table import names
+from lowbudget.strategy_table import STRATEGIES
 from tests.conftest import call_main
 from tests.test_datasets import write_idx
 from tools import demo
 
-METHODS = names(model=False)
+METHODS = demo.METHODS
 
 
 @pytest.fixture
@@ -38,10 +38,15 @@ def test_demo_end_to_end_then_reuses_features(tmp_path, fashion_root, capsys, mo
     status, stdout, err = call_main(demo.main, demo_args(fashion_root, out), capsys)
     assert status == 0, err
     for seed in (0, 1):
+        folder = out / "indices" / f"seed{seed}"
         for name in METHODS:
-            for budget in (10, 20, 50):
-                pool = np.load(out / "indices" / f"seed{seed}" / f"{name}_fashion_mnist_{budget}.npy")
+            pools = [np.load(folder / f"{name}_fashion_mnist_{budget}.npy") for budget in (10, 20, 50)]
+            for pool, budget in zip(pools, (10, 20, 50), strict=True):
                 assert len(np.unique(pool)) == budget and pool.max() < 300
+            if name in demo.ROUNDS_FROM:  # the paper's protocol: rounds from another method's pool of 10
+                start = np.load(folder / f"{demo.ROUNDS_FROM[name]}_fashion_mnist_10.npy")
+                assert np.array_equal(pools[0], start)
+                assert np.array_equal(pools[1][:10], start) and np.array_equal(pools[2][:20], pools[1])
     records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     for metric in ("knn_top1", "lincls_top1"):
         assert sorted((r["name"], r["seed"], r["split"]) for r in records if r["metric"] == metric) == sorted(
@@ -49,11 +54,13 @@ def test_demo_end_to_end_then_reuses_features(tmp_path, fashion_root, capsys, mo
     report = (out / "report.md").read_text()
     assert "### 1-NN top-1 (%)" in report and "### Linear top-1 (%), cached features, 2 epochs" in report
     for name in METHODS:
-        assert report.count(f"| {name} |") == 3  # a row in the coverage, linear and 1-NN tables
+        assert report.count(f"| {STRATEGIES[name].title} |") == 3 + (name in demo.report.PAPER_ROWS) * 3
     assert report.count("Mean ± std over 2 seeds.") == 3
+    assert report.count("| *K-means − Random* |") == 6  # under the run's three tables and the paper's three
+    assert "Max-Entropy from Random's" in report
     for plot in ("coverage", "knn_top1", "lincls_top1"):
         assert (out / f"fashion-mnist_{plot}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert stdout.count("| kmeans |") == 3  # the report is printed too
+    assert stdout.count("| K-means |") == 6  # the report is printed too
 
     def no_extraction(*args, **kwargs):
         raise AssertionError("features were extracted again")
@@ -66,7 +73,7 @@ def test_demo_end_to_end_then_reuses_features(tmp_path, fashion_root, capsys, mo
 
 
 @pytest.mark.parametrize("extra, pattern", [
-    (["--methods", "kmeans,vaal"], "--methods: unknown strategy 'vaal'"),
+    (["--methods", "kmeans,margin"], "--methods: unknown strategy 'margin'"),
     (["--budgets", "10,400"], "--budgets: every budget must be within 1..--pool (300)"),
     (["--budgets", "20,10"], "--budgets: '20,10' must be distinct, ascending"),
     (["--seeds", "0,x"], "--seeds: '0,x' is not a comma-separated list"),

@@ -75,8 +75,9 @@ def test_cells_are_mean_and_sample_std_best_in_bold(tmp_path, capsys):
     assert table_after(out, "1-NN top-1 (%)") == [
         "| Method | 10 | 20 |",
         "|---|---:|---:|",
-        "| random | 41.00 ± 1.41 | **70.00 ± 0.00** |",
-        "| kmeans | **52.50 ± 3.54** | 62.00 ± 2.83 |",
+        "| Random | 41.00 ± 1.41 | **70.00 ± 0.00** |",
+        "| K-means | **52.50 ± 3.54** | 62.00 ± 2.83 |",
+        "| *K-means − Random* | +11.50 | -8.00 |",
         "Mean ± std over 2 seeds.",
     ]
 
@@ -88,8 +89,9 @@ def test_coverage_counts_each_pool_and_seed_once_across_scripts_ties_all_bold(tm
     assert table_after(out, "Class coverage (%)") == [
         "| Method | 10 |",
         "|---|---:|",
-        "| random | **100.00 ± 0.00** |",
-        "| kmeans | 95.00 ± 7.07 |",
+        "| Random | **100.00 ± 0.00** |",
+        "| K-means | 95.00 ± 7.07 |",
+        "| *K-means − Random* | -5.00 |",
         "Mean ± std over 2 seeds.",
     ]
 
@@ -100,8 +102,9 @@ def test_missing_cells_are_dashes_single_seed_shows_the_mean(tmp_path, capsys):
     assert table_after(out, "Linear top-1 (%), cached features, 40 epochs") == [
         "| Method | 10 | 20 |",
         "|---|---:|---:|",
-        "| random | – | **35.00** |",
-        "| kmeans | **30.00** | – |",
+        "| Random | – | **35.00** |",
+        "| K-means | **30.00** | – |",
+        "| *K-means − Random* | – | – |",
         "One seed.",
     ]
     assert "lincls_top5" not in out and "entropy" not in out  # other metrics are not tabulated
@@ -113,8 +116,8 @@ def test_rerun_in_a_later_file_wins(tmp_path, capsys):
     status, out, _ = run_report([first, second, "--out", tmp_path / "out"], capsys)
     assert status == 0
     rows = table_after(out, "1-NN top-1 (%)")
-    assert rows[2:4] == ["| random | 41.00 ± 1.41 | 40.00 ± 42.43 |",
-                         "| kmeans | **52.50 ± 3.54** | **62.00 ± 2.83** |"]
+    assert rows[2:4] == ["| Random | 41.00 ± 1.41 | 40.00 ± 42.43 |",
+                         "| K-means | **52.50 ± 3.54** | **62.00 ± 2.83** |"]
     assert out.startswith(f"# Results\n\nFrom `{first}`, `{second}`.\n")
 
 
@@ -126,19 +129,23 @@ def test_seed_counts_that_differ_are_shown(tmp_path, capsys):
     status, out, _ = run_report([write_jsonl(tmp_path / "results.jsonl", records)], capsys)
     assert status == 0
     assert table_after(out, "1-NN top-1 (%)")[2:] == [
-        "| random | 40.00 (n=1) | **46.00 ± 1.41** |",
-        "| kmeans | **55.00 ± 5.00** (n=3) | 45.00 ± 1.41 |",
+        "| Random | 40.00 (n=1) | **46.00 ± 1.41** |",
+        "| K-means | **55.00 ± 5.00** (n=3) | 45.00 ± 1.41 |",
+        "| *K-means − Random* | +15.00 | -1.00 |",
         "Mean ± std over seeds: 2 per cell, except where (n=…) says otherwise.",
     ]
 
 
 def test_methods_in_the_papers_order_then_alphabetical_budgets_ascending():
     values = {name: {split: [1.0] for split in (1000, 192000, 3000)}
-              for name in ("zeta", "margin", "alpha", "kmeans", "uniform", "coreset")}
+              for name in ("zeta", "margin", "alpha", "kmeans", "uniform", "coreset", "entropy", "accu_kmeans",
+                           "typiclust")}
     lines = report.markdown_table(values)
     assert lines[0] == "| Method | 1000 | 3000 | 192000 |"
-    assert [line.split(" | ")[0] for line in lines[2:8]] == ["| uniform", "| kmeans", "| coreset", "| margin",
-                                                             "| alpha", "| zeta"]
+    assert [line.split(" | ")[0] for line in lines[2:11]] == [
+        "| Uniform", "| Max-Entropy", "| Core-set", "| Multi k-means", "| K-means", "| TypiClust", "| Margin",
+        "| alpha", "| zeta"]
+    assert lines[11] == ""  # no K-means − Random row without a Random row
 
 
 def test_format_cell():
@@ -167,7 +174,7 @@ def test_writes_report_md_and_valid_pngs_next_to_the_results(tmp_path, capsys):
         with Image.open(folder / name) as image:
             image.verify()
             assert image.size[0] > 300 and image.size[1] > 200
-    assert table_after(out, "20-NN top-1 (%)")[2] == "| random | **71.00** |"
+    assert table_after(out, "20-NN top-1 (%)")[2] == "| Random | **71.00** |"
 
 
 def test_several_backbones_get_their_own_tables_and_file_names(tmp_path, capsys):
@@ -233,10 +240,31 @@ def test_runs_as_a_script_from_the_repository_root_without_pythonpath(tmp_path):
     done = subprocess.run([sys.executable, "tools/report.py", str(results), "--out", str(tmp_path / "out")],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
-    assert "| kmeans | **52.50 ± 3.54** | 62.00 ± 2.83 |" in done.stdout
+    assert "| K-means | **52.50 ± 3.54** | 62.00 ± 2.83 |" in done.stdout
     assert (tmp_path / "out" / "report.md").read_text() == done.stdout
     bad = subprocess.run([sys.executable, "tools/report.py", str(tmp_path / "nope.jsonl")],
                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2
     assert bad.stderr == f"report.py: error: {tmp_path / 'nope.jsonl'}: cannot read results file " \
                          "(No such file or directory)\n"
+
+
+def test_paper_tables_sit_under_the_runs_tables_of_the_same_metric(tmp_path, capsys):
+    status, out, _ = run_report([write_jsonl(tmp_path / "results.jsonl", demo_records()), "--paper"], capsys)
+    assert status == 0
+    lines = out.splitlines()
+    for heading, paper_line in (("Class coverage (%)", "| Multi k-means | 72.2 | 97 | 99.8 | **100** |"),
+                                ("Linear top-1 (%), cached features, 40 epochs",
+                                 "| Max-Entropy | 15.8 | 19.4 | 25.6 | 33.7 | 41.3 | 48.9 | 51.9 | 54.3 |"),
+                                ("1-NN top-1 (%)",
+                                 "| K-means | **31.6** | **39.9** | **42.7** | **44** | **45.5** | 46.8 | 48.1 | 48.8 |")):
+        start = lines.index(f"### {heading}")
+        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("#")), len(lines))
+        section = lines[start:end]
+        plot = next(i for i, line in enumerate(section) if line.startswith(f"![{heading}]("))
+        assert paper_line in section[plot:]  # under the run's table and plot, before the next table
+    paper_rows = [line.split(" | ")[0] for line in lines if line.startswith("| ") and "72.2" in line]
+    assert paper_rows == ["| Multi k-means", "| K-means"]
+    assert "| *K-means − Random* | +8.80 | +7.70 | +3.40 | +1.80 | +1.00 | +0.00 | +0.00 | +0.10 |" in lines
+    status, plain, _ = run_report([write_jsonl(tmp_path / "results.jsonl", demo_records())], capsys)
+    assert "CompRess" not in plain and "19.4" not in plain

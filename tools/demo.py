@@ -21,11 +21,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import io
+import json
 import os
 import shutil
 import subprocess
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -36,14 +39,22 @@ from lowbudget.backbone_families import load_backbone, uses_pretrained_name, wei
 from lowbudget.cli import UsageError
 from lowbudget.features import extract, file_name_part
 from lowbudget.fileio import atomic_write, text_digest
+from lowbudget.indices import index_path, read_indices, sidecar_path, write_indices
 from lowbudget.programs import load_program
 from lowbudget.runtime import resolve_device, seed_everything
 from lowbudget.strategy_table import STRATEGIES, names
 
-sampler, eval_knn, eval_lincls = (load_program(script) for script in ("sampler.py", "eval_knn.py", "eval_lincls.py"))
+PROGRAMS = {script: load_program(script)
+            for script in ("sampler.py", "active_sampler.py", "eval_knn.py", "eval_lincls.py")}
 convert_weights, report = load_program("tools/convert_weights.py"), load_program("tools/report.py")
-METHODS = names(model=False)
+# Rounds that start from another method's pool of the smallest budget: the paper's active methods from
+# Random's (that is why its first column equals Random's), the label-using newer methods from K-means'.
+ROUNDS_FROM = {"entropy": "random", "coreset": "random", "vaal": "random", "uherding": "kmeans",
+               "dropquery": "kmeans"}
+METHODS = tuple(name for name in (*names(model=False), *names(model=True)) if name in ROUNDS_FROM
+                or not STRATEGIES[name].needs_model)
 BUDGETS = "10,20,50,100,200,500,1000"
+VAAL_EPOCHS = 100
 DEMO_WEIGHTS = "mobilenet_v2_imagenet.pth"
 
 
@@ -64,7 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated strategies")
     parser.add_argument("--budgets", default=BUDGETS, help="comma-separated labelling budgets")
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
-    parser.add_argument("--epochs", default=40, type=int, help="linear-probe epochs (eval_lincls.py --cached)")
+    parser.add_argument("--epochs", default=40, type=int, help="linear-probe epochs (eval_lincls.py --cached, and "
+                        "the head that active_sampler.py trains each round)")
+    parser.add_argument("--vaal-epochs", default=VAAL_EPOCHS, type=int, help="VAAL's training epochs per round")
     parser.add_argument("-b", "--batch-size", default=256, type=int, help="inference batch size")
     parser.add_argument("-j", "--workers", default=2, type=int, help="data-loading workers")
     return parser
@@ -148,15 +161,33 @@ def increments(budgets: list[int]) -> list[int]:
     return [b - a for a, b in zip([0, *budgets[:-1]], budgets, strict=True)]
 
 
-def run_quietly(main: Callable[[Sequence[str]], None], argv: list[str], log: str) -> None:
-    """Call a script's main with its output appended to `log`; its one-line error when it fails."""
+def joined(values: Sequence[int]) -> str:
+    return ",".join(map(str, values))
+
+
+class Run(NamedTuple):
+    """One step of the demo: what the progress and log files call it, the call, the command it stands for."""
+
+    label: str
+    call: Callable[[], None]
+    command: str
+
+
+def script_run(label: str, script: str, argv: Sequence[object]) -> Run:
+    """A call of one of the project's scripts (sampler.py, …) with `argv`."""
+    words = [str(word) for word in argv]
+    return Run(label, functools.partial(PROGRAMS[script].main, words), " ".join([script, *words]))
+
+
+def run_quietly(run: Run, log: str) -> None:
+    """Run a step with its output appended to `log`; its one-line error when it fails."""
     buffer = io.StringIO()
     try:
         with contextlib.redirect_stdout(buffer):
-            main([str(a) for a in argv])
+            run.call()
     finally:
         with open(log, "a") as f:
-            f.write(f"$ {' '.join(map(str, argv))}\n{buffer.getvalue()}\n")
+            f.write(f"$ {run.command}\n{buffer.getvalue()}\n")
 
 
 def int_list(text: str, flag: str, minimum: int) -> list[int]:
@@ -170,32 +201,75 @@ def int_list(text: str, flag: str, minimum: int) -> list[int]:
     return values
 
 
-def planned_runs(args: argparse.Namespace, budgets: list[int], seeds: list[int], train: str, test: str
-                 ) -> list[tuple[str, Callable, list]]:
-    """(label, script main, argv) of every sampler and evaluator call, in order."""
-    results = os.path.join(args.out, "results.jsonl")
-    runs = []
+def method_runs(args: argparse.Namespace, name: str, budgets: list[int], seed: int, train: str, test: str
+                ) -> list[Run]:
+    """The selection runs of one method and seed: absolute budgets or rounds from an empty pool for most;
+    rounds from another method's smallest-budget pool for those in ROUNDS_FROM (the paper's protocol)."""
+    indices = os.path.join(args.out, "indices", f"seed{seed}")
+    common = ["--dataset", "fashion_mnist", "--seed", seed, "--indices", indices,
+              "--save", os.path.join(args.out, "checkpoints"), "--results", os.path.join(args.out, "results.jsonl")]
+    label = f"{name} seed {seed}"
+    row = STRATEGIES[name]
+    if name not in ROUNDS_FROM:
+        splits = increments(budgets) if row.incremental else budgets
+        return [script_run(f"{label}: select", "sampler.py",
+                           ["--feats", train, "--name", name, "--splits", joined(splits), *common])]
+    start, first = ROUNDS_FROM[name], budgets[0]
+    start_file = index_path(indices, start, "fashion_mnist", first)
+    own_file = index_path(indices, name, "fashion_mnist", first)
+    runs = [Run(f"{label}: {start} pool of {first}",
+                functools.partial(start_pool, start_file, name, own_file, args.pool), f"cp {start_file} {own_file}")]
+    if len(budgets) > 1:
+        script, extra = ("active_sampler.py", ["--val-feats", test, "--cached", "--epochs", args.epochs,
+                                               *vaal_flags(args, name)]) if row.needs_model else ("sampler.py", [])
+        runs.append(script_run(f"{label}: rounds", script, [
+            "--feats", train, "--name", name, "--resume-indices", own_file,
+            "--splits", joined(increments(budgets)[1:]), *extra, *common]))
+    return runs
+
+
+def vaal_flags(args: argparse.Namespace, name: str) -> list:
+    """VAAL's training length in the demo (--vaal-epochs), nothing for the other methods."""
+    return ["--vaal-epochs", args.vaal_epochs] if name == "vaal" else []
+
+
+def start_pool(start_file: str, name: str, path: str, num_images: int) -> None:
+    """Write the pool that `name`'s rounds start from as its own index file of the smallest budget (so every
+    budget is evaluated alike), the sidecar saying which method chose it."""
+    pool = read_indices(start_file, num_images)
+    with open(sidecar_path(start_file), encoding="utf-8") as f:
+        origin = json.load(f)
+    kept = {key: value for key, value in origin.items() if key not in ("size", "format_version", "created")}
+    write_indices(path, pool, {**kept, "strategy": name, "params": {"start": origin["strategy"], "budget": len(pool)},
+                               "initial_pool": {"path": start_file, "size": len(pool)}})
+
+
+def planned_runs(args: argparse.Namespace, methods: list[str], budgets: list[int], seeds: list[int], train: str,
+                 test: str) -> list[Run]:
+    """(label, call) of every selection and evaluation, in order: the pools that rounds start from first."""
+    starts = {ROUNDS_FROM[name] for name in methods if name in ROUNDS_FROM}
+    runs: list[Run] = []
     for seed in seeds:
-        indices = os.path.join(args.out, "indices", f"seed{seed}")
-        common = ["--dataset", "fashion_mnist", "--seed", seed, "--indices", indices,
-                  "--save", os.path.join(args.out, "checkpoints"), "--results", results]
-        for name in args.methods.split(","):
-            splits = increments(budgets) if STRATEGIES[name].incremental else budgets
-            runs += [
-                (f"{name} seed {seed}: select", sampler.main,
-                 ["--feats", train, "--name", name, "--splits", ",".join(map(str, splits)), *common]),
-                (f"{name} seed {seed}: 1-NN", eval_knn.main,
-                 ["--feats", train, "--val-feats", test, "--name", name, "--splits", args.budgets, *common]),
-                (f"{name} seed {seed}: linear", eval_lincls.main,
-                 ["--feats", train, "--val-feats", test, "--cached", "--epochs", args.epochs, "--name", name,
-                  "--splits", args.budgets, *common]),
+        for start in sorted(starts - set(methods)):  # a start pool of the smallest budget, not evaluated
+            runs += method_runs(args, start, budgets[:1], seed, train, test)
+        for name in sorted(methods, key=lambda name: name in ROUNDS_FROM):
+            common = ["--dataset", "fashion_mnist", "--seed", seed, "--indices",
+                      os.path.join(args.out, "indices", f"seed{seed}"), "--results",
+                      os.path.join(args.out, "results.jsonl"), "--name", name, "--splits", joined(budgets)]
+            runs += method_runs(args, name, budgets, seed, train, test) + [
+                script_run(f"{name} seed {seed}: 1-NN", "eval_knn.py",
+                           ["--feats", train, "--val-feats", test, *common]),
+                script_run(f"{name} seed {seed}: linear", "eval_lincls.py", [
+                    "--feats", train, "--val-feats", test, "--cached", "--epochs", args.epochs,
+                    "--save", os.path.join(args.out, "checkpoints"), *common]),
             ]
     return runs
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    unknown = set(args.methods.split(",")) - set(METHODS)
+    methods = args.methods.split(",")
+    unknown = set(methods) - set(METHODS)
     if unknown:
         raise UsageError(f"--methods: unknown strategy {sorted(unknown)[0]!r}; choose from {', '.join(METHODS)}")
     budgets, seeds = int_list(args.budgets, "--budgets", 1), int_list(args.seeds, "--seeds", 0)
@@ -211,9 +285,23 @@ def main(argv: Sequence[str] | None = None) -> None:
     results = os.path.join(args.out, "results.jsonl")
     if os.path.exists(results):
         os.remove(results)  # a fresh table: results of earlier demo runs would be mixed in
-    for label, script, argv_ in tqdm(planned_runs(args, budgets, seeds, train, test), desc="demo runs", disable=None):
-        run_quietly(script, argv_, os.path.join(args.out, "logs", f"{label.split(':')[0].replace(' ', '_')}.log"))
-    report.main([results, "--out", args.out])
+    for run in tqdm(planned_runs(args, methods, budgets, seeds, train, test), desc="demo runs", disable=None):
+        run_quietly(run, os.path.join(args.out, "logs", f"{run.label.split(':')[0].replace(' ', '_')}.log"))
+    report.main([results, "--out", args.out, "--paper", "--note", protocol_note(methods, budgets[0])])
+
+
+def protocol_note(methods: Sequence[str], first: int) -> str:
+    """The report's note on how each method's pools were chosen."""
+    rounds = [f"{STRATEGIES[name].title} from {STRATEGIES[ROUNDS_FROM[name]].title}'s"
+              for name in methods if name in ROUNDS_FROM]
+    note = ("Pools of the absolute strategies are chosen per budget; the other strategies add each budget's "
+            "difference round by round")
+    if rounds:
+        note += (f", from an empty pool except: {', '.join(rounds)} pool of {first} (so their first column is that "
+                 "method's)")
+    if "vaal" in methods:
+        note += ". VAAL runs on the cached features (this project's MLP variant, not the paper's image VAE)"
+    return note + "."
 
 
 if __name__ == "__main__":

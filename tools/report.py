@@ -2,7 +2,7 @@
 
 Usage, from the repository root:
 
-    python tools/report.py RESULTS.jsonl [RESULTS2.jsonl ...] [--out DIR]
+    python tools/report.py RESULTS.jsonl [RESULTS2.jsonl ...] [--out DIR] [--paper]
 
 The results files are the JSON lines that sampler.py, active_sampler.py, eval_knn.py and eval_lincls.py
 append (tools/results.py). Each table has one row per method (`name`) and one column per budget
@@ -11,7 +11,10 @@ made per dataset (and per arch/backbone when a dataset has several), linear top-
 k-NN top-1 per k. A record written again for the same key (a re-run, or the coverage every script
 writes for the same pool) counts once: the last one wins. Writes {out}/report.md, which it also prints,
 and one PNG per table (metric against budget on a log axis, mean ± std shaded); out defaults to the
-folder of the first results file.
+folder of the first results file. Rows carry the paper's names in the paper's order (Uniform, Random,
+Max-Entropy, Core-set, VAAL, Multi k-means, K-means), then the newer methods; a last row gives, per
+budget, K-means − Random. --paper puts the paper's own ImageNet table of the same metric under each
+table (CompRess ResNet-18 features, as in the original README), so the two patterns read side by side.
 """
 from __future__ import annotations
 
@@ -43,12 +46,45 @@ Group = tuple[str, str | None, str | None]       # dataset, arch, backbone
 TableKey = tuple[str, tuple]                     # metric, ((field, value), ...) of its variant
 Values = dict[str, dict[int, list[float]]]       # name -> split -> one value per seed
 
+# The rows of the paper's tables, in its order; the other strategies follow in the strategy table's order.
+PAPER_ROWS = ("uniform", "random", "entropy", "coreset", "vaal", "accu_kmeans", "kmeans")
+# The paper's ImageNet results (its README; CompRess ResNet-18 features): metric -> (columns, {name: row}).
+IMAGENET_BUDGETS = ("0.08% (1K)", "0.2% (3K)", "0.5% (7K)", "1% (13K)", "2% (26K)", "5% (64K)", "10% (128K)",
+                    "15% (192K)")
+PAPER_IMAGENET: dict[str, tuple[tuple[str, ...], dict[str, tuple[float, ...]]]] = {
+    "coverage": (("0.08%", "0.2%", "0.5%", "≥ 1%"), {
+        "uniform": (100, 100, 100, 100), "random": (62.9, 94.6, 100, 100), "entropy": (62.9, 84.3, 94.8, 100),
+        "coreset": (62.9, 87.9, 97.0, 100), "vaal": (62.9, 94.6, 98.1, 100), "accu_kmeans": (72.2, 97.0, 99.8, 100),
+        "kmeans": (72.2, 97.8, 99.9, 100)}),
+    "lincls_top1": (IMAGENET_BUDGETS, {
+        "uniform": (19.2, 31.9, 41.0, 46.0, 49.9, 54.2, 56.7, 57.9),
+        "random": (15.8, 28.0, 39.2, 45.1, 49.7, 54.0, 56.6, 57.9),
+        "entropy": (15.8, 19.4, 25.6, 33.7, 41.3, 48.9, 51.9, 54.3),
+        "coreset": (15.8, 25.6, 33.3, 39.6, 45.7, 51.3, 54.9, 56.6),
+        "vaal": (15.8, 27.7, 34.9, 42.8, 49.2, 53.6, 56.0, 57.4),
+        "accu_kmeans": (24.6, 34.1, 41.1, 45.3, 49.5, 53.9, 56.3, 57.5),
+        "kmeans": (24.6, 35.7, 42.6, 46.9, 50.7, 54.0, 56.6, 58.0)}),
+    "knn_top1": (IMAGENET_BUDGETS, {
+        "uniform": (29.5, 35.7, 38.9, 41.1, 43.2, 45.6, 47.6, 48.6),
+        "random": (22.8, 33.2, 38.4, 40.8, 42.2, 45.4, 47.3, 48.3),
+        "entropy": (22.8, 24.5, 27.2, 30.3, 33.3, 36.2, 37.6, 38.6),
+        "coreset": (22.8, 30.7, 34.8, 37.5, 39.7, 42.0, 43.7, 44.6),
+        "vaal": (22.8, 32.8, 36.2, 39.7, 42.6, 45.3, 46.7, 47.9),
+        "accu_kmeans": (31.6, 38.2, 41.4, 43.3, 45.2, 47.2, 48.6, 49.4),
+        "kmeans": (31.6, 39.9, 42.7, 44.0, 45.5, 46.8, 48.1, 48.8)}),
+}
+
 
 def build_parser() -> cli.Parser:
     parser = cli.Parser(description=__doc__.splitlines()[0])
     parser.add_argument("results", nargs="+", metavar="RESULTS.jsonl", help="results files, read in order")
     parser.add_argument("--out", default=None, metavar="DIR",
                         help="folder for report.md and the plots (default: the first results file's folder)")
+    parser.add_argument("--paper", action="store_true",
+                        help="under each table, the paper's ImageNet table of the same metric (linear top-1, "
+                             "1-NN, class coverage; CompRess ResNet-18 features)")
+    parser.add_argument("--note", default="", help="a paragraph under the report's title (e.g. how the pools "
+                        "were chosen)")
     return parser
 
 
@@ -124,9 +160,25 @@ def sort_key(value: object) -> tuple:
 
 
 def method_order(names: Sequence[str]) -> list[str]:
-    """The strategies in the order of the strategy table, then any others alphabetically."""
-    known = [name for name in STRATEGIES if name in names]
+    """The paper's rows in its order, the other strategies in the strategy table's order, then any others
+    alphabetically."""
+    known = [name for name in dict.fromkeys((*PAPER_ROWS, *STRATEGIES)) if name in names]
     return known + sorted(set(names) - set(known))
+
+
+def row_name(name: str) -> str:
+    """A method as the tables name it: the paper's names (Max-Entropy, Multi k-means, …), else the strategy's."""
+    row = STRATEGIES.get(name)
+    return row.title if row is not None else name
+
+
+def difference_row(means: dict[str, dict[int, float]], columns: Sequence) -> list[str]:
+    """'| *K-means − Random* | +8.80 | … |' from per-method column means, or nothing without both rows."""
+    kmeans, random = means.get("kmeans", {}), means.get("random", {})
+    if not kmeans or not random:
+        return []
+    cells = [f"{kmeans[c] - random[c]:+.2f}" if c in kmeans and c in random else "–" for c in columns]
+    return [f"| *{row_name('kmeans')} − {row_name('random')}* | " + " | ".join(cells) + " |"]
 
 
 def seed_stats(values: Sequence[float]) -> tuple[float, float | None]:
@@ -174,8 +226,21 @@ def markdown_table(values: Values) -> list[str]:
     for name in names:
         cells = [format_cell(values[name][split], shown[name, split] == best[split], len(values[name][split]) != usual)
                  if split in values[name] else "–" for split in splits]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return lines + ["", caption]
+        lines.append(f"| {row_name(name)} | " + " | ".join(cells) + " |")
+    means = {name: {split: seed_stats(seeds)[0] for split, seeds in per.items()} for name, per in values.items()}
+    return lines + difference_row(means, splits) + ["", caption]
+
+
+def paper_table(metric: str) -> list[str]:
+    """The paper's ImageNet table of `metric` in the same layout: best of each column in bold, K-means − Random."""
+    columns, rows = PAPER_IMAGENET[metric]
+    best = [max(row[i] for row in rows.values()) for i in range(len(columns))]
+    lines = ["| Method | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
+    for name in method_order(list(rows)):
+        cells = [f"**{value:g}**" if value == best[i] else f"{value:g}" for i, value in enumerate(rows[name])]
+        lines.append(f"| {row_name(name)} | " + " | ".join(cells) + " |")
+    means = {name: dict(enumerate(row)) for name, row in rows.items()}
+    return lines + difference_row(means, range(len(columns)))
 
 
 def budget_label(budget: int) -> str:
@@ -192,7 +257,7 @@ def plot_png(title: str, ylabel: str, values: Values) -> bytes:
         splits = sorted(values[name])
         stats = np.array([seed_stats(values[name][split]) for split in splits], dtype=np.float64)
         means, stds = stats[:, 0], np.nan_to_num(stats[:, 1])
-        bars = axes.errorbar(splits, means, yerr=stds, marker="o", markersize=4, capsize=3, label=name)
+        bars = axes.errorbar(splits, means, yerr=stds, marker="o", markersize=4, capsize=3, label=row_name(name))
         axes.fill_between(splits, means - stds, means + stds, color=bars.lines[0].get_color(), alpha=0.2, linewidth=0)
     budgets = sorted({split for per in values.values() for split in per})
     axes.set_xscale("log")
@@ -237,10 +302,13 @@ def group_label(group: Group, several: bool) -> str:
     return f"{dataset} — {origin}" if several else dataset
 
 
-def build_report(groups: dict[Group, dict[TableKey, Values]], sources: Sequence[str]
-                 ) -> tuple[str, dict[str, bytes]]:
-    """The Markdown report and its plots ({file name: PNG bytes}), plot links relative to the report."""
+def build_report(groups: dict[Group, dict[TableKey, Values]], sources: Sequence[str], paper: bool = False,
+                 note: str = "") -> tuple[str, dict[str, bytes]]:
+    """The Markdown report and its plots ({file name: PNG bytes}), plot links relative to the report; with
+    `paper`, the paper's ImageNet table of each metric under the run's (1-NN under the k = 1 table)."""
     lines, plots = ["# Results", "", "From " + ", ".join(f"`{source}`" for source in sources) + "."], {}
+    if note:
+        lines += ["", note]
     per_dataset = Counter(group[0] for group in groups)
     for group in sorted(groups, key=lambda g: tuple(sort_key(part) for part in g)):
         several = per_dataset[group[0]] > 1
@@ -253,6 +321,9 @@ def build_report(groups: dict[Group, dict[TableKey, Values]], sources: Sequence[
             file_name = f"{group_prefix(group, several)}_{table_slug(key, keys)}.png"
             plots[file_name] = plot_png(f"{label}\n{title}", title.split(",")[0], tables[key])
             lines += ["", f"### {title}", "", *markdown_table(tables[key]), "", f"![{title}]({file_name})"]
+            if paper and dict(key[1]).get("k", 1) == 1:
+                lines += ["", f"The paper on ImageNet ({title.split(' (')[0]}, CompRess ResNet-18 features):", "",
+                          *paper_table(key[0])]
     return "\n".join(lines) + "\n", plots
 
 
@@ -272,7 +343,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     out = args.out if args.out is not None else (os.path.dirname(args.results[0]) or ".")
     if os.path.exists(out) and not os.path.isdir(out):
         raise UsageError(f"--out: {out!r} is not a directory")
-    markdown, plots = build_report(aggregate(load_records(args.results)), args.results)
+    markdown, plots = build_report(aggregate(load_records(args.results)), args.results, args.paper, args.note)
     write_outputs(out, markdown, plots)
     print(markdown, end="")
 
