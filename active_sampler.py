@@ -1,9 +1,13 @@
-"""Model-in-the-loop rounds: train a linear head on the pool, add the most uncertain unlabelled images.
+"""Model-in-the-loop rounds: train a linear head on the pool, add the unlabelled images it is unsure about.
 
-Each `--splits` value is the number of images added in that round (as the original). Scores:
-entropy (the paper's Max-Entropy), margin, least_confidence, computed batch by batch so that memory
-stays O(N). The pool of every round is written as `{indices}/{name}_{dataset}_{N}.npy` with a
-sidecar; pass the last one as --resume-indices to continue a stopped run.
+Each `--splits` value is the number of images added in that round (as the original). Strategies:
+entropy (the paper's Max-Entropy), margin, least_confidence (the most uncertain images, scored batch by
+batch so that memory stays O(N)); uherding (MaxHerding's kernel coverage weighted by the head's
+calibrated margin uncertainty) and dropquery (k-means over the images whose prediction flips under
+input-feature dropout), which also read the L2-normalised features of every training image (--cached:
+the cached ones; images: the backbone's, embedded once per run). The pool of every round is written as
+`{indices}/{name}_{dataset}_{N}.npy` with a sidecar; pass the last one as --resume-indices to continue
+a stopped run.
 Under torchrun the processes share out the feature extraction; with images they also train the head in
 DistributedDataParallel and score blocks of the images, while --cached leaves the rounds to rank 0.
 """
@@ -12,7 +16,8 @@ from __future__ import annotations
 import argparse
 import functools
 import os
-from collections.abc import Callable, Iterable, Sequence
+import sys
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 import torch
@@ -22,8 +27,11 @@ from lowbudget.features import labelled_split, loaded_backbone, require_labels, 
 from lowbudget.indices import index_path, read_indices, write_indices
 from lowbudget.metrics import coverage
 from lowbudget.results import append_result, provenance
-from lowbudget.runtime import on_device, resolve_device, seed_everything
-from lowbudget.strategy_table import Inputs, Strategy, lookup, names
+from lowbudget.runtime import faiss_uses_gpu, on_device, resolve_device, seed_everything
+from lowbudget.strategies import Selection
+from lowbudget.strategy_table import STRATEGIES, HeadScore, Inputs, ModelScores, Strategy, add_options, lookup, names
+
+MODEL_ROWS = [STRATEGIES[name] for name in names(model=True)]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,22 +44,25 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--resume", default="", type=str, help="accepted, unused, as the original "
                         "(continue a run with --resume-indices)")
     parser.add_argument("--resume-indices", default="", type=str, metavar="FILE", help="initial labelled pool (.npy)")
-    parser.add_argument("--init-random", default=0, type=int, metavar="N",
+    parser.add_argument("--init-random", default=0, type=cli.int_at_least(0), metavar="N",
                         help="without --resume-indices: draw a seeded random pool of N images and write it "
                              "as random_{dataset}_{N}.npy")
+    add_options(parser, MODEL_ROWS)
     return parser
 
 
 class RoundData:
     """What the rounds work on: labels, the evaluation set, and either cached features or images with
-    the backbone."""
+    the backbone; with `strategy_features`, the L2-normalised features of every training image that the
+    strategy reads (the cached ones, or the backbone's embedding of the images, computed once)."""
 
-    def __init__(self, args: argparse.Namespace, device: torch.device):
+    def __init__(self, args: argparse.Namespace, device: torch.device, strategy_features: bool):
         self.args, self.device = args, device
         if args.cached:
             train = train_features(args, device)
             self.feats, self.labels, self.dim = train.feats, require_labels(train, "--feats"), train.feats.shape[1]
             self.fingerprint = train.fingerprint
+            self.strategy_feats = self.feats
             val = val_features(args, device)
             self.val_feats, self.val_labels = val.feats, require_labels(val, "--val-feats")
         else:
@@ -60,6 +71,8 @@ class RoundData:
             model, self.dim, self.preprocess = loaded_backbone(args)
             self.backbone = on_device(model, device)
             self.fingerprint = f"{args.arch}-{args.backbone}-images"
+            self.strategy_feats = (train_features(args, device).feats if strategy_features else
+                                   np.zeros((len(self.labels), 0), np.float32))
 
     def batches(self, pool: np.ndarray) -> engine.EpochBatches:
         """Per-epoch training batches of the pool."""
@@ -119,14 +132,15 @@ def initial_pool(args: argparse.Namespace, num_images: int, to_add: int) -> np.n
     return pool
 
 
-def train_head(pool_data: RoundData, pool: np.ndarray, num_classes: int, schedule: engine.Schedule
+def train_head(pool_data: RoundData, pool: np.ndarray, num_classes: int, schedule: engine.Schedule, purpose: str = ""
                ) -> tuple[torch.nn.Module, dict[str, float]]:
-    """A fresh head (Linear, no normalisation, as the original) trained on `pool`: (head, last accuracy)."""
+    """A fresh head (Linear, no normalisation, as the original) trained on `pool`: (head, last accuracy).
+    `purpose` names a head trained for a strategy's own use (its checkpoint apart from the round's)."""
     args = pool_data.args
     torch.manual_seed(args.seed)
     head = engine.linear_head(pool_data.dim, num_classes, normalize=False)
     validate = functools.partial(pool_data.accuracy, head)
-    checkpoint = os.path.join(args.save, f"active_{args.name}_{args.dataset}_{len(pool)}_seed{args.seed}.pth")
+    checkpoint = os.path.join(args.save, f"active_{args.name}{purpose}_{args.dataset}_{len(pool)}_seed{args.seed}.pth")
     model = distributed.ddp(head.to(pool_data.device), pool_data.device)
     result = engine.fit(model, torch.optim.Adam(model.parameters(), args.lr), epoch_batches=pool_data.batches(pool),
                         validate=validate, schedule=schedule, device=pool_data.device, seed=args.seed,
@@ -134,23 +148,43 @@ def train_head(pool_data: RoundData, pool: np.ndarray, num_classes: int, schedul
     return model, result
 
 
-def model_scores(pool_data: RoundData, head: torch.nn.Module) -> Callable:
-    """The table's model hook for `head`: candidates scored batch by batch (each torchrun process scoring a
-    block of them), gathered in candidate order."""
-    def scores(labelled: np.ndarray, candidates: np.ndarray, score: Callable[[torch.Tensor], torch.Tensor]
-               ) -> np.ndarray:
-        block = candidates[distributed.shard(len(candidates))]
-        local = torch.cat([score(logits) for logits in pool_data.logits(head, block)])
-        return distributed.gather_rows(local, len(candidates)).numpy()
+class ScoredHead(torch.nn.Module):
+    """`head` followed by a strategy's score, for the program's logit streams: they feed it the inputs of
+    `rows` in order, batch by batch, so it knows which rows each batch holds."""
+
+    def __init__(self, head: torch.nn.Module, score: HeadScore, rows: np.ndarray):
+        super().__init__()
+        self.head, self.score, self.rows, self.done = head, score, rows, 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = self.rows[self.done:self.done + len(x)]
+        self.done += len(x)
+        return self.score(self.head, x, rows)
+
+
+def model_scores(pool_data: RoundData, head: torch.nn.Module, *, num_classes: int, schedule: engine.Schedule
+                 ) -> ModelScores:
+    """The table's model hook for `head`: rows scored batch by batch (each torchrun process scoring a block of
+    them; fewer rows than processes are scored whole by each), gathered in row order; `trained_on` trains a
+    fresh head on those rows first, as train_head does."""
+    def scores(rows: np.ndarray, score: HeadScore, *, trained_on: np.ndarray | None = None) -> np.ndarray:
+        model = head if trained_on is None else train_head(pool_data, trained_on, num_classes, schedule, "_probe")[0]
+        if distributed.active() and len(rows) < torch.distributed.get_world_size():
+            return torch.cat(list(pool_data.logits(ScoredHead(model, score, rows), rows))).numpy()
+        block = rows[distributed.shard(len(rows))]
+        local = torch.cat(list(pool_data.logits(ScoredHead(model, score, block), block)))
+        return distributed.gather_rows(local, len(rows)).numpy()
     return scores
 
 
-def select(strategy: Strategy, pool_data: RoundData, head: torch.nn.Module, pool: np.ndarray, budget: int
-           ) -> np.ndarray:
-    """The `budget` unlabelled images that the strategy picks under `head`, a model trained on `pool`."""
-    inputs = Inputs(np.zeros((len(pool_data.labels), 0), np.float32), pool_data.labels, seed=pool_data.args.seed,
-                    device=pool_data.device, model_scores=model_scores(pool_data, head))
-    return strategy.build(inputs, vars(pool_data.args))(pool, budget).indices
+def select(strategy: Strategy, pool_data: RoundData, hook: ModelScores, pool: np.ndarray, budget: int) -> Selection:
+    """The `budget` unlabelled images that the strategy picks with the model `hook` (a head trained on `pool`)."""
+    args = pool_data.args
+    pixels = pool_data.images if strategy.learns_from_images and not args.cached else None
+    inputs = Inputs(pool_data.strategy_feats, pool_data.labels, seed=args.seed, device=pool_data.device,
+                    gpu=faiss_uses_gpu(pool_data.device), verbose=sys.stdout.isatty(), model_scores=hook,
+                    pixels=pixels, dataset=args.dataset, workers=args.workers, checkpoints=args.save)
+    return strategy.build(inputs, vars(args))(pool, budget)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -161,7 +195,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise cli.UsageError("data: the default protocol trains on the images; give the dataset root or use --cached")
     seed_everything(args.seed)
     device = distributed.init_from_env(resolve_device(args.device))
-    pool_data = RoundData(args, device)
+    pool_data = RoundData(args, device, strategy.needs_features and not strategy.learns_from_images)
     if args.cached and not distributed.main_continues_alone():
         return
     pool = initial_pool(args, len(pool_data.labels), sum(splits))
@@ -176,15 +210,17 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"Final accuracy of {len(pool)} labeled data is: {result['top1']:.3f}")
         record(split=len(pool), metric="active_top1", value=result["top1"])
         print(f"Query sampling with {args.name} started ...")
-        previous, pool = pool, np.concatenate([pool, select(strategy, pool_data, head, pool, increment)])
+        hook = model_scores(pool_data, head, num_classes=num_classes, schedule=schedule)
+        selection = select(strategy, pool_data, hook, pool, increment)
+        previous, pool = pool, np.concatenate([pool, selection.indices])
         seen = coverage(pool_data.labels, pool)
         print(f"{len(pool)} indices are sampled in total, {len(np.unique(pool))} of them are unique")
         print(f"{seen}% of all categories is seen")
         path = index_path(args.indices, args.name, args.dataset, len(pool))
+        params = {"increment": increment, "epochs": args.epochs, "lr": args.lr, "lr_schedule": milestones,
+                  "mode": provenance(args)["mode"], "filled": selection.filled, **selection.params}
         write_indices(path, pool, {
-            "strategy": args.name, "dataset": args.dataset, "params": {"increment": increment, "epochs": args.epochs,
-                                                                         "lr": args.lr, "lr_schedule": milestones,
-                                                                         "mode": provenance(args)["mode"]},
+            "strategy": args.name, "dataset": args.dataset, "params": params,
             "seed": args.seed, "initial_pool": {"size": len(previous), "path": args.resume_indices or None},
             "features": pool_data.fingerprint, **provenance(args)})
         print(f"=> saved {path}")

@@ -13,7 +13,7 @@ import numpy as np
 
 from lowbudget import cli, distributed, faiss_ops
 from lowbudget.features import require_labels, train_features, val_features
-from lowbudget.indices import read_indices, split_files
+from lowbudget.indices import read_split_pools, split_files
 from lowbudget.metrics import class_mean_accuracy, coverage, majority_vote, top1
 from lowbudget.results import append_result, provenance
 from lowbudget.runtime import faiss_uses_gpu, resolve_device, seed_everything
@@ -25,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli.add_backbone_args(parser, arch="resnet18")
     cli.add_val_feats_arg(parser)
     cli.add_split_args(parser, ["any strategy that wrote {indices}/{name}_{dataset}_{split}.npy"])
-    parser.add_argument("-k", default=1, type=int, help="number of neighbours (default: 1)")
+    parser.add_argument("-k", default=1, type=cli.int_at_least(1), help="number of neighbours (default: 1)")
     return parser
 
 
@@ -39,8 +39,6 @@ def knn_predict(train_feats: np.ndarray, train_labels: np.ndarray, query_feats: 
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    if args.k < 1:
-        raise cli.UsageError(f"-k: must be at least 1, got {args.k}")
     paths = split_files(args)
     seed_everything(args.seed)
     device = distributed.init_from_env(resolve_device(args.device))
@@ -52,7 +50,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if train.feats.shape[1] != val.feats.shape[1]:
         raise cli.UsageError(f"--val-feats: dimension {val.feats.shape[1]} differs from the train "
                              f"features' {train.feats.shape[1]}")
-    pools = {split: read_indices(path, len(train.feats), flag="--splits") for split, path in paths.items()}
+    pools = read_split_pools(paths, len(train.feats), args.dataset)
     gpu = faiss_uses_gpu(device)
     for split, pool in pools.items():
         print(f"current_indices loaded from {paths[split]} with {len(pool)} indices.")

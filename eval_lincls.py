@@ -19,9 +19,16 @@ from collections.abc import Sequence
 
 import torch
 
-from lowbudget import cli, distributed, engine
-from lowbudget.features import labelled_split, loaded_backbone, require_labels, train_features, val_features
-from lowbudget.indices import read_indices, split_files
+from lowbudget import cli, datasets, distributed, engine
+from lowbudget.features import (
+    embedding_provenance,
+    labelled_split,
+    loaded_backbone,
+    require_labels,
+    train_features,
+    val_features,
+)
+from lowbudget.indices import read_split_pools, split_files
 from lowbudget.metrics import coverage
 from lowbudget.results import append_result, provenance
 from lowbudget.runtime import on_device, resolve_device, seed_everything
@@ -45,6 +52,14 @@ def checkpoint_path(args: argparse.Namespace, split: int) -> str:
                                                             f"_seed{args.seed}.pth"))
 
 
+def embedded_images(args: argparse.Namespace, images: datasets.Images) -> dict:
+    """What the default protocol's head sees in place of a features file: the image listing and the backbone
+    (weights, transform); recorded, with the pool, in the checkpoint (engine.trained_on) so that --resume
+    refuses another labelled pool or other features."""
+    return {"arch": args.arch, "backbone": args.backbone, "listing": datasets.listing_record(images, args.data),
+            **embedding_provenance(args)}
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     paths, milestones = split_files(args), cli.parse_milestones(args.lr_schedule)
@@ -55,18 +70,19 @@ def main(argv: Sequence[str] | None = None) -> None:
     device = distributed.init_from_env(resolve_device(args.device))
     val = val_features(args, device)
     val_labels = require_labels(val, "--val-feats")
+    source: str | dict  # what the head sees: the train features' fingerprint, or embedded_images()
     if args.cached:
         train = train_features(args, device)
-        feats, labels = train.feats, require_labels(train, "--feats")
+        feats, labels, source = train.feats, require_labels(train, "--feats"), train.fingerprint
         if not distributed.main_continues_alone():
             return
     else:
         images, labels = labelled_split(args, "train")
         model, _, preprocess = loaded_backbone(args)
-        backbone = on_device(model, device)
-    pools = {split: read_indices(path, len(labels), flag="--splits") for split, path in paths.items()}
+        backbone, source = on_device(model, device), embedded_images(args, images)
+    pools = read_split_pools(paths, len(labels), args.dataset)
     num_classes = int(max(labels.max(), val_labels.max())) + 1
-    schedule = engine.Schedule(args.epochs, args.lr, milestones, max(args.print_freq, 1))
+    schedule = engine.Schedule(args.epochs, args.lr, milestones, args.print_freq)
     for split, pool in pools.items():
         print(f"=> Loading current indices: {paths[split]}")
         seen = coverage(labels, pool)
@@ -84,7 +100,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         model = distributed.ddp(head.to(device), device)
         result = engine.fit(model, torch.optim.Adam(model.parameters(), args.lr), epoch_batches=batches,
                             validate=validate, schedule=schedule, device=device, seed=args.seed,
-                            checkpoint=checkpoint_path(args, split), resume=bool(args.resume), embed=embed)
+                            checkpoint=checkpoint_path(args, split), resume=bool(args.resume), embed=embed,
+                            trained_on=engine.trained_on(pool, features=source, val_features=val.fingerprint))
         print(f"Final accuracy of {split} labeled data is: {result['top1']:.3f} "
               f"(best {result['best_top1']:.3f}, top-5 {result['top5']:.3f}, "
               f"per-class mean {result['class_mean']:.3f})")

@@ -18,7 +18,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from lowbudget import cli, distributed
+from lowbudget import cli, datasets, distributed
 from lowbudget.cli import UsageError
 from lowbudget.features import rows_of, train_features, train_labels
 from lowbudget.indices import index_path, read_indices, write_indices
@@ -85,6 +85,15 @@ def load_pool(args: argparse.Namespace, strategy: Strategy, device: torch.device
     return Pool(np.zeros((num_images, 0), np.float32), labels, num_images, "labels-only", np.arange(num_images))
 
 
+def image_listing(args: argparse.Namespace) -> dict | None:
+    """datasets.listing_record of the training images (None for --feats and the array datasets), for the
+    sidecars: tools/export.py maps indices to files only in a listing that has not changed."""
+    if args.feats or args.dataset in datasets.ARRAY_DATASETS:
+        return None
+    images = datasets.load_images(args.dataset, args.data, "train", args.lt_list, unlabeled=args.unlabeled)
+    return datasets.listing_record(images, args.data)
+
+
 def load_initial(args: argparse.Namespace, strategy: Strategy, num_images: int, labels: np.ndarray | None
                  ) -> np.ndarray:
     """The --resume-indices pool (validated), or an empty pool."""
@@ -126,6 +135,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     step = strategy.build(inputs, vars(args))
     results_file = cli.results_path(args)
     made_by = provenance(args, embedded=strategy.needs_features)
+    listing = image_listing(args)
     for rows, params in select_pools(strategy, step, splits, rows_of(pool.keep, initial, "--resume-indices")):
         selected = pool.keep[rows]
         path = index_path(args.indices, args.name, args.dataset, len(selected))
@@ -136,7 +146,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         write_indices(path, selected, {
             "strategy": args.name, "dataset": args.dataset, "params": params, "seed": args.seed,
             "initial_pool": {"path": args.resume_indices, "size": len(initial)} if args.resume_indices else None,
-            "features": pool.fingerprint, **made_by})
+            "features": pool.fingerprint, "listing": listing, **made_by})
         print(f"=> saved {path}")
         if seen is not None:
             append_result(results_file, script="sampler", dataset=args.dataset, name=args.name, split=len(selected),

@@ -2,7 +2,7 @@
 
 Run from the repository root:
 
-    .venv/bin/python benchmarks/bench_embedding.py [--quick] [--workers N] [--threads N]
+    .venv/bin/python benchmarks/bench_embedding.py [--quick] [--workers N] [--threads N] [--extraction-only]
 
 Images are seeded synthetic 3-channel uint8 pictures drawn around 10 smooth prototypes (so that the
 features form clusters k-means can find); backbones are mobilenet_v2 and resnet18 with random weights.
@@ -13,6 +13,13 @@ What is printed:
    in-memory 32-px arrays (`ArrayImages`, resized on the fly like CIFAR at --image-size) and over a
    folder of 128-px PNG files (`FileImages`, decoded by --workers DataLoader processes), each as a
    ratio to the bare `model(x)` on the same images already decoded into tensors. Target: >= 0.9.
+   For the PNG files also: the usual per-image float pipeline (Resize, CenterCrop, ToTensor, Normalize
+   in each worker, float batches sent back) as the reference `extract` improves on, with the largest
+   difference of its features from extract's; and what decoding alone costs: the CPU time per file of
+   decoding, resizing and cropping, against the CPU time per image of the bare forward pass (all its
+   threads). When the forward pass already keeps every core busy, decoding can only take CPU time from
+   it, so the ratio cannot pass forward / (forward + decoding) however the work is spread: the bound
+   printed (a forward pass that leaves cores idle leaves room above it).
 2. Precision, at 112 px: forward speed of float32, float32 channels-last, and bf16 and fp16 autocast with
    channels-last (as `extract(precision=...)` runs them), on the CPU (and on CUDA when
    present), each as a ratio to float32 on that device, with the agreement of its features with
@@ -21,8 +28,8 @@ What is printed:
    fp16 on the CPU is slow (emulated) and is there for its agreement: what fp16 on CUDA would give.
 
 Every ratio is against a reference measured in the same run; part 1's speeds are the best of --repeats
-passes (the two sides of a ratio interleaved), part 2's one pass each. About 3 minutes on 2 cores;
---quick uses fewer images (about 30 s).
+passes (the runs compared interleaved), part 2's one pass each. About 4 minutes on 2 idle cores (far more
+while other jobs share them); --quick uses fewer images (about 30 s).
 """
 from __future__ import annotations
 
@@ -40,6 +47,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import nn
+from torch.utils.data import DataLoader
+from torchvision import transforms as T
 
 from lowbudget import datasets, strategies
 from lowbudget.backbones import build_backbone
@@ -136,6 +145,46 @@ def agreement(feats: np.ndarray, reference: np.ndarray, budget: int) -> tuple[fl
 
 # ---------------------------------------------------------------- 1. extraction against the bare forward
 
+class PerImageFloat(torch.utils.data.Dataset):
+    """The usual per-image pipeline: each worker resizes, crops, converts to float and normalises."""
+
+    def __init__(self, paths: list[str], prep: datasets.Preprocess):
+        self.paths = paths
+        self.transform = T.Compose([T.Resize(prep.resize, interpolation=T.InterpolationMode(prep.interpolation)),
+                                    T.CenterCrop(prep.size), T.ToTensor(), T.Normalize(prep.mean, prep.std)])
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.transform(datasets.open_rgb(self.paths[i]))
+
+
+@torch.inference_mode()
+def per_image_float(model: nn.Module, files: datasets.FileImages, px: int, workers: int) -> np.ndarray:
+    """L2-normalised features of the files through the per-image float pipeline."""
+    loader = DataLoader(PerImageFloat(files.paths, datasets.dataset_preprocess("folder", px)), batch_size=BATCH,
+                        num_workers=workers)
+    return F.normalize(torch.cat([model(x) for x in loader]), dim=1).numpy()
+
+
+def decoding_seconds(files: datasets.FileImages, px: int) -> float:
+    """CPU seconds per file of what a loader worker does (decode, resize, crop into uint8), on one core."""
+    transform = datasets.file_transform(datasets.dataset_preprocess("folder", px))
+    start = time.process_time()
+    for path in files.paths:
+        transform(datasets.open_rgb(path))
+    return (time.process_time() - start) / len(files)
+
+
+def forward_seconds(model: nn.Module, batches: list[torch.Tensor]) -> float:
+    """CPU seconds per image of the bare forward pass, all its threads counted (steadier than wall time while
+    other jobs share the cores)."""
+    start = time.process_time()
+    forward(model, batches, torch.device("cpu"))
+    return (time.process_time() - start) / sum(len(x) for x in batches)
+
+
 def extraction_speed(count: int, workers: int, repeats: int) -> None:
     print(f"\n1. extraction vs bare forward, {count} images, batch {BATCH}, {workers} decoding workers "
           f"for the PNG files (target >= 0.9)")
@@ -146,14 +195,27 @@ def extraction_speed(count: int, workers: int, repeats: int) -> None:
         for arch in ARCHS:
             model = random_backbone(arch)
             for px in SIZES:
-                for source, images, dataset in (("arrays 32px", arrays, "cifar10"), ("PNG 128px", files, "folder")):
-                    batches = decoded(images, dataset, px)
-                    (_, bare), (_, full) = best_rates(
-                        repeats, count, functools.partial(forward, model, batches, cpu),
-                        functools.partial(extract, model, images, dataset, BATCH, workers, cpu, px, desc="",
-                                          strict=True))
-                    print(f"  {arch:12s} {px:3d}px {source:11s}: extract {full:7.1f} img/s, bare forward "
-                          f"{bare:7.1f} img/s, ratio {full / bare:.2f}")
+                batches = decoded(arrays, "cifar10", px)
+                (_, bare), (_, full) = best_rates(
+                    repeats, count, functools.partial(forward, model, batches, cpu),
+                    functools.partial(extract, model, arrays, "cifar10", BATCH, workers, cpu, px, desc=""))
+                print(f"  {arch:12s} {px:3d}px arrays 32px: extract {full:7.1f} img/s, bare forward "
+                      f"{bare:7.1f} img/s, ratio {full / bare:.2f}")
+                batches = decoded(files, "folder", px)
+                (_, bare), (ours, full), (usual, per_image) = best_rates(
+                    repeats, count, functools.partial(forward, model, batches, cpu),
+                    functools.partial(extract, model, files, "folder", BATCH, workers, cpu, px, desc="",
+                                      strict=True),
+                    functools.partial(per_image_float, model, files, px, workers))
+                assert isinstance(ours, tuple) and isinstance(usual, np.ndarray)
+                difference = float(np.abs(ours[0] - usual).max())
+                decoding, forward_cpu = decoding_seconds(files, px), forward_seconds(model, batches)
+                print(f"  {arch:12s} {px:3d}px PNG 128px  : extract {full:7.1f} img/s, bare forward {bare:7.1f} "
+                      f"img/s, ratio {full / bare:.2f}; per-image float pipeline {per_image:7.1f} img/s, ratio "
+                      f"{per_image / bare:.2f} (features differ by {difference:.1e})")
+                print(f"  {'':12s} {'':5s} CPU per image: decoding {decoding * 1e3:.2f} ms = "
+                      f"{decoding / forward_cpu:.0%} of the forward pass's {forward_cpu * 1e3:.2f} ms "
+                      f"({torch.get_num_threads()} threads): ratio bound {forward_cpu / (forward_cpu + decoding):.2f}")
 
 
 # ---------------------------------------------------------------- 2. precision
@@ -185,6 +247,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2, help="DataLoader processes decoding the PNG files")
     parser.add_argument("--repeats", type=int, default=2, help="passes per measurement, the fastest kept")
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--extraction-only", action="store_true", help="part 1 alone")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -192,7 +255,8 @@ def main() -> None:
           f"CUDA {'available' if torch.cuda.is_available() else 'absent'}; load average {os.getloadavg()[0]:.2f}")
     started = time.perf_counter()
     extraction_speed(48 if args.quick else 192, args.workers, 1 if args.quick else args.repeats)
-    devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    devices = [] if args.extraction_only else [torch.device("cpu")] + (
+        [torch.device("cuda")] if torch.cuda.is_available() else [])
     for device in devices:
         precision_effect(96 if args.quick else 384, 8 if args.quick else 50, device)
     print(f"\ntotal {time.perf_counter() - started:.0f} s")

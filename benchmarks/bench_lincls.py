@@ -92,7 +92,7 @@ def bench_speed(work: Path, epochs: int) -> None:
     synthetic_cifar(root, 5000, 1000)
     quiet(sampler.main, common(root, "cifar10", work) + ["--name", "random", "--splits", "1000"])
     quiet(eval_lincls.main, common(root, "cifar10", work) + ["--name", "random", "--splits", "1000", "--cached",
-                                                             "--epochs", "0"])  # caches train and val features
+                                                             "--epochs", "1"])  # caches train and val features
     cached = probe(root, "cifar10", work, "random", 1000, epochs, cached=True)
     images = probe(root, "cifar10", work, "random", 1000, epochs, cached=False)
     print(f"synthetic CIFAR-10, 1,000 labelled, {epochs} epochs: default protocol {images:.1f} s, "

@@ -15,6 +15,7 @@ is a one-line UsageError naming the flag.
 from __future__ import annotations
 
 import contextlib
+import copy
 import importlib
 import math
 import os
@@ -124,11 +125,23 @@ def timm_model(arch: str, weights: str, image_size: int | None) -> tuple[nn.Modu
     if cfg is None and not timm.is_model(arch):
         raise UsageError(f"--arch: timm has no model {arch!r} (timm.list_models() lists them)")
     sized = {"img_size": image_size} if image_size and cfg is not None and cfg.fixed_input_size else {}
-    with loading("--arch", f"timm model {arch!r}"):
+    what = f"timm model {arch!r}" if weights else \
+        f"timm model {arch!r} with its pretrained weights (offline, --weights FILE loads a local file)"
+    with loading("--arch", what):
         model = timm.create_model(arch, pretrained=not weights, num_classes=0, **sized)
     if weights:
         load_file_strictly(model, weights)
     return model, timm_preprocess(model)
+
+
+def timm_pretrained_tag(arch: str) -> str:
+    """The pretrained weights timm downloads for `arch`: 'pretrained NAME.TAG', the tag resolved (timm's default
+    tag of a bare name may change between timm versions)."""
+    timm = require_package("timm")
+    cfg = timm.models.get_pretrained_cfg(arch)
+    if cfg is None:
+        return "pretrained"
+    return f"pretrained {cfg.architecture}.{cfg.tag}" if cfg.tag else f"pretrained {cfg.architecture}"
 
 
 def load_file_strictly(model: nn.Module, path: str) -> None:
@@ -260,6 +273,19 @@ def load_backbone(arch: str, backbone: str, weights: str = "", image_size: int |
     return Backbone(model, pooled_dim(model, preprocess.at_size(image_size).size, arch), preprocess)
 
 
+def trainable(model: nn.Module, size: int) -> nn.Module:
+    """A copy of the frozen `model` to fine-tune: the parameters that its image embedding uses (found by one
+    backward pass of a blank `size`-px batch, in eval mode so no running statistic moves) require gradients;
+    the others (an OpenCLIP text tower, an unused mask token) stay frozen, so that DistributedDataParallel
+    finds a gradient for every parameter it averages."""
+    model = copy.deepcopy(model).requires_grad_(True).eval()
+    model(torch.zeros(2, 3, size, size)).float().sum().backward()
+    for parameter in model.parameters():
+        parameter.requires_grad_(parameter.grad is not None)
+        parameter.grad = None
+    return model
+
+
 def check_pretrained_name(arch: str, backbone: str, weights: str) -> None:
     """--weights for a backbone loaded by name: a torchvision weights name (unless a file), nothing for hf and
     hub (--arch names the weights); a UsageError otherwise."""
@@ -306,7 +332,8 @@ def uses_pretrained_name(backbone: str, weights: str) -> bool:
 
 def weights_label(arch: str, backbone: str, weights: str) -> str:
     """What identifies the weights without loading them: the file's digest, a weights tag or enum name, a
-    local folder's content digest, or 'pretrained' (the default weights of the model id --arch)."""
+    local folder's content digest, timm's resolved tag ('pretrained resnet18.a1_in1k'), or 'pretrained' (the
+    default weights of the model id --arch)."""
     if is_weights_file(weights):
         return file_digest(weights)
     if backbone == "torchvision":
@@ -315,6 +342,8 @@ def weights_label(arch: str, backbone: str, weights: str) -> str:
     folder = arch.rpartition(":")[0] if backbone == "hub" else arch
     if backbone in ("hf", "hub") and os.path.isdir(folder):
         return "dir-" + folder_digest(folder)
+    if backbone == "timm":
+        return timm_pretrained_tag(arch)
     return weights or "pretrained"
 
 

@@ -6,6 +6,7 @@ import math
 import os
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import NoReturn
 
 DATASET_NAMES = ("cifar10", "cifar100", "imagenet", "imagenet_lt", "fashion_mnist", "folder")
@@ -35,38 +36,74 @@ def run_main(main: Callable[[Sequence[str] | None], None], argv: Sequence[str] |
         sys.exit(2)
 
 
-def int_at_least(low: int) -> Callable[[str], int]:
-    """argparse type: an integer of at least `low` (argparse names the flag in the error)."""
-    def parse(text: str) -> int:
+INT_MAX = 2**31 - 1  # counts reach torch, numpy and faiss as C ints
+SEED_MAX = 2**31 - 1 - 1234  # faiss' k-means seed, a C int, is faiss_ops.FAISS_SEED_OFFSET + --seed
+REAL_MAX = 1e6  # positive real flags (learning rates, radii, bandwidths): beyond this is a typing slip
+
+
+@dataclass(frozen=True)
+class Number:
+    """argparse type: a finite number within its bounds, an integer when `integer`, else a float; with
+    `auto`, the word 'auto' gives None. argparse names the flag in the error. The bounds are readable so
+    that a test can throw out-of-range values at every numeric flag of every script."""
+    low: float
+    high: float
+    integer: bool = False
+    low_open: bool = False  # (low, high] instead of [low, high]
+    auto: bool = False
+
+    def bounds(self) -> str:
+        low, high = (f"{int(x)}" if self.integer else f"{x:g}" for x in (self.low, self.high))
+        return f"{'(' if self.low_open else '['}{low}, {high}]"
+
+    def describe(self) -> str:
+        kind = "an integer" if self.integer else "a finite number"
+        return f"{'auto or ' if self.auto else ''}{kind} in {self.bounds()}"
+
+    def __contains__(self, value: float) -> bool:
+        if isinstance(value, float) and not math.isfinite(value):
+            return False
+        above_low = value > self.low if self.low_open else value >= self.low
+        return above_low and value <= self.high
+
+    def __call__(self, text: str) -> int | float | None:
+        if self.auto and text == "auto":
+            return None
         try:
-            value = int(text)
+            value: int | float = int(text) if self.integer else float(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
-        return value
-    return parse
+            value = math.nan
+        if value in self:
+            return value
+        shown = text if len(text) <= 40 else text[:37] + "..."
+        if isinstance(value, float) and not math.isfinite(value):  # NaN, infinite, or not a number at all
+            raise argparse.ArgumentTypeError(f"must be {self.describe()}, got {shown!r}")
+        if self.integer:
+            limit = f"at least {int(self.low)}" if value < self.low else f"at most {int(self.high)}"
+        else:
+            limit = f"{'auto or ' if self.auto else ''}in {self.bounds()}"
+        raise argparse.ArgumentTypeError(f"must be {limit}, got {shown}")
 
 
-def share(text: str) -> float:
-    """argparse type: a number in (0, 1]."""
-    value = float(text)
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
-    return value
+def int_at_least(low: int, high: int = INT_MAX) -> Number:
+    """argparse type: an integer in [low, high]."""
+    return Number(low, high, integer=True)
 
 
-def auto_or_positive(text: str) -> float | None:
-    """argparse type: 'auto' -> None, else a finite positive number."""
-    if text == "auto":
-        return None
-    value = float(text)
-    if not (value > 0 and math.isfinite(value)):
-        raise ValueError(text)
-    return value
+def positive_real(high: float = REAL_MAX) -> Number:
+    """argparse type: a finite number in (0, high]."""
+    return Number(0, high, low_open=True)
 
 
-auto_or_positive.__name__ = "'auto' or a positive number"  # argparse names the type in its error
+share = Number(0, 1, low_open=True)  # a fraction in (0, 1]
+auto_or_positive = Number(0, REAL_MAX, low_open=True, auto=True)  # 'auto' -> None, else a positive real
+SEED = int_at_least(0, SEED_MAX)
+WORKERS = int_at_least(0, 1024)
+IMAGE_SIZE = int_at_least(1, 8192)
+EPOCHS = int_at_least(1, 10**6)
+LEARNING_RATE = positive_real()
+FRACTION = Number(0, 1)  # momentum, weight decay: [0, 1]
+BUDGET = int_at_least(1)  # a --splits value
 
 
 def add_data_args(parser: argparse.ArgumentParser, workers: int = 4, print_freq: int = 10) -> None:
@@ -75,19 +112,19 @@ def add_data_args(parser: argparse.ArgumentParser, workers: int = 4, print_freq:
                         help="dataset root (optional with --feats)")
     parser.add_argument("--dataset", default="imagenet", choices=DATASET_NAMES,
                         help="dataset name (default: imagenet)")
-    parser.add_argument("-j", "--workers", default=workers, type=int, metavar="N",
+    parser.add_argument("-j", "--workers", default=workers, type=WORKERS, metavar="N",
                         help=f"data loading workers (default: {workers})")
-    parser.add_argument("-b", "--batch-size", default=256, type=int, metavar="N",
+    parser.add_argument("-b", "--batch-size", default=256, type=int_at_least(1), metavar="N",
                         help="batch size (default: 256)")
-    parser.add_argument("-p", "--print-freq", default=print_freq, type=int, metavar="N",
+    parser.add_argument("-p", "--print-freq", default=print_freq, type=int_at_least(1), metavar="N",
                         help=f"print frequency (default: {print_freq})")
-    parser.add_argument("--start-epoch", default=0, type=int, metavar="N",
+    parser.add_argument("--start-epoch", default=0, type=int_at_least(0), metavar="N",
                         help="accepted for compatibility with the original scripts")
     parser.add_argument("--save", default="./output", type=str,
                         help="folder for the feature cache and results (default: ./output)")
     parser.add_argument("--indices", default="./indices", type=str,
                         help="folder of index files (default: ./indices)")
-    parser.add_argument("--seed", default=0, type=int,
+    parser.add_argument("--seed", default=0, type=SEED,
                         help="seed for Python, NumPy, torch and faiss (default: 0)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                         help="auto = CUDA when available (default: auto)")
@@ -95,7 +132,7 @@ def add_data_args(parser: argparse.ArgumentParser, workers: int = 4, print_freq:
                         help="allow torchvision to download the dataset")
     parser.add_argument("--lt-list", default="data/ImageNet_LT_train.txt",
                         help="ImageNet-LT train list (default: data/ImageNet_LT_train.txt)")
-    parser.add_argument("--image-size", default=None, type=int, metavar="PX",
+    parser.add_argument("--image-size", default=None, type=IMAGE_SIZE, metavar="PX",
                         help="resize images to PX before the backbone (default: the dataset's own "
                              "protocol: 224 for ImageNet and folders, native 32/28 for CIFAR/Fashion-MNIST)")
     parser.add_argument("--results", default=None, type=str,
@@ -160,14 +197,14 @@ def add_training_args(parser: argparse.ArgumentParser, *, cached: bool = True, s
     """Training flags of the original eval_lincls.py, active_sampler.py, finetune.py, trainer_DP.py; `sgd`
     for the script that trains with SGD (its --momentum and --wd are used), the others use Adam."""
     optimizer = "SGD" if sgd else "Adam"
-    parser.add_argument("--epochs", default=40, type=int, help="epochs per split (default: 40)")
-    parser.add_argument("--lr", "--learning-rate", default=0.01, type=float, dest="lr",
+    parser.add_argument("--epochs", default=40, type=EPOCHS, help="epochs per split (default: 40)")
+    parser.add_argument("--lr", "--learning-rate", default=0.01, type=LEARNING_RATE, dest="lr",
                         help=f"{optimizer} learning rate (default: 0.01)")
     parser.add_argument("--lr_schedule", default="30,60,90", type=str,
                         help="epochs at which the learning rate drops 10x (default: 30,60,90)")
-    parser.add_argument("--momentum", default=0.9, type=float,
+    parser.add_argument("--momentum", default=0.9, type=FRACTION,
                         help="SGD momentum (default: 0.9)" if sgd else "accepted, unused (Adam), as the original")
-    parser.add_argument("--wd", "--weight-decay", default=1e-4, type=float, dest="weight_decay",
+    parser.add_argument("--wd", "--weight-decay", default=1e-4, type=FRACTION, dest="weight_decay",
                         help="SGD weight decay (default: 1e-4)" if sgd
                         else "accepted, unused (Adam without weight decay), as the original")
     parser.add_argument("-e", "--evaluate", action="store_true", help="accepted, unused, as the original")
@@ -198,11 +235,14 @@ def check_resume(args: argparse.Namespace, splits: Sequence[int]) -> None:
 
 
 def parse_milestones(text: str) -> list[int]:
-    """'30,60' -> [30, 60]; a UsageError naming --lr_schedule otherwise."""
+    """'30,60' -> [30, 60]; a UsageError naming --lr_schedule otherwise (epochs are counted from 1)."""
     try:
-        return [int(x) for x in text.split(",") if x.strip()]
+        milestones = [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise UsageError(f"--lr_schedule: {text!r} is not a comma-separated list of epochs") from None
+    if any(epoch not in EPOCHS for epoch in milestones):
+        raise UsageError(f"--lr_schedule: epochs must be in {EPOCHS.bounds()}, got {text!r}")
+    return milestones
 
 
 def parse_splits(text: str) -> list[int]:
@@ -214,8 +254,8 @@ def parse_splits(text: str) -> list[int]:
         splits = [int(p) for p in parts]
     except ValueError:
         raise UsageError(f"--splits: {text!r} is not a comma-separated list of integers") from None
-    if min(splits) <= 0:
-        raise UsageError(f"--splits: budgets must be positive, got {text!r}")
+    if any(split not in BUDGET for split in splits):
+        raise UsageError(f"--splits: budgets must be positive, at most {BUDGET.high}; got {text!r}")
     return splits
 
 

@@ -9,9 +9,11 @@ Files that cannot be decoded keep their index; inference reports them instead of
 from __future__ import annotations
 
 import gzip
+import math
 import os
 import pickle
-from collections.abc import Iterator
+import zlib
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -24,6 +26,7 @@ from torchvision import datasets as tv_datasets
 from torchvision import transforms as T
 
 from lowbudget.cli import UsageError
+from lowbudget.fileio import text_digest
 
 IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
@@ -53,8 +56,11 @@ IMAGE_EXTENSIONS = tv_datasets.folder.IMG_EXTENSIONS  # what ImageFolder accepts
 
 
 def open_rgb(path: str) -> Image.Image:
+    """The decoded image in RGB (converted only when it is not RGB already)."""
     with open(path, "rb") as f:
-        return Image.open(f).convert("RGB")
+        image = Image.open(f)
+        image.load()
+    return image if image.mode == "RGB" else image.convert("RGB")
 
 
 class ArrayImages:
@@ -99,9 +105,76 @@ Images = ArrayImages | FileImages
 
 # ---------------------------------------------------------------- CIFAR (our own pickle reader)
 
-def _unpickle(path: str) -> dict:
-    with open(path, "rb") as f:
-        return pickle.load(f, encoding="bytes")
+CIFAR_ROW = 3 * 32 * 32  # values per image in a batch's data rows
+# The only globals a CIFAR batch refers to: NumPy's array reconstruction (under NumPy 1 and 2 module names,
+# pickle protocols 2 to 5) and the codec that protocol 2 writes bytes with. Anything else is refused
+# unrun, so a crafted batch file cannot run code as pickle.load would.
+_PICKLE_GLOBALS = {("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")} | {
+    (f"numpy.{core}.{module}", name) for core in ("core", "_core")
+    for module, name in (("multiarray", "_reconstruct"), ("multiarray", "scalar"), ("numeric", "_frombuffer"))}
+
+
+class _RefusedGlobal(pickle.UnpicklingError):
+    """A pickle refers to a global that the format never holds."""
+
+
+class _ArraysOnlyUnpickler(pickle.Unpickler):
+    """Unpickles dicts, lists, tuples, bytes, strings, numbers and NumPy arrays, and nothing else."""
+
+    def find_class(self, module: str, name: str) -> object:
+        if (module, name) not in _PICKLE_GLOBALS:
+            raise _RefusedGlobal(f"{module}.{name}")
+        if module.startswith("numpy.core.") and hasattr(np, "_core"):
+            module = "numpy._core." + module.removeprefix("numpy.core.")  # NumPy 2 deprecates numpy.core
+        return super().find_class(module, name)
+
+
+def _unpickle(path: str) -> object:
+    """The batch file's content, read by _ArraysOnlyUnpickler; a UsageError naming the file otherwise."""
+    try:
+        with open(path, "rb") as f:
+            return _ArraysOnlyUnpickler(f, encoding="bytes").load()
+    except _RefusedGlobal as err:
+        raise UsageError(f"data: CIFAR batch {path!r} refers to {err}, which a CIFAR batch never holds: refused "
+                         "without running it") from None
+    except Exception as err:
+        raise UsageError(f"data: cannot read CIFAR batch {path!r}, truncated or not a pickle "
+                         f"({type(err).__name__}: {err})".splitlines()[0]) from None
+
+
+def _field(batch: dict, name: str) -> object:
+    """batch[name] under a bytes key (the original pickles) or a str key."""
+    return batch.get(name.encode(), batch.get(name))
+
+
+def _as_integers(values: object) -> np.ndarray | None:
+    """`values` as an integer array, None when they are not integers."""
+    try:
+        array = np.asarray(values)
+    except ValueError:  # ragged nested lists
+        return None
+    return array if np.issubdtype(array.dtype, np.integer) else None
+
+
+def cifar_batch(path: str, key: str, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """(images N x 3 x 32 x 32 uint8, labels) of one batch file, checked: a dict whose 'data' rows are
+    3072 bytes and whose `key` holds one label in [0, num_classes) per row."""
+    batch = _unpickle(path)
+    if not isinstance(batch, dict):
+        raise UsageError(f"data: CIFAR batch {path!r} is a pickled {type(batch).__name__}, not a batch dict")
+    data, labels = _as_integers(_field(batch, "data")), _as_integers(_field(batch, key))
+    if data is None or labels is None:
+        missing = "data" if data is None else key
+        raise UsageError(f"data: CIFAR batch {path!r} has no integer {missing!r} array")
+    out_of_bytes = data.dtype != np.uint8 and data.size and (data.min() < 0 or data.max() > 255)
+    if data.ndim != 2 or data.shape[1] != CIFAR_ROW or out_of_bytes:
+        raise UsageError(f"data: CIFAR batch {path!r}: 'data' must be rows of {CIFAR_ROW} bytes, got shape "
+                         f"{data.shape} {data.dtype}")
+    if labels.shape != (len(data),):
+        raise UsageError(f"data: CIFAR batch {path!r} has {len(data)} images but {labels.size} {key!r}")
+    if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
+        raise UsageError(f"data: CIFAR batch {path!r} has labels outside [0, {num_classes})")
+    return data.astype(np.uint8, copy=False).reshape(-1, 3, 32, 32), labels
 
 
 def _cifar_dir(root: str, folder: str, probe: str, download: bool, name: str) -> str:
@@ -120,19 +193,19 @@ def load_cifar(root: str, name: str, split: str, download: bool = False) -> Arra
     """CIFAR-10/100 from the python pickle batches, in torchvision's order."""
     if name == "cifar10":
         folder, files, key = "cifar-10-batches-py", (
-            [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]), b"labels"
+            [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]), "labels"
     else:
-        folder, files, key = "cifar-100-python", (["train"] if split == "train" else ["test"]), b"fine_labels"
+        folder, files, key = "cifar-100-python", (["train"] if split == "train" else ["test"]), "fine_labels"
     directory = _cifar_dir(root, folder, files[0], download, name)
     images, labels = [], []
     for file in files:
         path = os.path.join(directory, file)
         if not os.path.isfile(path):
             raise UsageError(f"data: missing CIFAR batch {path!r}")
-        batch = _unpickle(path)
-        images.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-        labels.extend(batch[key])
-    return ArrayImages(np.concatenate(images), np.asarray(labels))
+        batch_images, batch_labels = cifar_batch(path, key, DATASET_INFO[name].num_classes or 0)
+        images.append(batch_images)
+        labels.append(batch_labels)
+    return ArrayImages(np.concatenate(images), np.concatenate(labels))
 
 
 # ---------------------------------------------------------------- Fashion-MNIST (IDX files)
@@ -151,10 +224,31 @@ def _find_idx(directories: list[str], name: str) -> str | None:
     return None
 
 
-def _read_idx(path: str, header: int) -> np.ndarray:
+IDX_UBYTE = 0x08  # the IDX type code of unsigned bytes, the only one Fashion-MNIST uses
+
+
+def read_idx(path: str, shape: tuple[int, ...]) -> np.ndarray:
+    """An IDX file of unsigned bytes (optionally gzipped) whose dimensions after the first are `shape[1:]`
+    (shape[0] = -1: any count): a UsageError naming the file when it is truncated, corrupt or of another
+    shape."""
     opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rb") as f:
-        return np.frombuffer(bytearray(f.read()), dtype=np.uint8, offset=header)
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError, zlib.error) as err:
+        raise UsageError(f"data: cannot read {path!r} ({type(err).__name__}: {err})".splitlines()[0]) from None
+    header = 4 + 4 * len(shape)
+    magic = (IDX_UBYTE << 8) | len(shape)
+    if len(raw) < header or int.from_bytes(raw[:4], "big") != magic:
+        raise UsageError(f"data: {path!r} is not an IDX file of {len(shape)}-D unsigned bytes (magic number "
+                         f"{magic} expected)")
+    dims = tuple(int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range(len(shape)))
+    if dims[1:] != shape[1:]:
+        raise UsageError(f"data: {path!r} has dimensions {dims}, expected {('N', *shape[1:])}")
+    if len(raw) != header + math.prod(dims):
+        raise UsageError(f"data: {path!r} holds {len(raw) - header} bytes after its header, which says "
+                         f"{math.prod(dims)} {dims}: truncated or damaged")
+    return np.frombuffer(bytearray(raw), dtype=np.uint8, offset=header).reshape(dims)
 
 
 def load_fashion_mnist(root: str, split: str, download: bool = False) -> ArrayImages:
@@ -168,8 +262,13 @@ def load_fashion_mnist(root: str, split: str, download: bool = False) -> ArrayIm
     if image_path is None or label_path is None:
         raise UsageError(f"data: no Fashion-MNIST files under {root!r} (expected FashionMNIST/raw/"
                          f"{image_name}[.gz]; apt-get install dataset-fashion-mnist or pass --download)")
-    grey = _read_idx(image_path, 16).reshape(-1, 1, 28, 28)
-    return ArrayImages(grey, _read_idx(label_path, 8))
+    grey, labels = read_idx(image_path, (-1, 28, 28)), read_idx(label_path, (-1,))
+    if len(grey) != len(labels):
+        raise UsageError(f"data: {image_path!r} holds {len(grey)} images but {label_path!r} {len(labels)} labels")
+    classes = DATASET_INFO["fashion_mnist"].num_classes or 0
+    if len(labels) and labels.max() >= classes:
+        raise UsageError(f"data: {label_path!r} has labels outside [0, {classes})")
+    return ArrayImages(grey[:, None], labels)
 
 
 # ---------------------------------------------------------------- image files
@@ -177,6 +276,8 @@ def load_fashion_mnist(root: str, split: str, download: bool = False) -> ArrayIm
 def _image_folder(root: str, flag: str = "data") -> FileImages:
     if not os.path.isdir(root):
         raise UsageError(f"{flag}: no image folder at {root!r}")
+    for _ in walk_once(root, flag):  # ImageFolder follows links too, and would list a loop's images again
+        pass
     try:
         folder = tv_datasets.ImageFolder(root)
     except (FileNotFoundError, RuntimeError) as err:
@@ -189,12 +290,35 @@ def image_files(root: str) -> list[str]:
     """Every image file under `root`, recursively, as sorted relative POSIX paths: an unlabelled
     folder's index. Image = an ImageFolder extension in any case; hidden files and folders are skipped."""
     found = []
-    for directory, subdirs, files in os.walk(root, followlinks=True):
+    for directory, subdirs, files in walk_once(root):
         subdirs[:] = [d for d in subdirs if not d.startswith(".")]
         parts = Path(os.path.relpath(directory, root)).parts
         found += ["/".join((*parts, name)) for name in files
                   if not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)]
     return sorted(found)
+
+
+def walk_once(root: str, flag: str = "data") -> Iterator[tuple[str, list[str], list[str]]]:
+    """os.walk following symbolic links, as ImageFolder does; a folder reached a second time (a link loop,
+    or two links to one folder, whose images would be listed twice) is a UsageError naming the link."""
+    seen: dict[tuple[int, int], str] = {}
+    for directory, subdirs, files in os.walk(root, followlinks=True):
+        status = os.stat(directory)
+        first = seen.setdefault((status.st_dev, status.st_ino), directory)
+        if first != directory:
+            raise UsageError(f"{flag}: {directory!r} is the folder {first!r} again (a symbolic link loop, or two "
+                             "links to one folder): its images would be listed twice")
+        yield directory, subdirs, files
+
+
+def listing_record(images: Images, root: str) -> dict[str, int | str] | None:
+    """What identifies the listing of an image-file dataset: its count and a digest of the files relative to
+    `root` in index order (None for the array datasets, whose order is fixed). Recorded in index sidecars, so
+    that tools/export.py can refuse a folder that has changed since the selection."""
+    if not isinstance(images, FileImages):
+        return None
+    relative = [Path(os.path.relpath(path, root)).as_posix() for path in images.paths]
+    return {"count": len(relative), "digest": text_digest("\n".join(relative), 16)}
 
 
 def unlabeled_images(root: str, flag: str = "data") -> FileImages:
@@ -227,20 +351,43 @@ def labels_required(root: str) -> UsageError:
 
 
 def load_lt_list(root: str, list_file: str) -> FileImages:
-    """ImageNet-LT: one `relative/path label` per line, joined to the ImageNet root."""
+    """ImageNet-LT: one `relative/path label` per line, joined to the ImageNet root; every listed file must
+    exist (a missing one would be embedded as a blank image)."""
     if not os.path.isfile(list_file):
         raise UsageError(f"--lt-list: no ImageNet-LT list at {list_file!r}")
-    paths, labels = [], []
+    paths, labels, lines = [], [], []
     with open(list_file) as f:
         for number, line in enumerate(f, 1):
             parts = line.split()
             if not parts:
                 continue
-            if len(parts) != 2 or not parts[1].lstrip("-").isdigit():
-                raise UsageError(f"--lt-list: line {number} of {list_file!r} is not 'path label'")
+            if len(parts) != 2 or not parts[1].isdigit():
+                raise UsageError(f"--lt-list: line {number} of {list_file!r} is not 'path label' (label >= 0)")
             paths.append(os.path.join(root, parts[0]))
             labels.append(int(parts[1]))
+            lines.append(number)
+    missing = missing_files(paths)
+    if missing:
+        first = missing[0]
+        raise UsageError(f"--lt-list: line {lines[first]} of {list_file!r} names {paths[first]!r}, which does not "
+                         f"exist ({len(missing)} of the {len(paths)} listed files are missing under {root!r})")
     return FileImages(paths, labels)
+
+
+def missing_files(paths: Iterable[str]) -> list[int]:
+    """Positions of the `paths` that name no file, each folder read once (not one stat call per file)."""
+    listed: dict[str, set[str]] = {}
+    missing = []
+    for position, path in enumerate(paths):
+        directory, name = os.path.split(path)
+        if directory not in listed:
+            try:
+                listed[directory] = set(os.listdir(directory or "."))
+            except OSError:
+                listed[directory] = set()
+        if name not in listed[directory]:
+            missing.append(position)
+    return missing
 
 
 def load_images(name: str, root: str | None, split: str, lt_list: str = "data/ImageNet_LT_train.txt",
@@ -320,25 +467,37 @@ def _resize_crop(x: torch.Tensor, prep: Preprocess) -> torch.Tensor:
     return T.functional.center_crop(x, [prep.size]) if prep.resize != prep.size else x
 
 
-def _array_batches(images: ArrayImages, prep: Preprocess, batch_size: int) -> Iterator[torch.Tensor]:
-    mean = torch.tensor(prep.mean).view(1, 3, 1, 1)
-    std = torch.tensor(prep.std).view(1, 3, 1, 1)
+def _array_batches(images: ArrayImages, prep: Preprocess, batch_size: int, device: torch.device
+                   ) -> Iterator[torch.Tensor]:
+    """Batches of the arrays moved to `device` as uint8, then scaled, resized, cropped and normalised there."""
+    mean = torch.tensor(prep.mean, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(prep.std, device=device).view(1, 3, 1, 1)
     for start in range(0, len(images), batch_size):
-        x = torch.from_numpy(images.images[start:start + batch_size]).float().div_(255)
+        x = torch.from_numpy(images.images[start:start + batch_size]).to(device).float().div_(255)
         if x.shape[1] == 1:
             x = x.expand(-1, 3, -1, -1)
         yield (_resize_crop(x, prep) - mean) / std
 
 
 def file_transform(prep: Preprocess) -> T.Compose:
-    """`prep` for a PIL image."""
+    """`prep`'s resize and centre crop of a PIL image, as a uint8 (3, size, size) tensor: what a DataLoader
+    worker does per image. Scaling and normalising are left to `normalized`, on whole batches, where they
+    cost a fraction and the workers send a quarter of the bytes."""
     return T.Compose([T.Resize(prep.resize, interpolation=T.InterpolationMode(prep.interpolation)),
-                      T.CenterCrop(prep.size), T.ToTensor(), T.Normalize(prep.mean, prep.std)])
+                      T.CenterCrop(prep.size), T.PILToTensor()])
+
+
+def normalized(x: torch.Tensor, prep: Preprocess) -> torch.Tensor:
+    """uint8 images (N, 3, H, W) scaled to [0, 1] and normalised by prep's mean and std: the same float
+    operations, in the same order, as ToTensor then Normalize on each image."""
+    mean = torch.tensor(prep.mean, device=x.device).view(1, -1, 1, 1)
+    std = torch.tensor(prep.std, device=x.device).view(1, -1, 1, 1)
+    return x.float().div_(255).sub_(mean).div_(std)
 
 
 class _TolerantFiles(Dataset):
-    """Image files for inference: (tensor, '') each, or (zeros, why) for a file that cannot be decoded,
-    so one bad file found in a DataLoader worker never stops a long extraction."""
+    """Image files for inference: (uint8 tensor, '') each, or (zeros, why) for a file that cannot be
+    decoded, so one bad file found in a DataLoader worker never stops a long extraction."""
 
     def __init__(self, paths: list[str], transform, size: int):
         self.paths, self.transform, self.size = paths, transform, size
@@ -350,7 +509,8 @@ class _TolerantFiles(Dataset):
         try:
             return self.transform(open_rgb(self.paths[i])), ""
         except Exception as err:
-            return torch.zeros(3, self.size, self.size), f"{type(err).__name__}: {err}".splitlines()[0]
+            return torch.zeros(3, self.size, self.size, dtype=torch.uint8), \
+                f"{type(err).__name__}: {err}".splitlines()[0]
 
 
 def unreadable_error(path: str, why: str) -> UsageError:
@@ -358,32 +518,41 @@ def unreadable_error(path: str, why: str) -> UsageError:
 
 
 def decoded_batches(images: Images, name: str, batch_size: int, workers: int = 0, image_size: int | None = None,
-                    strict: bool = False, preprocess: Preprocess | None = None
+                    strict: bool = False, preprocess: Preprocess | None = None, device: torch.device | None = None
                     ) -> Iterator[tuple[torch.Tensor, dict[int, str]]]:
-    """(batch, {dataset index: why} of the files in it that could not be decoded, their rows zero),
-    in dataset order, with the backbone's `preprocess` (else the original's centre-crop inference
-    transform) at --image-size; with `strict` the first such file is a UsageError naming it instead."""
+    """(batch on `device` (default: the CPU), {dataset index: why} of the files in it that could not be
+    decoded, their rows zero), in dataset order, with the backbone's `preprocess` (else the original's
+    centre-crop inference transform) at --image-size; with `strict` the first such file is a UsageError
+    naming it instead. Files are decoded, resized and cropped in `workers` DataLoader processes; batches
+    travel as uint8 (pinned for CUDA) and are scaled and normalised on the device."""
     prep = preprocess.at_size(image_size) if preprocess else dataset_preprocess(name, image_size)
+    device = device or torch.device("cpu")
     if isinstance(images, ArrayImages):
-        for x in _array_batches(images, prep, batch_size):
+        for x in _array_batches(images, prep, batch_size, device):
             yield x, {}
         return
+    workers = min(workers, -(-len(images) // batch_size))  # a process per batch at most
     loader = DataLoader(_TolerantFiles(images.paths, file_transform(prep), prep.size), batch_size=batch_size,
-                        shuffle=False, num_workers=workers, pin_memory=torch.cuda.is_available())
+                        shuffle=False, num_workers=workers, pin_memory=device.type == "cuda")
     start = 0
     for x, whys in loader:
         unreadable = {start + j: why for j, why in enumerate(whys) if why}
         if strict and unreadable:
             i, why = next(iter(unreadable.items()))
             raise unreadable_error(images.paths[i], why)
+        x = normalized(x.to(device, non_blocking=True), prep)
+        x[[i - start for i in unreadable]] = 0
         yield x, unreadable
         start += len(x)
 
 
 def inference_batches(images: Images, name: str, batch_size: int, workers: int = 0,
-                      image_size: int | None = None, preprocess: Preprocess | None = None) -> Iterator[torch.Tensor]:
-    """Normalised image batches in dataset order; an unreadable file is a UsageError naming it."""
-    for x, _ in decoded_batches(images, name, batch_size, workers, image_size, strict=True, preprocess=preprocess):
+                      image_size: int | None = None, preprocess: Preprocess | None = None,
+                      device: torch.device | None = None) -> Iterator[torch.Tensor]:
+    """Normalised image batches on `device` (default: the CPU) in dataset order; an unreadable file is a
+    UsageError naming it."""
+    for x, _ in decoded_batches(images, name, batch_size, workers, image_size, strict=True, preprocess=preprocess,
+                                device=device):
         yield x
 
 
@@ -394,8 +563,9 @@ TrainingItem = tuple[torch.Tensor, int]  # an augmented image and its label
 
 class AugmentedSubset(Dataset[TrainingItem]):
     """The labelled images at `indices` with the original's train augmentation (RandomResizedCrop to the
-    inference size, horizontal flip, normalise by the backbone's `preprocess` mean and std, else the
-    dataset's): (tensor, label). Arrays are augmented as uint8 tensors, files as PIL images."""
+    inference size, horizontal flip, normalise by the backbone's `preprocess` mean and std, with its
+    interpolation; else the dataset's, bilinear): (tensor, label). Arrays are augmented as uint8 tensors,
+    files as PIL images."""
 
     def __init__(self, images: Images, indices: np.ndarray, name: str, image_size: int | None = None,
                  preprocess: Preprocess | None = None):
@@ -404,7 +574,8 @@ class AugmentedSubset(Dataset[TrainingItem]):
         stats = preprocess or DATASET_INFO[name]
         self.images, self.labels, self.indices = images, images.labels, np.asarray(indices)
         size = inference_size(name, image_size, preprocess)
-        self.augment = T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip()])
+        interpolation = T.InterpolationMode(preprocess.interpolation if preprocess else "bilinear")
+        self.augment = T.Compose([T.RandomResizedCrop(size, interpolation=interpolation), T.RandomHorizontalFlip()])
         self.normalize = T.Normalize(stats.mean, stats.std)
 
     def __len__(self) -> int:

@@ -9,6 +9,7 @@ DistributedSampler, evaluation is shared out by blocks of rows, and rank 0 alone
 """
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
@@ -24,7 +25,8 @@ from tqdm import tqdm
 from lowbudget import datasets, distributed
 from lowbudget.backbones import strip_module_prefix
 from lowbudget.cli import UsageError
-from lowbudget.fileio import atomic_write
+from lowbudget.fileio import atomic_write, text_digest
+from lowbudget.indices import pool_digest
 from lowbudget.metrics import class_mean_accuracy
 
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
@@ -213,13 +215,64 @@ class TrainingState:
         return {**self.last, "best_top1": self.best_top1}
 
 
+TRAINED_ON_WORDS = {"pool": "labelled pool", "features": "train features", "val_features": "evaluation features",
+                    "images": "image listing", "model": "model"}
+
+
+def trained_on(pool: np.ndarray, **sources: object) -> dict[str, str]:
+    """What a model is trained on, for its checkpoint (fit's `trained_on`): the labelled pool's digest and a
+    digest of each of `sources` (JSON values: a features fingerprint, datasets.listing_record of the images,
+    the backbone's weights and transform)."""
+    return {"pool": pool_digest(pool),
+            **{name: text_digest(json.dumps(value, sort_keys=True)) for name, value in sources.items()}}
+CHECKPOINT_KEYS = ("epoch", "last", "best_top1", "schedule", "seed", "model", "optimizer", "scheduler", "scaler")
+
+
+def read_checkpoint(path: str) -> dict:
+    """A checkpoint that fit() wrote, loaded with weights_only (no code runs); anything else, a file torch
+    cannot read or one that holds other objects, is a one-line UsageError naming --resume."""
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        why = f"{type(err).__name__}: {err}".strip().splitlines()[0].split(". ")[0]
+        raise UsageError(f"--resume: {path!r} is not a checkpoint this suite can load ({why})") from None
+    if not isinstance(saved, dict) or any(key not in saved for key in CHECKPOINT_KEYS):
+        raise UsageError(f"--resume: {path!r} is not a training checkpoint of this suite (it needs "
+                         f"{', '.join(CHECKPOINT_KEYS)})")
+    return saved
+
+
+def check_resumable(path: str, saved: dict, *, schedule: Schedule, seed: int,
+                    trained_on: dict[str, str] | None) -> None:
+    """The checkpoint must come from the same schedule and seed and, when the caller says what it trains
+    on (`trained_on`: the labelled pool's digest, the features' fingerprint), from the same training set;
+    a checkpoint that records no training set is refused then, since it cannot be checked."""
+    if saved["schedule"] != asdict(schedule) or saved["seed"] != seed:
+        raise UsageError(f"--resume: {path} was trained with another schedule or seed "
+                         f"({saved['schedule']}, seed {saved['seed']})")
+    if trained_on is None:
+        return
+    recorded = saved.get("trained_on")
+    if not isinstance(recorded, dict):
+        raise UsageError(f"--resume: {path} does not record what it was trained on (written by an older version), "
+                         "so it cannot be checked against this labelled pool; start again without --resume")
+    changed = [key for key in trained_on if recorded.get(key) != trained_on[key]]
+    if changed:
+        details = "; ".join(f"{TRAINED_ON_WORDS.get(key, key)} {recorded.get(key)} there, {trained_on[key]} now"
+                            for key in changed)
+        raise UsageError(f"--resume: {path} was trained on something else than this run ({details}): the index file "
+                         "was sampled again or the features changed; start again without --resume")
+
+
 def fit(model: nn.Module, optimizer: torch.optim.Optimizer, *, epoch_batches: EpochBatches,
         validate: Callable[[], dict[str, float]], schedule: Schedule, device: torch.device, seed: int,
         checkpoint: str, resume: bool = False, embed: Callable[[torch.Tensor], torch.Tensor] | None = None,
-        amp: bool = False) -> dict[str, float]:
+        amp: bool = False, trained_on: dict[str, str] | None = None) -> dict[str, float]:
     """Train `model` (already on `device`) for the schedule, validating (`validate()`: accuracy now) as
     the original; the latest state is checkpointed every epoch, the best validated weights apart. Each
     epoch's batches come from epoch_seed(seed, epoch), which also seeds torch's global generator.
+    `trained_on` (e.g. {'pool': digest, 'features': fingerprint}) is recorded in the checkpoint, and a
+    resumed checkpoint must record the same (check_resumable).
 
     Returns the last validation ('top1', 'top5', 'class_mean') and 'best_top1'. With `resume` and an
     existing checkpoint, training continues from it (weights, optimiser, scheduler, scaler, history).
@@ -228,14 +281,16 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, *, epoch_batches: Ep
     scaler = torch.amp.GradScaler(device.type, enabled=amp and device.type == "cuda")
     state = TrainingState()
     if resume and os.path.isfile(checkpoint):
-        saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
-        if saved.get("schedule") != asdict(schedule) or saved.get("seed") != seed:
-            raise UsageError(f"--resume: {checkpoint} was trained with another schedule or seed "
-                             f"({saved.get('schedule')}, seed {saved.get('seed')})")
-        unwrap(model).load_state_dict(strip_module_prefix(saved["model"]))
-        optimizer.load_state_dict(saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
-        scaler.load_state_dict(saved["scaler"])
+        saved = read_checkpoint(checkpoint)
+        check_resumable(checkpoint, saved, schedule=schedule, seed=seed, trained_on=trained_on)
+        try:
+            unwrap(model).load_state_dict(strip_module_prefix(saved["model"]))
+            optimizer.load_state_dict(saved["optimizer"])
+            scheduler.load_state_dict(saved["scheduler"])
+            scaler.load_state_dict(saved["scaler"])
+        except (RuntimeError, ValueError, KeyError) as err:
+            why = str(err).strip().splitlines()[0]
+            raise UsageError(f"--resume: {checkpoint} does not fit this model ({why})") from None
         state = TrainingState.from_checkpoint(saved)
         print(f"=> resumed from {checkpoint} at epoch {state.epoch}")
     for epoch in range(state.epoch, schedule.epochs):
@@ -249,13 +304,14 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, *, epoch_batches: Ep
             print(f" * Acc@1 {validation['top1']:.3f} Acc@5 {validation['top5']:.3f}")
             if state.record(validation):
                 save_checkpoint(best_path(checkpoint), {"epoch": epoch + 1, "model": unwrap(model).state_dict(),
-                                                        **validation})
+                                                        "trained_on": trained_on, **validation})
         scheduler.step()
         print("LR: " + ", ".join(f"{lr:f}" for lr in scheduler.get_last_lr()))
         state.epoch = epoch + 1
         save_checkpoint(checkpoint, {**state.to_checkpoint(), "schedule": asdict(schedule), "seed": seed,
-                                     "model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
-                                     "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict()})
-    if state.last is None:  # nothing left to train (resumed at the end, or --epochs 0): still measure
+                                     "trained_on": trained_on, "model": unwrap(model).state_dict(),
+                                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                                     "scaler": scaler.state_dict()})
+    if state.last is None:  # a schedule of no epochs (the programs refuse --epochs 0): still measure
         state.record(validate())
     return state.result()

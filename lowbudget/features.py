@@ -90,12 +90,12 @@ def extract(model: nn.Module, images: datasets.Images, dataset: str, batch_size:
     'fp32', or 'bf16'/'fp16' autocast with channels-last weights (runtime.resolve_precision)."""
     model = for_inference(model, precision, device)
     batches = datasets.decoded_batches(images, dataset, batch_size, workers, image_size, strict=strict,
-                                       preprocess=preprocess)
+                                       preprocess=preprocess, device=device)
     total = -(-len(images) // batch_size)
     feats, start, skipped = None, 0, {}
     for x, unreadable in tqdm(batches, total=total, desc=desc, disable=distributed.quiet()):
         with inference_autocast(precision, device):
-            out = model(x.to(device, non_blocking=True))
+            out = model(x)
         out = l2_normalize(out.float()).cpu().numpy()
         if feats is None:  # filled in place: no list of batches concatenated at the end (2x memory)
             feats = np.empty((len(images), out.shape[1]), dtype=np.float32)

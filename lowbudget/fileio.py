@@ -1,11 +1,32 @@
-"""Atomic writes and content fingerprints: no reader ever sees a half-written file."""
+"""Atomic writes, strict JSON and content fingerprints: no reader ever sees a half-written file.
+
+A write goes to a temporary file beside its target, named `.tmp-{host}-{pid}-{random}-{target}`, and is
+renamed into place once complete. A write killed mid-way leaves its temporary file behind; the next
+write of the same target removes it when it is stale: left by a process of this host that no longer
+runs, or (another host's, or an older version's `.tmp-{random}{target}`) not modified for a day.
+"""
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import json
+import math
 import os
+import re
+import socket
 import tempfile
-from collections.abc import Callable
-from typing import BinaryIO
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, BinaryIO
+
+import numpy as np
+
+Writer = Callable[[BinaryIO], object]  # writes a file's content (its return value unused)
+
+TEMP_PREFIX = ".tmp-"
+STALE_SECONDS = 24 * 3600  # a temporary file untouched this long belongs to no running write
+_TEMP_NAME = re.compile(r"\.tmp-(?P<host>[0-9a-f]{8})-(?P<pid>\d+)-[a-z0-9_]{8}-(?P<target>.+)")
+_OLD_TEMP_NAME = re.compile(r"\.tmp-[a-z0-9_]{8}(?P<target>.+)")  # before the host and pid were in the name
 
 
 def _umask() -> int:
@@ -14,25 +35,115 @@ def _umask() -> int:
     return mask
 
 
-def atomic_write(path: str, write: Callable[[BinaryIO], object]) -> None:
-    """Write through `write(file)` (its return value unused) to a temporary file beside `path`, then
-    rename it into place, with the permissions a plain open() would give (mkstemp's are owner-only)."""
+def _host_tag() -> str:
+    return text_digest(socket.gethostname(), 8)
+
+
+def _alive(pid: int) -> bool:
+    """Whether a process `pid` runs on this host (one of another user counts)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _is_stale(name: str, target: str, age: float) -> bool:
+    """Whether `name` is a temporary file of a write of `target` that nothing will finish."""
+    new = _TEMP_NAME.fullmatch(name)
+    if new is not None:
+        if new["target"] != target:
+            return False
+        if new["host"] == _host_tag() and not _alive(int(new["pid"])):
+            return True
+    else:
+        old = _OLD_TEMP_NAME.fullmatch(name)
+        if old is None or old["target"] != target:
+            return False
+    return age > STALE_SECONDS
+
+
+def stale_temporary_files(path: str) -> list[str]:
+    """The temporary files that interrupted writes of `path` left beside it (see the module docstring)."""
+    directory, target = os.path.split(path)
+    now, stale = time.time(), []
+    with contextlib.suppress(FileNotFoundError), os.scandir(directory or ".") as entries:
+        for entry in entries:
+            if entry.name.startswith(TEMP_PREFIX) and entry.is_file(follow_symlinks=False):
+                with contextlib.suppress(FileNotFoundError):
+                    if _is_stale(entry.name, target, now - entry.stat(follow_symlinks=False).st_mtime):
+                        stale.append(entry.path)
+    return stale
+
+
+def remove_stale_temporary_files(path: str) -> None:
+    for stale in stale_temporary_files(path):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(stale)
+
+
+def _write_temporary(path: str, write: Writer) -> str:
+    """`write` into a new temporary file beside `path`, with the permissions a plain open() would give
+    (mkstemp's are owner-only): its name. On failure nothing is left behind."""
     directory = os.path.dirname(path) or "."
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
+    remove_stale_temporary_files(path)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f"{TEMP_PREFIX}{_host_tag()}-{os.getpid()}-",
+                               suffix="-" + os.path.basename(path))
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
         os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
         raise
+    return tmp
+
+
+def atomic_write_files(writes: Sequence[tuple[str, Writer]]) -> None:
+    """Write every (path, write) to a temporary file; only once all of them are complete, rename them into
+    place in the given order. A failure while writing leaves every target as it was and no temporary file."""
+    temporary: list[str] = []
+    try:
+        for path, write in writes:
+            temporary.append(_write_temporary(path, write))
+        for tmp, (path, _) in zip(temporary, writes, strict=True):
+            os.replace(tmp, path)
+    except BaseException:
+        for tmp in temporary:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+        raise
+
+
+def atomic_write(path: str, write: Writer) -> None:
+    """Write through `write(file)` to a temporary file beside `path`, then rename it into place."""
+    atomic_write_files([(path, write)])
 
 
 def atomic_write_bytes(path: str, data: bytes) -> None:
     """atomic_write() of `data`."""
     atomic_write(path, lambda f: f.write(data))
+
+
+def _plain(value: Any) -> Any:
+    """`value` with NumPy scalars and arrays as Python numbers and lists, NaN and infinities as None."""
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return [_plain(item) for item in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def json_text(record: Any, indent: int | None = None) -> str:
+    """JSON that every parser reads: NaN and infinities, which the standard lacks, are written as null."""
+    return json.dumps(_plain(record), indent=indent, allow_nan=False)
 
 
 def file_digest(path: str, length: int = 10) -> str:
@@ -44,6 +155,11 @@ def file_digest(path: str, length: int = 10) -> str:
     return digest.hexdigest()[:length]
 
 
+def bytes_digest(data: bytes, length: int = 10) -> str:
+    """First `length` hex digits of the SHA-256 of `data`."""
+    return hashlib.sha256(data).hexdigest()[:length]
+
+
 def text_digest(text: str, length: int = 10) -> str:
     """First `length` hex digits of the text's SHA-256."""
-    return hashlib.sha256(text.encode()).hexdigest()[:length]
+    return bytes_digest(text.encode(), length)

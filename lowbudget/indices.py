@@ -1,16 +1,23 @@
-"""Index files: `{indices}/{name}_{dataset}_{N}.npy`, 1-D int64, exactly N entries, with a JSON sidecar."""
+"""Index files: `{indices}/{name}_{dataset}_{N}.npy`, 1-D int64, exactly N entries, with a JSON sidecar.
+
+The pair is written together: both files are written to temporary files first, so a failure (a value the
+sidecar cannot hold, a full disk) leaves the previous pair as it was; then the index file is renamed into
+place, and its sidecar last. The sidecar records the digest of the entries, so that a reader refuses an
+index file that its sidecar does not describe (replaced by hand, or a write killed between the renames).
+"""
 from __future__ import annotations
 
 import glob
 import json
 import os
 import time
+from typing import Any
 
 import numpy as np
 
 from lowbudget import distributed
 from lowbudget.cli import UsageError, parse_splits
-from lowbudget.fileio import atomic_write, atomic_write_bytes
+from lowbudget.fileio import atomic_write_files, bytes_digest, json_text
 
 FORMAT_VERSION = 1
 
@@ -23,9 +30,14 @@ def sidecar_path(path: str) -> str:
     return path[:-len(".npy")] + ".json" if path.endswith(".npy") else path + ".json"
 
 
+def pool_digest(indices: np.ndarray) -> str:
+    """A digest of the entries in order: what identifies a labelled pool in sidecars and checkpoints."""
+    return bytes_digest(np.ascontiguousarray(indices, dtype="<i8").tobytes(), 16)
+
+
 def write_indices(path: str, indices: np.ndarray, meta: dict) -> None:
-    """Atomically write the index file, then its sidecar (strategy, parameters, seed, pool, version);
-    under torchrun rank 0 alone writes."""
+    """Write the index file and its sidecar (strategy, parameters, seed, pool, version, the entries'
+    digest) as a pair, as the module docstring says; under torchrun rank 0 alone writes."""
     indices = np.asarray(indices, dtype=np.int64).reshape(-1)
     if len(np.unique(indices)) != len(indices):
         raise ValueError("index file would contain duplicates")
@@ -33,26 +45,71 @@ def write_indices(path: str, indices: np.ndarray, meta: dict) -> None:
         return
     record = {"size": int(len(indices)), "format_version": FORMAT_VERSION,
               "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **meta}
-    atomic_write(path, lambda f: np.save(f, indices))
-    atomic_write_bytes(sidecar_path(path), (json.dumps(record, indent=2) + "\n").encode())
+    record.update(size=int(len(indices)), digest=pool_digest(indices))  # what readers check: never from `meta`
+    sidecar = (json_text(record, indent=2) + "\n").encode()
+    atomic_write_files([(path, lambda f: np.save(f, indices)), (sidecar_path(path), lambda f: f.write(sidecar))])
+
+
+def read_sidecar(path: str, flag: str) -> dict[str, Any]:
+    """The index file's sidecar, {} when there is none; one that is not a JSON object is a UsageError."""
+    try:
+        with open(sidecar_path(path)) as f:
+            record = json.load(f)
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as err:
+        raise UsageError(f"{flag}: cannot read the sidecar {sidecar_path(path)!r} ({err})".splitlines()[0]) from None
+    if not isinstance(record, dict):
+        raise UsageError(f"{flag}: the sidecar {sidecar_path(path)!r} is not a JSON object")
+    return record
+
+
+def check_sidecar(path: str, indices: np.ndarray, flag: str, dataset: str | None) -> None:
+    """The sidecar, when there is one, must describe these entries (size and digest) and, when `dataset` is
+    given, that dataset."""
+    record = read_sidecar(path, flag)
+    recorded = record.get("dataset")
+    if dataset is not None and recorded is not None and recorded != dataset:
+        raise UsageError(f"{flag}: {path!r} was selected from {recorded}, not --dataset {dataset}")
+    written = record.get("size", len(indices))
+    if written != len(indices):
+        differs = f"it holds {len(indices)} entries, the sidecar {sidecar_path(path)!r} says {written}"
+    elif record.get("digest", pool_digest(indices)) != pool_digest(indices):
+        differs = f"its entries are not those its sidecar {sidecar_path(path)!r} records"
+    else:
+        return
+    raise UsageError(f"{flag}: {path!r} was replaced after it was written, or its write was interrupted: "
+                     f"{differs}; select again")
 
 
 def read_indices(path: str, num_images: int, flag: str = "--resume-indices",
-                 dataset: str | None = None) -> np.ndarray:
-    """A validated index file: exists, 1-D integers, within [0, num_images), no duplicates."""
+                 dataset: str | None = None, size: int | None = None) -> np.ndarray:
+    """A validated index file: exists, 1-D integers, within [0, num_images), no duplicates, `size` entries
+    when given, and as its sidecar (if any) describes it, for `dataset` when given."""
     require_files([path], flag, dataset)
     try:
         indices = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, EOFError) as err:
         raise UsageError(f"{flag}: cannot read index file {path!r} ({err})".splitlines()[0]) from None
     if indices.ndim != 1 or not np.issubdtype(indices.dtype, np.integer):
         raise UsageError(f"{flag}: {path!r} must be a 1-D integer array, got {indices.dtype} {indices.shape}")
+    if size is not None and len(indices) != size:
+        raise UsageError(f"{flag}: {path!r} holds {len(indices)} indices, its name says {size}")
     if len(indices) and (indices.min() < 0 or indices.max() >= num_images):
         raise UsageError(f"{flag}: {path!r} has indices outside [0, {num_images}) "
                          f"(min {indices.min()}, max {indices.max()}): wrong dataset or pool size?")
     if len(np.unique(indices)) != len(indices):
         raise UsageError(f"{flag}: {path!r} contains {len(indices) - len(np.unique(indices))} duplicate indices")
-    return indices.astype(np.int64)
+    indices = indices.astype(np.int64)
+    check_sidecar(path, indices, flag, dataset)
+    return indices
+
+
+def read_split_pools(paths: dict[int, str], num_images: int, dataset: str) -> dict[int, np.ndarray]:
+    """{split: pool} of split_files() output, each checked by read_indices to hold exactly `split` entries
+    of `dataset`: all of them before any training."""
+    return {split: read_indices(path, num_images, flag="--splits", dataset=dataset, size=split)
+            for split, path in paths.items()}
 
 
 def split_files(args) -> dict[int, str]:

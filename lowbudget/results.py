@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 from typing import Any
@@ -10,6 +9,7 @@ from typing import Any
 import lowbudget
 from lowbudget import distributed
 from lowbudget.features import embedding_provenance
+from lowbudget.fileio import json_text
 
 
 def provenance(args: argparse.Namespace, *, embedded: bool = True) -> dict[str, Any]:
@@ -29,11 +29,11 @@ def provenance(args: argparse.Namespace, *, embedded: bool = True) -> dict[str, 
 
 
 def append_result(path: str, **record: Any) -> None:
-    """Append one result line (script, dataset, name, split, metric, value, seed, provenance, time);
-    under torchrun rank 0 alone writes."""
+    """Append one result line (script, dataset, name, split, metric, value, seed, provenance, time) of strict
+    JSON (a NaN is written as null); under torchrun rank 0 alone writes."""
     if not distributed.is_main():
         return
     record.setdefault("time", time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(path, "a") as f:
-        f.write(json.dumps(record, sort_keys=False) + "\n")
+        f.write(json_text(record) + "\n")

@@ -12,7 +12,9 @@ the budget is met. The number of points filled this way is reported.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -161,11 +163,158 @@ def accu_kmeans_select(feats: np.ndarray, labeled: np.ndarray, budget: int, seed
 
 # ---------------------------------------------------------------- core-set (greedy k-center)
 
-def _sq_dist_to(x, sq_norms, point):
-    """Squared L2 distance of every row of x to one point, without an N x D temporary.
-    Works on NumPy arrays (CPU: its threaded BLAS matrix-vector product is the fastest here) and on
-    torch tensors (CUDA)."""
-    return sq_norms - 2 * (x @ point) + (point @ point)
+_ROW_BLOCK = 4096  # rows per distance tile: a float32 copy of them and the tile stay in cache-sized blocks
+_CENTRE_BLOCK = 512  # centres per distance tile
+_FRONTIER_ROWS = 1024  # rows the greedy keeps exact at a time (see _GreedyKCenter)
+_RESERVE_FRONTIERS = 32  # the reserve the frontiers are drawn from holds this many frontiers' rows
+
+
+def _feature_rows(feats: np.ndarray, device: str | torch.device) -> torch.Tensor:
+    """The features as a tensor on `device`, float16 kept as float16 (no copy on the CPU)."""
+    dtype = feats.dtype if feats.dtype in (np.float16, np.float32) else np.float32
+    with warnings.catch_warnings():  # read-only (memory-mapped) arrays are only read here
+        warnings.filterwarnings("ignore", "The given NumPy array is not writable")
+        return torch.from_numpy(np.ascontiguousarray(feats, dtype=dtype)).to(device)
+
+
+def _row_blocks(x: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
+    """(start, float32 rows) for consecutive blocks of `_ROW_BLOCK` rows. float16 storage is widened one
+    block at a time into one reused buffer (valid until the next block), so distances are float32
+    without a float32 copy of all rows, and no allocation per block piles up in the process' memory."""
+    buffer = None if x.dtype == torch.float32 else torch.empty((min(len(x), _ROW_BLOCK), x.shape[1]),
+                                                               device=x.device)
+    for start in range(0, len(x), _ROW_BLOCK):
+        rows = x[start:start + _ROW_BLOCK]
+        yield start, rows if buffer is None else buffer[:len(rows)].copy_(rows)
+
+
+def _sq_norms(x: torch.Tensor) -> torch.Tensor:
+    return torch.cat([torch.einsum("ij,ij->i", rows, rows) for _, rows in _row_blocks(x)])  # no rows x D temporary
+
+
+def _min_sq_dist(rows: torch.Tensor, row_norms: torch.Tensor, centres: torch.Tensor,
+                 centre_norms: torch.Tensor) -> torch.Tensor:
+    """Squared L2 distance of each of `rows` (float16 or float32) to its nearest of `centres` (float32),
+    as |r|^2 + min_c (|c|^2 - 2 r.c): float32 GEMMs into one reused tile of at most `_ROW_BLOCK` rows
+    x `_CENTRE_BLOCK` centres (a matrix-vector product for one centre), no rows x centres temporary."""
+    nearest = torch.empty(len(rows), device=rows.device)
+    tile_size = min(len(rows), _ROW_BLOCK) * min(len(centres), _CENTRE_BLOCK)
+    buffer = torch.empty(tile_size if len(centres) > 1 else 0, device=rows.device)
+    for start, block in _row_blocks(rows):
+        out, norms = nearest[start:start + len(block)], row_norms[start:start + len(block)]
+        if len(centres) == 1:
+            torch.addmv(norms + centre_norms, block, centres[0], alpha=-2, out=out)
+            continue
+        out.fill_(torch.inf)
+        for first in range(0, len(centres), _CENTRE_BLOCK):
+            chunk = centres[first:first + _CENTRE_BLOCK]
+            tile = buffer[:len(block) * len(chunk)].view(len(block), len(chunk))
+            torch.addmm(centre_norms[first:first + len(chunk)], block, chunk.T, alpha=-2, out=tile)
+            torch.minimum(out, tile.amin(1), out=out)
+        out += norms
+    return nearest
+
+
+def _pool_distances(feats: np.ndarray, labeled: np.ndarray, gpu_faiss: bool) -> np.ndarray:
+    """Squared distance of every row to its nearest labelled row: one faiss index over the pool,
+    searched a block of rows at a time (float16 rows are widened a block at a time)."""
+    index = faiss_ops.flat_index(feats[labeled], gpu_faiss)
+    return np.concatenate([index.search(faiss_ops.as_float32(feats[start:start + _ROW_BLOCK]), 1)[0][:, 0]
+                           for start in range(0, len(feats), _ROW_BLOCK)])
+
+
+def _top_rows(values: torch.Tensor, count: int) -> tuple[torch.Tensor, float]:
+    """Positions of the `count` largest values (more when tied), in index order, and the largest value
+    outside them (-inf when none is left out)."""
+    if count >= len(values):
+        return torch.arange(len(values), device=values.device), -math.inf
+    inside = values >= torch.topk(values, count, sorted=False).values.min()
+    return torch.nonzero(inside)[:, 0], float(torch.where(inside, -torch.inf, values).max())
+
+
+class _GreedyKCenter:
+    """Greedy k-center that, at each pick, reads only the rows that can still be picked (lazy evaluation).
+
+    `bound[i]` is row i's exact squared distance to the labelled pool and the first `seen[i]` picks:
+    an upper bound on its distance to the nearest centre, which only ever falls. The rows with the
+    largest bounds (the frontier, gathered into one float32 block, in index order) are kept exact:
+    every pick updates them with one matrix-vector product. Every row outside has a bound of at most
+    `ceiling`, so when the largest frontier distance is above the ceiling it is the farthest row of
+    all, and the first frontier row at that distance the lowest-index one. Otherwise the frontier is
+    written back and the rows with the largest bounds are gathered again, each group of rows that
+    missed about as many picks brought up to date with one GEMM. The frontier is drawn from a
+    reserve (the rows with the largest bounds of all, found in one pass over N), so that a new
+    frontier costs no pass over all rows until the reserve runs out. Rows far inside the covered
+    region are never read again; the picks are the plain greedy's (which updates every row at every
+    pick), up to floating-point rounding of the distances.
+    """
+
+    def __init__(self, x: torch.Tensor, norms: torch.Tensor, bound: torch.Tensor, budget: int):
+        self.x, self.norms, self.bound = x, norms, bound
+        self.seen = torch.zeros(len(x), dtype=torch.int64, device=x.device)
+        self.centres = torch.empty((budget, x.shape[1]), device=x.device)
+        self.centre_norms = torch.empty(budget, device=x.device)
+        self.picks: list[int] = []
+        self.reserve = torch.zeros(0, dtype=torch.int64, device=x.device)  # row indices, in index order
+        self.reserve_ceiling = math.inf  # largest bound outside the reserve
+        self.rows = self.reserve  # the frontier: row indices, in index order
+        self.dist = torch.zeros(0, device=x.device)  # its exact squared distances (-1: taken)
+        self.feats, self.feat_norms = self.centres[:0], self.centre_norms[:0]  # its features, squared norms
+        self.ceiling = math.inf  # largest bound outside the frontier
+
+    def start_from(self, row: int) -> None:
+        """Make `row` the first centre, with one pass over all rows (for an empty labelled pool)."""
+        centre, norm = self.x[row].float(), self.norms[row]
+        torch.minimum(self.bound, _min_sq_dist(self.x, self.norms, centre[None], norm[None]), out=self.bound)
+        self._add(row, centre, norm)
+        self.seen.fill_(len(self.picks))
+
+    def pick(self) -> None:
+        """Take the row farthest from every centre so far (ties: lowest index)."""
+        farthest = self.dist.max(0) if len(self.dist) else None
+        while farthest is None or float(farthest.values) <= self.ceiling:
+            self._new_frontier()
+            farthest = self.dist.max(0) if len(self.dist) else None
+        at = int(farthest.indices)  # the first of equal maxima: the lowest row index
+        self._add(int(self.rows[at]), self.feats[at], self.feat_norms[at])
+        self.dist[at] = -1
+        torch.minimum(self.dist, _min_sq_dist(self.feats, self.feat_norms, self.feats[at:at + 1],
+                                              self.feat_norms[at:at + 1]), out=self.dist)
+        if 2 * int((self.dist > self.ceiling).sum()) < len(self.dist):
+            self._store(keep=self.dist > self.ceiling)  # the rest cannot be picked before the next frontier
+
+    def _add(self, row: int, feat: torch.Tensor, norm: torch.Tensor) -> None:
+        self.centres[len(self.picks)], self.centre_norms[len(self.picks)] = feat, norm
+        self.picks.append(row)
+        self.bound[row] = -1
+
+    def _store(self, keep: torch.Tensor | None) -> None:
+        """Write the frontier's exact distances back to the bounds; keep only its rows where `keep`."""
+        self.bound[self.rows] = torch.minimum(self.bound[self.rows], self.dist)
+        self.seen[self.rows] = len(self.picks)
+        if keep is not None:
+            self.rows, self.dist = self.rows[keep], self.dist[keep]
+            self.feats, self.feat_norms = self.feats[keep], self.feat_norms[keep]
+
+    def _new_frontier(self) -> None:
+        """Gather the rows with the largest bounds and bring them up to date with the picks they missed."""
+        self._store(keep=None)
+        self.reserve = self.reserve[self.bound[self.reserve] > self.reserve_ceiling]
+        if not len(self.reserve):
+            self.reserve, self.reserve_ceiling = _top_rows(self.bound, _RESERVE_FRONTIERS * _FRONTIER_ROWS)
+        at, ceiling = _top_rows(self.bound[self.reserve], _FRONTIER_ROWS)
+        self.rows, self.ceiling = self.reserve[at], max(ceiling, self.reserve_ceiling)
+        self.feats, self.feat_norms = self.x.index_select(0, self.rows).float(), self.norms[self.rows]
+        self.dist = self.bound[self.rows].clone()
+        missed = len(self.picks) - self.seen[self.rows]
+        level = torch.where(missed > 0, torch.log2(missed.clamp(min=1).float()).floor().long(), -1)
+        for value in torch.unique(level).tolist():  # rows that missed about as many picks: one GEMM
+            if value >= 0:
+                group = torch.nonzero(level == value)[:, 0]
+                start = int(self.seen[self.rows[group]].min())
+                nearest = _min_sq_dist(self.feats[group], self.feat_norms[group],
+                                       self.centres[start:len(self.picks)], self.centre_norms[start:len(self.picks)])
+                self.dist[group] = torch.minimum(self.dist[group], nearest)
 
 
 def coreset_select(feats: np.ndarray, labeled: np.ndarray, budget: int, device: str | torch.device = "cpu",
@@ -173,32 +322,28 @@ def coreset_select(feats: np.ndarray, labeled: np.ndarray, budget: int, device: 
     """Greedy k-center (Sener & Savarese): repeatedly take the point farthest (squared L2) from the
     labelled pool and the points taken so far. Ties: lowest index.
 
-    With an empty pool the first point is the one nearest the mean of all features. Memory: the
-    features plus a few N-vectors; each pick is one matrix-vector product.
+    With an empty pool the first point is the one nearest the mean of all features. The picks are the
+    plain greedy's, but each pick reads only the rows that can still be picked (_GreedyKCenter), on
+    `device`; the distances to the labelled pool come from one faiss search (on the GPUs with
+    `gpu_faiss`). float16 features stay float16 in memory and are widened to float32 a block at a
+    time. Memory: the features, a few N-vectors, the picks' features and a frontier of a few
+    thousand rows.
     """
     labeled = np.asarray(labeled, dtype=np.int64)
     _check_budget(budget, len(feats) - len(labeled))
-    feats = np.ascontiguousarray(feats, dtype=np.float32)
-    on_cpu = torch.device(device).type == "cpu"
-    xp = np if on_cpu else torch
-    x = feats if on_cpu else torch.as_tensor(feats).to(device)
-    sq_norms = xp.einsum("ij,ij->i", x, x)
+    x = _feature_rows(feats, device)
+    norms = _sq_norms(x)
     if len(labeled):
-        nearest, _ = faiss_ops.flat_search(feats[labeled], feats, 1, gpu_faiss)
-        min_dist = nearest[:, 0] if on_cpu else torch.as_tensor(nearest[:, 0]).to(device)
-        min_dist[labeled] = -1
-        picks = []
+        bound = torch.as_tensor(_pool_distances(feats, labeled, gpu_faiss)).to(x.device)
+        bound[torch.as_tensor(labeled, device=x.device)] = -1
+        greedy = _GreedyKCenter(x, norms, bound, budget)
     else:
-        first = int(xp.argmin(_sq_dist_to(x, sq_norms, x.mean(0))))
-        min_dist = _sq_dist_to(x, sq_norms, x[first])
-        min_dist[first] = -1
-        picks = [first]
-    for _ in tqdm(range(budget - len(picks)), desc="select candidates", disable=not progress or None):
-        pick = int(xp.argmax(min_dist))
-        xp.minimum(min_dist, _sq_dist_to(x, sq_norms, x[pick]), out=min_dist)
-        min_dist[pick] = -1
-        picks.append(pick)
-    return Selection(np.asarray(picks, dtype=np.int64), 0)
+        greedy = _GreedyKCenter(x, norms, torch.full((len(x),), torch.inf, device=x.device), budget)
+        mean = torch.stack([rows.sum(0) for _, rows in _row_blocks(x)]).sum(0) / len(x)
+        greedy.start_from(int(torch.argmin(_min_sq_dist(x, norms, mean[None], (mean @ mean)[None]))))
+    for _ in tqdm(range(budget - len(greedy.picks)), desc="select candidates", disable=not progress or None):
+        greedy.pick()
+    return Selection(np.asarray(greedy.picks, dtype=np.int64), 0)
 
 
 # ---------------------------------------------------------------- low-budget: TypiClust, ProbCover, MaxHerding
@@ -222,6 +367,13 @@ def typicality(feats: np.ndarray, knn: int, squared: bool = True, gpu: bool = Fa
     return 1 / ((dist if squared else np.sqrt(dist)).mean(1) + 1e-5)
 
 
+def typiclust_kmeans(clusters: int) -> faiss_ops.KmeansSettings:
+    """TypiClust's faiss k-means: 20 iterations, the best of 5 runs up to 50 clusters and of 2 above,
+    where each run costs more and the best of 2 picks as well as the best of 5 (docs/speed.md). The
+    authors' code also switches there, from KMeans to MiniBatchKMeans."""
+    return faiss_ops.KmeansSettings(niter=20, nredo=5 if clusters <= 50 else 2)
+
+
 def _typiclust_cluster(sizes: np.ndarray, taken_per_cluster: np.ndarray,
                        left_per_cluster: np.ndarray, min_cluster_size: int) -> int:
     """The cluster to query next: among clusters with candidates left, those larger than
@@ -233,20 +385,23 @@ def _typiclust_cluster(sizes: np.ndarray, taken_per_cluster: np.ndarray,
 
 def typiclust_select(feats: np.ndarray, labeled: np.ndarray, budget: int, knn: int = 20, max_clusters: int = 500,
                      min_cluster_size: int = 5, squared: bool = True, seed: int = 0, gpu: bool = False,
-                     verbose: bool = False) -> Selection:
+                     verbose: bool = False, kmeans: faiss_ops.KmeansSettings | None = None) -> Selection:
     """TypiClust (Hacohen et al. 2022): min(|L| + budget, max_clusters) k-means clusters; each query
     takes the most typical unlabelled point of the cluster with the fewest labelled (or already
     selected) points, largest first. Typicality is computed among the cluster's remaining
     candidates with k = min(knn, candidates // 2).
 
     Clusters of `min_cluster_size` points or fewer are skipped while larger ones have candidates;
-    picks from them are counted as `filled`. Returns only the new indices.
+    picks from them are counted as `filled`. k-means runs with `kmeans`, by default
+    typiclust_kmeans(clusters). Returns only the new indices, with the k-means settings and
+    objective in `params`.
     """
     labeled = np.asarray(labeled, dtype=np.int64)
     eligible = _eligible_mask(len(feats), labeled)
     _check_budget(budget, int(eligible.sum()))
     k = min(len(labeled) + budget, max_clusters, len(feats))
-    _, assign, _ = faiss_ops.kmeans(feats, k, seed, gpu=gpu, verbose=verbose)
+    kmeans = kmeans or typiclust_kmeans(k)
+    _, assign, sq_dist = faiss_ops.kmeans(feats, k, seed, kmeans, gpu=gpu, verbose=verbose)
     sizes = np.bincount(assign, minlength=k)
     taken = np.bincount(assign[labeled], minlength=k)
     left = np.bincount(assign[eligible], minlength=k)
@@ -260,7 +415,8 @@ def typiclust_select(feats: np.ndarray, labeled: np.ndarray, budget: int, knn: i
         left[cluster] -= 1
         filled += int(sizes[cluster] <= min_cluster_size)
         picks.append(pick)
-    return Selection(np.asarray(picks, dtype=np.int64), filled)
+    return Selection(np.asarray(picks, dtype=np.int64), filled,
+                     {"niter": kmeans.niter, "nredo": kmeans.nredo, "kmeans_objective": float(sq_dist.sum())})
 
 
 @dataclass(frozen=True)
@@ -436,64 +592,136 @@ def ball_coverage(graph: CoverGraph, pool: np.ndarray) -> float:
 
 @dataclass(frozen=True)
 class HerdingKernel:
-    """Gaussian kernel truncated to each row's k nearest neighbours: row j holds k(x_j, x) for x in kNN(j)."""
-    weight: np.ndarray  # N x k float64
-    index: np.ndarray  # N x k int64
-    bandwidth: float
+    """The Gaussian kernel k(a, b) = exp(-|a - b|^2 / h^2) of MaxHerding and UHerding over all feature rows,
+    computed block by block where it is needed: exact (no truncation), memory O(block x N), never N x N."""
+    feats: torch.Tensor  # N x D on the device the kernel is computed on
+    sq_norms: torch.Tensor  # N
+    bandwidth: float  # h
+    block_elements: int = 2 ** 24  # kernel entries held at once (64 MiB in float32)
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.feats)
+
+    def rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """k(x_r, x_j) for r in `rows` (a block) and every row j: len(rows) x N."""
+        sq_dist = torch.addmm(self.sq_norms[rows, None] + self.sq_norms[None, :], self.feats[rows], self.feats.T,
+                              alpha=-2).clamp_(min=0)
+        return sq_dist.div_(-self.bandwidth ** 2).exp_()
+
+    def blocks(self, rows: torch.Tensor, progress: bool = False, desc: str = "kernel") -> Iterable[torch.Tensor]:
+        """`rows` cut into blocks whose kernel rows fit in `block_elements` (none when `rows` is empty)."""
+        size = max(1, self.block_elements // max(self.num_rows, 1))
+        return tqdm(rows.split(size) if len(rows) else (), desc=desc, leave=False, disable=not progress or None)
 
 
-def herding_kernel(neighbours: Neighbours, bandwidth: float | None = None) -> HerdingKernel:
-    """exp(-|x - y|^2 / (2 σ^2)) on the k nearest neighbours of every row (itself included), 0
-    beyond them: O(N k) memory instead of N x N.
-
-    σ = `bandwidth`, or when None the median over rows of the mean distance to their neighbours
-    (the row itself left out): a scale set by the data, like the median heuristic.
-    """
-    sq_dist = neighbours.sq_dist.astype(np.float64)
-    if bandwidth is None:
-        others = sq_dist[:, 1:] if sq_dist.shape[1] > 1 else sq_dist
-        bandwidth = float(np.median(np.sqrt(others).mean(1))) or 1.0
-    return HerdingKernel(np.exp(-sq_dist / (2 * bandwidth ** 2)), neighbours.index, bandwidth)
+def herding_kernel(feats: np.ndarray, bandwidth: float, device: str | torch.device = "cpu") -> HerdingKernel:
+    """The herding kernel of bandwidth h over `feats` (L2-normalised rows, as the cache stores them), on
+    `device` (CUDA when given: the same code). Nothing is computed until a selection asks for it."""
+    x = _feature_rows(feats, device).float()
+    return HerdingKernel(x, torch.einsum("ij,ij->i", x, x), float(bandwidth))
 
 
-def maxherding_select(kernel: HerdingKernel, labeled: np.ndarray, budget: int, seed: int = 0) -> Selection:
-    """MaxHerding (Bae et al. 2024): greedy maximisation of the kernel coverage sum_j max_{l in L} k(x_j, x_l).
-    Each pick is argmax_x sum_j max(k(x_j, x) - c_j, 0), c_j being the current coverage of x_j
-    (ties: lowest index). Exact for the truncated kernel; updates touch only the rows that hold the
-    pick. A seeded random fill takes over if no point adds coverage (`filled`)."""
+def labelled_bandwidth(feats: np.ndarray, labeled: np.ndarray, gpu: bool = False) -> float | None:
+    """UHerding's adaptive bandwidth: the smallest distance between two labelled rows (exact duplicates
+    left out); None when fewer than two distinct labelled rows exist."""
+    distinct = np.unique(feats[np.asarray(labeled, dtype=np.int64)], axis=0)
+    if len(distinct) < 2:
+        return None
+    sq_dist, _ = faiss_ops.flat_search(distinct, distinct, 2, gpu)  # the first neighbour is the row itself
+    return float(np.sqrt(max(sq_dist[:, 1].min(), 0)))
+
+
+class _Herding:
+    """Greedy state of weighted kernel herding: each row's coverage m_j = max over the chosen rows of
+    k(x_j, x), its weight u_j, and the gain of a candidate x, sum_j u_j max(0, k(x, x_j) - m_j)."""
+
+    def __init__(self, kernel: HerdingKernel, weights: torch.Tensor, labeled: np.ndarray, progress: bool):
+        self.kernel, self.weights, self.progress = kernel, weights, progress
+        self.cover = torch.zeros_like(kernel.sq_norms)
+        for block in kernel.blocks(torch.as_tensor(labeled, device=kernel.feats.device), progress, "labelled"):
+            torch.maximum(self.cover, kernel.rows(block).amax(0), out=self.cover)
+
+    def gains(self, rows: torch.Tensor, desc: str = "gains") -> torch.Tensor:
+        """Exact gains of `rows` (float64), block by block."""
+        out = [self.kernel.rows(block).sub_(self.cover).clamp_(min=0).mul_(self.weights).sum(1, dtype=torch.float64)
+               for block in self.kernel.blocks(rows, self.progress and len(rows) > 1024, desc)]
+        return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64, device=rows.device)
+
+    def add(self, pick: int) -> None:
+        torch.maximum(self.cover, self.kernel.rows(torch.tensor([pick], device=self.cover.device))[0],
+                      out=self.cover)
+
+
+_LAZY_FIRST = 8  # stale gains refreshed at once by a pick's first lazy step; doubled at each further step
+
+
+def _next_pick(state: _Herding, bound: torch.Tensor, fresh: torch.Tensor) -> tuple[int, float]:
+    """The eligible row of largest exact gain (ties: lowest index) and its gain, by lazy greedy: gains
+    only shrink as coverage grows, so a gain computed earlier (`bound`, -inf for rows not eligible) is
+    an upper bound; stale bounds (not `fresh`) are refreshed from the top until none can reach the best
+    fresh gain."""
+    size = _LAZY_FIRST
+    while True:
+        fresh_rows = fresh.nonzero()[:, 0]
+        gains = bound[fresh_rows]
+        best = float(gains.max()) if len(gains) else -math.inf
+        values, rows = bound.masked_fill(fresh, -math.inf).topk(min(size, len(bound)))
+        rows = rows[(values >= best) & (values > -math.inf)]
+        if not len(rows):
+            return int(fresh_rows[gains == best].min()), best
+        bound[rows] = state.gains(rows)
+        fresh[rows] = True
+        size *= 2
+
+
+def herding_select(kernel: HerdingKernel, labeled: np.ndarray, budget: int, weights: np.ndarray | None = None, *,
+                   seed: int = 0, progress: bool = False) -> Selection:
+    """Greedy weighted kernel herding: each pick is argmax_x sum_j u_j max(0, k(x, x_j) - m_j) over the
+    unlabelled rows x, m_j being the coverage of x_j by the labelled rows and the picks so far (ties:
+    lowest index). u = `weights` (None: all 1, MaxHerding). Exact for the full kernel: one blocked pass
+    computes every gain, then lazy greedy refreshes only the gains that could still be the largest. A
+    seeded random fill takes over once no row adds coverage (`filled`)."""
     labeled = np.asarray(labeled, dtype=np.int64)
-    n = len(kernel.weight)
+    n = kernel.num_rows
     eligible = _eligible_mask(n, labeled)
     _check_budget(budget, int(eligible.sum()))
-    flat_index = kernel.index.ravel()
-    order = np.argsort(flat_index, kind="stable")  # column view: which rows hold x
-    col_ptr = np.concatenate([[0], np.cumsum(np.bincount(flat_index, minlength=n))])
-    cover = np.zeros(n)
-    gain = np.bincount(flat_index, weights=kernel.weight.ravel(), minlength=n)
-
-    def add(x: int) -> None:
-        entries = order[col_ptr[x]:col_ptr[x + 1]]
-        rows, value = entries // kernel.weight.shape[1], kernel.weight.ravel()[entries]
-        better = value > cover[rows]
-        rows, value = rows[better], value[better]
-        row_weights = kernel.weight[rows]
-        lost = np.maximum(row_weights - cover[rows, None], 0) - np.maximum(row_weights - value[:, None], 0)
-        np.subtract.at(gain, kernel.index[rows].ravel(), lost.ravel())
-        cover[rows] = value
-
-    for x in labeled:
-        add(int(x))
+    device = kernel.feats.device
+    u = torch.ones_like(kernel.sq_norms) if weights is None else torch.tensor(weights).to(kernel.sq_norms)
+    u[torch.as_tensor(labeled, device=device)] = 0  # a labelled row is covered already: it adds nothing
+    state = _Herding(kernel, u, labeled, progress)
+    candidates = torch.as_tensor(np.flatnonzero(eligible), device=device)
+    bound = torch.full((n,), -math.inf, dtype=torch.float64, device=device)
+    bound[candidates] = state.gains(candidates, "herding gains")
+    fresh = torch.zeros(n, dtype=torch.bool, device=device)
+    fresh[candidates] = True
     picks: list[int] = []
-    while len(picks) < budget:
-        masked = np.where(eligible, gain, -np.inf)
-        pick = int(np.argmax(masked))
-        if masked[pick] <= 1e-12:
+    for _ in tqdm(range(budget), desc="herding", leave=False, disable=not progress or None):
+        pick, gain = _next_pick(state, bound, fresh)
+        if gain <= 1e-12:
             break
-        add(pick)
+        state.add(pick)
+        bound[pick] = -math.inf
+        fresh[:] = False
         eligible[pick] = False
         picks.append(pick)
     fill = _seeded_fill(eligible, budget - len(picks), seed)
-    return Selection(np.concatenate([np.asarray(picks, dtype=np.int64), fill]), len(fill))
+    return Selection(np.concatenate([np.asarray(picks, dtype=np.int64), fill]), len(fill),
+                     {"bandwidth": kernel.bandwidth})
+
+
+def maxherding_select(kernel: HerdingKernel, labeled: np.ndarray, budget: int, seed: int = 0,
+                      progress: bool = False) -> Selection:
+    """MaxHerding (Bae et al. 2024): greedy maximisation of the kernel coverage sum_j max_{l in L} k(x_j, x_l),
+    each pick adding argmax_x sum_j max(k(x_j, x) - c_j, 0) (herding_select with every weight 1)."""
+    return herding_select(kernel, labeled, budget, seed=seed, progress=progress)
+
+
+def uherding_select(kernel: HerdingKernel, labeled: np.ndarray, budget: int, uncertainty: np.ndarray,
+                    seed: int = 0, progress: bool = False) -> Selection:
+    """UHerding (Bae, Oliveira, Sutherland 2025): MaxHerding's greedy coverage with each row weighted by
+    the model's `uncertainty` there (labelled rows weigh 0); with every weight 1 it is MaxHerding."""
+    return herding_select(kernel, labeled, budget, uncertainty, seed=seed, progress=progress)
 
 
 # ---------------------------------------------------------------- uncertainty (model in the loop)
@@ -520,3 +748,111 @@ def most_uncertain(scores: np.ndarray, candidates: np.ndarray, budget: int) -> n
     """The `budget` candidates with the largest scores (ties: the candidate listed first)."""
     _check_budget(budget, len(candidates))
     return np.asarray(candidates, dtype=np.int64)[np.argsort(-scores, kind="stable")[:budget]]
+
+
+# ---------------------------------------------------------------- UHerding's calibrated uncertainty
+
+TEMPERATURES = np.arange(10, 201) / 10  # UHerding's grid of softmax temperatures: 1.0, 1.1, ..., 20.0
+
+
+def expected_calibration_error(logits: torch.Tensor, labels: np.ndarray, bins: int = 15) -> float:
+    """ECE of softmax(logits) with `bins` equal-width confidence bins (lo, hi]: sum over bins of
+    |bin| / n * |accuracy - mean confidence| in the bin."""
+    confidence, predicted = torch.softmax(logits.double(), dim=1).max(1)
+    correct = (predicted == torch.as_tensor(labels, device=logits.device)).double()
+    which = (confidence * bins).ceil().long().clamp(1, bins) - 1
+    gaps = torch.zeros(bins, dtype=torch.float64, device=logits.device).index_add_(0, which, correct - confidence)
+    return float(gaps.abs().sum() / len(labels))
+
+
+def calibrated_temperature(logits: torch.Tensor, labels: np.ndarray, temperatures: np.ndarray = TEMPERATURES
+                           ) -> float:
+    """The temperature T whose softmax(logits / T) has the smallest ECE on held-out rows (ties: the
+    smallest T): how UHerding calibrates the model's probabilities."""
+    errors = [expected_calibration_error(logits.double() / t, labels) for t in temperatures]
+    return float(temperatures[int(np.argmin(errors))])
+
+
+def holdout_split(labeled: np.ndarray, share: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray] | None:
+    """(rows to train on, rows held out): a seeded `share` of the labelled rows held out for calibration;
+    None when either part would be empty."""
+    order = np.random.default_rng(seed).permutation(np.asarray(labeled, dtype=np.int64))
+    held = int(round(share * len(order)))
+    if held == 0 or held == len(order):
+        return None
+    return np.sort(order[held:]), np.sort(order[:held])
+
+
+def margin_uncertainty(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """UHerding's uncertainty 1 - (p1 - p2), the margin of softmax(logits / T): in [0, 1]."""
+    return 1 + uncertainty(logits.double() / temperature, "margin")
+
+
+# ---------------------------------------------------------------- DropQuery
+
+CANDIDATES_PER_PICK = 25  # DropQuery widens its candidates until it has this many per image to pick
+_MASK64 = (1 << 64) - 1
+
+
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    """SplitMix64's finaliser on uint64 (wrapping arithmetic): a well-mixed hash of a counter."""
+    x = x + np.uint64(0x9E3779B97F4A7C15)
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def dropout_keep(rows: np.ndarray, dim: int, p: float, seed: int, draw: int) -> np.ndarray:
+    """Which of the `dim` input features of each of `rows` survive dropout with probability `p` in pass
+    `draw` (len(rows) x dim booleans). A hash of (seed, pass, row, feature), not a random stream, so a
+    row's mask is the same whatever batch, torchrun process or device scores it."""
+    key = _splitmix64(np.array([(seed * 1_000_003 + draw) & _MASK64], dtype=np.uint64))[0]
+    counters = np.asarray(rows, dtype=np.uint64)[:, None] * np.uint64(dim) + np.arange(dim, dtype=np.uint64)
+    uniform = (_splitmix64(counters ^ key) >> np.uint64(11)).astype(np.float64) / 2.0 ** 53
+    return uniform >= p
+
+
+def dropout_disagreements(head: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, rows: np.ndarray, *,
+                          p: float, passes: int, seed: int) -> torch.Tensor:
+    """For each row, in how many of `passes` predictions of `head` under dropout of its input features
+    (each zeroed with probability `p`, the others scaled by 1 / (1 - p), as torch's dropout) the class
+    differs from the prediction without dropout. `rows` are x's row indices: they seed the masks."""
+    clean = head(x).argmax(1)
+    flips = torch.zeros(len(x), dtype=torch.int64, device=x.device)
+    for draw in range(passes):
+        keep = torch.from_numpy(dropout_keep(rows, x.shape[1], p, seed, draw)).to(x.device)
+        flips += head(x * keep / (1 - p)).argmax(1) != clean
+    return flips
+
+
+def dropquery_candidates(disagreements: np.ndarray, passes: int, wanted: int) -> tuple[np.ndarray, int]:
+    """(positions of the rows whose dropout predictions differ from the clean one in more than t passes,
+    t): t starts at passes // 2 (more than half the passes) and is lowered, down to 0, until at least
+    `wanted` rows qualify."""
+    for threshold in range(passes // 2, 0, -1):
+        chosen = np.flatnonzero(disagreements > threshold)
+        if len(chosen) >= wanted:
+            return chosen, threshold
+    return np.flatnonzero(disagreements > 0), 0
+
+
+def dropquery_select(feats: np.ndarray, unlabelled: np.ndarray, disagreements: np.ndarray, budget: int, *,
+                     passes: int, seed: int = 0, gpu: bool = False, verbose: bool = False) -> Selection:
+    """DropQuery (Gupte et al. 2024): the candidates are the `unlabelled` rows whose predictions flip under
+    input dropout (`disagreements`, in `unlabelled` order; dropquery_candidates, widened until
+    CANDIDATES_PER_PICK x budget). With fewer candidates than the budget, all of them and a seeded random
+    fill of other unlabelled rows (`filled`); otherwise k-means with `budget` clusters over the candidates'
+    features, each cluster sending its candidate nearest the centroid."""
+    unlabelled = np.asarray(unlabelled, dtype=np.int64)
+    _check_budget(budget, len(unlabelled))
+    positions, threshold = dropquery_candidates(disagreements, passes, CANDIDATES_PER_PICK * budget)
+    candidates = unlabelled[positions]
+    params = {"candidates": len(candidates), "threshold": threshold}
+    if len(candidates) <= budget:
+        others = np.zeros(len(feats), dtype=bool)
+        others[unlabelled] = True
+        others[candidates] = False
+        fill = _seeded_fill(others, budget - len(candidates), seed)
+        return Selection(np.concatenate([candidates, fill]), len(fill), params)
+    chosen = kmeans_select(feats[candidates], budget, seed=seed, gpu=gpu, verbose=verbose)
+    return Selection(candidates[chosen.indices], chosen.filled, {**params, **chosen.params})

@@ -10,27 +10,41 @@ one row here, its options and a README line.
 from __future__ import annotations
 
 import argparse
+import functools
+import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 
-from lowbudget import cli, strategies
+from lowbudget import cli, datasets, strategies, vaal
 from lowbudget.cli import UsageError
 from lowbudget.strategies import Selection
 
 Step = Callable[[np.ndarray, int], Selection]
 Options = Mapping[str, Any]
-# A model trained on the labelled pool, as the model-in-the-loop strategies see it: (labelled rows,
-# candidate rows, score of a batch of logits) -> one score per candidate, in candidate order. The program
-# streams the logits batch by batch, so memory stays O(candidates), never candidates x classes.
-ModelScores = Callable[[np.ndarray, np.ndarray, Callable[[torch.Tensor], torch.Tensor]], np.ndarray]
+# The model-in-the-loop strategies see the linear head that the program trains on the labelled pool
+# through one hook, Inputs.model_scores. `Head`: the head's inputs for a batch of rows (cached features, or
+# the backbone's embedding of the images) -> logits. `HeadScore`: what a strategy computes from the head on
+# a batch: (head, its inputs for the batch, the batch's row indices) -> one value, or one row of values,
+# per row.
+Head = Callable[[torch.Tensor], torch.Tensor]
+HeadScore = Callable[[Head, torch.Tensor, np.ndarray], torch.Tensor]
 
 
-def _no_model(labelled: np.ndarray, candidates: np.ndarray, score: Callable[[torch.Tensor], torch.Tensor]
-              ) -> np.ndarray:
+class ModelScores(Protocol):
+    """model_scores(rows, score) -> `score` of every row of `rows`, in their order, under the head trained on
+    the labelled pool; with `trained_on`, under a fresh head trained the same way on those rows alone (e.g.
+    UHerding's calibration probe). The program streams the rows batch by batch, so memory stays
+    O(rows x values), never rows x features, and under torchrun each process scores a block of them."""
+
+    def __call__(self, rows: np.ndarray, score: HeadScore, *, trained_on: np.ndarray | None = None
+                 ) -> np.ndarray: ...
+
+
+def _no_model(rows: np.ndarray, score: HeadScore, *, trained_on: np.ndarray | None = None) -> np.ndarray:
     raise TypeError("this strategy needs a model trained on the pool: give Inputs(model_scores=...)")
 
 
@@ -38,7 +52,7 @@ def _no_model(labelled: np.ndarray, candidates: np.ndarray, score: Callable[[tor
 class Inputs:
     """What a strategy may read: the selectable rows' features and labels, and the run's settings."""
 
-    feats: np.ndarray  # N x D, L2-normalised; N x 0 for the strategies that need no features
+    feats: np.ndarray  # N x D, L2-normalised (model strategies too); N x 0 for the strategies that need no features
     labels: np.ndarray | None  # N labels, or None when the images are unlabelled
     seed: int = 0
     device: torch.device = torch.device("cpu")
@@ -46,6 +60,10 @@ class Inputs:
     verbose: bool = False  # faiss' own progress lines
     log: Callable[[str], None] = print
     model_scores: ModelScores = _no_model
+    pixels: datasets.Images | None = None  # the training images, for strategies that learn from them (VAAL)
+    dataset: str = ""  # the dataset `pixels` belong to (how to decode them)
+    workers: int = 0  # data-loading processes for `pixels`
+    checkpoints: str = ""  # folder for a strategy's resumable state within a round; '' for none
 
     @property
     def num_rows(self) -> int:
@@ -60,7 +78,7 @@ class Option:
     default: Any
     help: str
     type: Callable[[str], Any] = str
-    choices: tuple[str, ...] | None = None
+    choices: tuple[Any, ...] | None = None
     metavar: str | None = None
 
     @property
@@ -77,7 +95,10 @@ class Strategy:
     incremental: bool  # --splits are increments on top of the pool (else absolute budgets)
     needs_features: bool = True
     needs_labels: bool = False  # the selectable rows must have labels
-    needs_model: bool = False  # reads Inputs.model_scores: runs in active_sampler.py
+    needs_model: bool = False  # a round strategy with a model trained on the pool: runs in active_sampler.py
+    # learns from the training images themselves (Inputs.pixels) when the program reads images, from the
+    # features with --cached: the program then embeds nothing for it
+    learns_from_images: bool = False
     randomised: bool = False  # the seed changes the selection (beyond ties)
     nested: bool = False  # the pool of a larger absolute budget contains the smaller one's
     options: tuple[Option, ...] = field(default=())
@@ -109,12 +130,26 @@ PURITY = Option("--purity", 0.95, "probcover: purity target of --delta auto", cl
 PSEUDO_CLASSES = Option("--pseudo-classes", None, "probcover: clusters of the pseudo-labels of --delta auto "
                         "(default: the number of classes in the labels; required without labels)",
                         cli.int_at_least(2), metavar="K")
-BANDWIDTH = Option("--bandwidth", None, "maxherding: sigma of the Gaussian kernel exp(-|x-y|^2 / 2 sigma^2); auto "
-                   "(default) is the median mean distance of a point to its --kernel-knn neighbours",
-                   cli.auto_or_positive, metavar="auto|S")
-KERNEL_KNN = Option("--kernel-knn", 100, "maxherding: the kernel is truncated to each point's k nearest "
-                    "neighbours (itself included) and is 0 beyond them, so memory is O(N k), not N x N",
-                    cli.int_at_least(1))
+BANDWIDTH_HELP = ("h of the Gaussian kernel exp(-|x-y|^2 / h^2) on the L2-normalised features, exact over all "
+                  "points; auto: the smallest distance between two labelled points (1.0 while fewer than two)")
+BANDWIDTH = Option("--bandwidth", 0.5, f"maxherding: {BANDWIDTH_HELP}", cli.auto_or_positive, metavar="auto|H")
+UHERDING_BANDWIDTH = Option("--bandwidth", 0.5, f"uherding: {BANDWIDTH_HELP}", cli.auto_or_positive,
+                            metavar="auto|H")
+CALIBRATION_HOLDOUT = Option("--calibration-holdout", 0.3, "uherding: share of the labelled pool held out to choose "
+                             "the softmax temperature (1.0 to 20 by 0.1, smallest 15-bin ECE) of a head trained on "
+                             "the rest", cli.share)
+DROPOUT = Option("--dropout", 0.75, "dropquery: probability of dropping each input feature of the head",
+                 cli.Number(0, 0.99, low_open=True))
+DROPOUT_PASSES = Option("--dropout-passes", 3, "dropquery: predictions with dropout compared with the one without; "
+                        "candidates differ in more than half of them", cli.int_at_least(1))
+VAAL_EPOCHS = Option("--vaal-epochs", vaal.VaalSettings.epochs, "vaal: epochs of VAE and discriminator training "
+                     "per round (an epoch: every training image once, labelled and unlabelled)", cli.EPOCHS)
+VAAL_IMAGE_SIZE = Option("--vaal-image-size", vaal.VaalSettings.image_size, "vaal: the image VAE's input size "
+                         "(images are resized to it; not used with --cached)", cli.int_at_least(32, 64),
+                         choices=vaal.IMAGE_SIZES)
+VAAL_WIDTH = Option("--vaal-width", vaal.VaalSettings.conv_width, "vaal: channels of the image VAE's first "
+                    "convolution, doubling to 8x (the authors' 128; 16-32 make it affordable on a CPU)",
+                    cli.int_at_least(1, 1024))
 
 
 # ---------------------------------------------------------------- builders
@@ -192,16 +227,20 @@ def _build_probcover(inputs: Inputs, options: Options) -> Step:
     return step
 
 
-def _build_maxherding(inputs: Inputs, options: Options) -> Step:
-    knn = options["kernel_knn"]
-    kernel = strategies.herding_kernel(strategies.nearest_neighbours(inputs.feats, knn, inputs.gpu),
-                                       options["bandwidth"])
-    inputs.log(f"=> maxherding: Gaussian kernel bandwidth {kernel.bandwidth:.4f}, truncated to {knn} neighbours")
-    params = {"bandwidth": kernel.bandwidth, "kernel_knn": knn}
+def _herding_kernel(inputs: Inputs, options: Options, labelled: np.ndarray, name: str) -> strategies.HerdingKernel:
+    """The kernel of this round: --bandwidth h, or with auto the smallest distance between two labelled points
+    (1.0 while there are fewer than two)."""
+    bandwidth = options["bandwidth"]
+    if bandwidth is None:
+        bandwidth = strategies.labelled_bandwidth(inputs.feats, labelled, inputs.gpu) or 1.0
+    inputs.log(f"=> {name}: Gaussian kernel exp(-|x-y|^2 / h^2), h = {bandwidth:.4f}")
+    return strategies.herding_kernel(inputs.feats, bandwidth, inputs.device)
 
+
+def _build_maxherding(inputs: Inputs, options: Options) -> Step:
     def step(labelled: np.ndarray, budget: int) -> Selection:
-        selection = strategies.maxherding_select(kernel, labelled, budget, seed=inputs.seed)
-        return Selection(selection.indices, selection.filled, params)
+        kernel = _herding_kernel(inputs, options, labelled, "maxherding")
+        return strategies.maxherding_select(kernel, labelled, budget, seed=inputs.seed, progress=inputs.verbose)
     return step
 
 
@@ -211,10 +250,84 @@ def _uncertainty_builder(name: str) -> Callable[[Inputs, Options], Step]:
         def step(labelled: np.ndarray, budget: int) -> Selection:
             candidates = np.setdiff1d(np.arange(inputs.num_rows), labelled)
             inputs.log(f"Current unlabeled indices is {len(candidates)}.")
-            scores = inputs.model_scores(labelled, candidates, lambda logits: strategies.uncertainty(logits, name))
+            scores = inputs.model_scores(candidates, lambda head, x, rows: strategies.uncertainty(head(x), name))
             return Selection(strategies.most_uncertain(scores, candidates, budget))
         return step
     return build
+
+
+def _unlabelled(inputs: Inputs, labelled: np.ndarray) -> np.ndarray:
+    candidates = np.setdiff1d(np.arange(inputs.num_rows), labelled)
+    inputs.log(f"Current unlabeled indices is {len(candidates)}.")
+    return candidates
+
+
+def _temperature(inputs: Inputs, labelled: np.ndarray, holdout: float) -> float:
+    """UHerding's softmax temperature: the ECE-optimal one on a seeded held-out share of the labelled pool,
+    for a head trained on the rest (1.0 when either part would be empty)."""
+    split = strategies.holdout_split(labelled, holdout, inputs.seed)
+    if split is None or inputs.labels is None:
+        return 1.0
+    train, held = split
+    logits = inputs.model_scores(held, lambda head, x, rows: head(x), trained_on=train)
+    temperature = strategies.calibrated_temperature(torch.from_numpy(logits), inputs.labels[held])
+    inputs.log(f"=> uherding: temperature {temperature:.1f}, the smallest ECE on {len(held)} held-out labelled "
+               f"images of a head trained on the other {len(train)}")
+    return temperature
+
+
+def _build_uherding(inputs: Inputs, options: Options) -> Step:
+    """MaxHerding's coverage weighted by the head's calibrated margin uncertainty (1 everywhere without labels)."""
+    holdout = options["calibration_holdout"]
+
+    def step(labelled: np.ndarray, budget: int) -> Selection:
+        candidates = _unlabelled(inputs, labelled)
+        weights = np.ones(inputs.num_rows)
+        temperature = 1.0
+        if len(labelled):
+            temperature = _temperature(inputs, labelled, holdout)
+            weights[candidates] = inputs.model_scores(
+                candidates, lambda head, x, rows: strategies.margin_uncertainty(head(x), temperature))
+        kernel = _herding_kernel(inputs, options, labelled, "uherding")
+        selection = strategies.uherding_select(kernel, labelled, budget, weights, seed=inputs.seed,
+                                               progress=inputs.verbose)
+        return Selection(selection.indices, selection.filled,
+                         {**selection.params, "temperature": temperature, "calibration_holdout": holdout})
+    return step
+
+
+def _build_dropquery(inputs: Inputs, options: Options) -> Step:
+    """Candidates whose prediction flips under input dropout, then k-means over them."""
+    dropout, passes = options["dropout"], options["dropout_passes"]
+    flips = functools.partial(strategies.dropout_disagreements, p=dropout, passes=passes, seed=inputs.seed)
+
+    def step(labelled: np.ndarray, budget: int) -> Selection:
+        candidates = _unlabelled(inputs, labelled)
+        selection = strategies.dropquery_select(inputs.feats, candidates, inputs.model_scores(candidates, flips),
+                                                budget, passes=passes, seed=inputs.seed, gpu=inputs.gpu,
+                                                verbose=inputs.verbose)
+        inputs.log(f"=> dropquery: {selection.params['candidates']} candidates, predictions changed in more than "
+                   f"{selection.params['threshold']} of {passes} dropout passes")
+        return Selection(selection.indices, selection.filled,
+                         {**selection.params, "dropout": dropout, "dropout_passes": passes})
+    return step
+
+
+def _build_vaal(inputs: Inputs, options: Options) -> Step:
+    """A β-VAE and a discriminator trained each round on the images (or, without them, the features); the
+    picks are the unlabelled rows the discriminator rates least likely to be labelled."""
+    settings = vaal.VaalSettings(epochs=options["vaal_epochs"], image_size=options["vaal_image_size"],
+                                 conv_width=options["vaal_width"])
+    source: vaal.Source = (vaal.FeatureSource(inputs.feats) if inputs.pixels is None
+                           else vaal.ImageSource(inputs.pixels, inputs.dataset, workers=inputs.workers))
+
+    def step(labelled: np.ndarray, budget: int) -> Selection:
+        checkpoint = (os.path.join(inputs.checkpoints, f"vaal_{source.mode}_{len(labelled)}_seed{inputs.seed}.pth")
+                      if inputs.checkpoints else None)
+        selection = vaal.vaal_select(source, labelled, budget, settings, seed=inputs.seed, device=inputs.device,
+                                     checkpoint=checkpoint, progress=inputs.verbose, log=inputs.log)
+        return Selection(selection.indices, selection.filled, {"vaal": selection.params})  # apart from the head's
+    return step
 
 
 # ---------------------------------------------------------------- the table
@@ -231,10 +344,16 @@ STRATEGIES: dict[str, Strategy] = {row.name: row for row in (
              options=(MAX_CLUSTERS, MIN_CLUSTER_SIZE, KNN, TYPICALITY), label="TypiClust"),
     Strategy("probcover", _build_probcover, incremental=True, randomised=True,  # δ auto: seeded pseudo-labels
              options=(DELTA, PURITY, PSEUDO_CLASSES), label="ProbCover"),
-    Strategy("maxherding", _build_maxherding, incremental=True, options=(BANDWIDTH, KERNEL_KNN), label="MaxHerding"),
+    Strategy("maxherding", _build_maxherding, incremental=True, options=(BANDWIDTH,), label="MaxHerding"),
     *(Strategy(name, _uncertainty_builder(name), incremental=True, needs_features=False, needs_labels=True,
                needs_model=True, label=label)
       for name, label in (("entropy", "Max-Entropy"), ("margin", "Margin"), ("least_confidence", "Least confidence"))),
+    Strategy("vaal", _build_vaal, incremental=True, needs_model=True, learns_from_images=True, randomised=True,
+             options=(VAAL_EPOCHS, VAAL_IMAGE_SIZE, VAAL_WIDTH), label="VAAL"),
+    Strategy("uherding", _build_uherding, incremental=True, needs_labels=True, needs_model=True, randomised=True,
+             options=(UHERDING_BANDWIDTH, CALIBRATION_HOLDOUT), label="UHerding"),
+    Strategy("dropquery", _build_dropquery, incremental=True, needs_labels=True, needs_model=True, randomised=True,
+             options=(DROPOUT, DROPOUT_PASSES), label="DropQuery"),
 )}
 
 

@@ -16,7 +16,7 @@ from torch import nn
 
 from lowbudget import cli, datasets, distributed, engine
 from lowbudget.features import labelled_split
-from lowbudget.indices import read_indices, split_files
+from lowbudget.indices import read_split_pools, split_files
 from lowbudget.metrics import coverage
 from lowbudget.results import append_result, provenance
 from lowbudget.runtime import on_device, resolve_device, seed_everything
@@ -33,25 +33,27 @@ def add_args(parser: argparse.ArgumentParser, *, sgd: bool) -> None:
 
 
 def image_accuracy(model: nn.Module, images: datasets.Images, *, labels: np.ndarray, args: argparse.Namespace,
-                   device: torch.device) -> dict[str, float]:
-    """The model's accuracy on the evaluation images (centre crop) with their `labels`, each torchrun
-    process scoring its block."""
+                   device: torch.device, preprocess: datasets.Preprocess | None = None) -> dict[str, float]:
+    """The model's accuracy on the evaluation images (centre crop, as the backbone's `preprocess` says, else
+    as the dataset's) with their `labels`, each torchrun process scoring its block."""
     logits = engine.image_logits(model, nn.Identity(), distributed.shard_images(images), args.dataset,
-                                 args.batch_size, args.workers, args.image_size, device)
+                                 args.batch_size, args.workers, args.image_size, device, preprocess)
     return engine.accuracy(logits, labels)
 
 
-def train_splits(args: argparse.Namespace, script: str, build: ModelBuilder, validate_every: int) -> None:
+def train_splits(args: argparse.Namespace, script: str, build: ModelBuilder, validate_every: int,
+                 preprocess: datasets.Preprocess | None = None) -> None:
     """For each split: check its index file (all of them before any training), build a fresh seeded
     model and optimiser, train with validation every `validate_every` epochs and after the last, and
-    report top-1/top-5 per split."""
+    report top-1/top-5 per split. Images are normalised (and sized) as the backbone's `preprocess` says,
+    else as the dataset's."""
     paths, milestones = split_files(args), cli.parse_milestones(args.lr_schedule)
     cli.check_resume(args, list(paths))
     seed_everything(args.seed)
     device = distributed.init_from_env(resolve_device(args.device))
     train, train_labels = labelled_split(args, "train")
     val, val_labels = labelled_split(args, "val")
-    pools = {split: read_indices(path, len(train), flag="--splits") for split, path in paths.items()}
+    pools = read_split_pools(paths, len(train), args.dataset)
     num_classes = int(max(train_labels.max(), val_labels.max())) + 1
     schedule = engine.Schedule(args.epochs, args.lr, milestones, validate_every)
     for split, pool in pools.items():
@@ -60,13 +62,18 @@ def train_splits(args: argparse.Namespace, script: str, build: ModelBuilder, val
         torch.manual_seed(args.seed)
         model, make_optimizer = build(num_classes)
         model = distributed.ddp(on_device(model, device), device)
-        batches = engine.image_loader(train, pool, args.dataset, args.image_size, args.batch_size, args.workers)
+        batches = engine.image_loader(train, pool, args.dataset, args.image_size, args.batch_size, args.workers,
+                                      preprocess)
         checkpoint = cli.checkpoint_for(args, os.path.join(args.save, f"{script}_{args.name}_{args.dataset}_{split}"
                                                                       f"_seed{args.seed}.pth"))
-        validate = functools.partial(image_accuracy, model, val, labels=val_labels, args=args, device=device)
+        validate = functools.partial(image_accuracy, model, val, labels=val_labels, args=args, device=device,
+                                     preprocess=preprocess)
         result = engine.fit(model, make_optimizer(engine.unwrap(model)), epoch_batches=batches, validate=validate,
                             schedule=schedule, device=device, seed=args.seed, checkpoint=checkpoint,
-                            resume=bool(args.resume), amp=args.amp)
+                            resume=bool(args.resume), amp=args.amp,
+                            trained_on=engine.trained_on(pool, images=datasets.listing_record(train, args.data),
+                                                         model=[args.arch, getattr(args, "backbone", None),
+                                                                getattr(args, "weights", None)]))
         print(f"Final accuracy of {split} labeled data is: {result['top1']:.2f} "
               f"(best {result['best_top1']:.2f}, top-5 {result['top5']:.2f})")
         measures = {"top1": result["top1"], "top1_best": result["best_top1"], "top5": result["top5"],

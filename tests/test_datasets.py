@@ -1,6 +1,8 @@
 """Dataset readers: index = position as in the original code, labels without decoding, batch transforms."""
 import gzip
+import os
 import pickle
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -85,6 +87,9 @@ def test_folder_order_is_image_folder_order(folder_root):
 def test_imagenet_lt_index_is_line_number_and_labels_need_no_decoding(tmp_path):
     lt = tmp_path / "ImageNet_LT_train.txt"
     lt.write_text("train/n01/a.JPEG 3\ntrain/n02/b.JPEG 0\n\ntrain/n01/c.JPEG 3\n")
+    for name in ("n01/a.JPEG", "n02/b.JPEG", "n01/c.JPEG"):  # not images: listing them decodes nothing
+        (tmp_path / "train" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "train" / name).write_bytes(b"not an image")
     images = datasets.load_images("imagenet_lt", str(tmp_path), "train", lt_list=str(lt))
     assert images.labels.tolist() == [3, 0, 3]
     assert images.paths[1] == str(tmp_path / "train/n02/b.JPEG")
@@ -142,3 +147,92 @@ def test_unreadable_files_are_reported_by_index_not_raised(tmp_path, workers):
     assert sum(len(x) for x, _ in batches) == len(names) and not batches[0][0][0].any()
     with pytest.raises(UsageError, match="data: cannot read image .*broken.jpg"):
         next(datasets.inference_batches(images, "folder", batch_size=7, image_size=16))
+
+
+@pytest.mark.parametrize("protocol", [2, 3, 4, 5])
+def test_cifar_reader_admits_arrays_of_every_pickle_protocol_and_str_keys(tmp_path, protocol):
+    rng = np.random.default_rng(protocol)
+    data, labels = rng.integers(0, 256, (6, 3072), dtype=np.uint8), [3, 1, 4, 1, 5, 9]
+    path = tmp_path / "batch"
+    path.write_bytes(pickle.dumps({"data": data, "labels": np.array(labels), "filenames": [b"a.png"] * 6,
+                                   "batch_label": "training batch 1 of 5", "extra": (1.5, None, True)},
+                                  protocol=protocol))
+    images, read_labels = datasets.cifar_batch(str(path), "labels", 10)
+    assert np.array_equal(images.reshape(6, -1), data) and read_labels.tolist() == labels
+
+
+def test_cifar_reader_reads_numpy_1_module_names_without_a_warning(tmp_path):
+    """The batches as downloaded were pickled under NumPy 1, whose array globals live in numpy.core."""
+    data = np.arange(2 * 3072).reshape(2, 3072).astype(np.uint8)
+    content = pickle.dumps({b"data": data, b"labels": [7, 2]}, protocol=2)
+    assert b"cnumpy._core.multiarray\n" in content  # protocol 2 names globals as text lines
+    (tmp_path / "batch").write_bytes(content.replace(b"cnumpy._core.multiarray\n", b"cnumpy.core.multiarray\n"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        images, labels = datasets.cifar_batch(str(tmp_path / "batch"), "labels", 10)
+    assert np.array_equal(images.reshape(2, -1), data) and labels.tolist() == [7, 2]
+
+
+class Exploit:
+    def __init__(self, witness):
+        self.witness = witness
+
+    def __reduce__(self):
+        import os
+        return os.system, (f"touch {self.witness}",)
+
+
+@pytest.mark.parametrize("protocol", [0, 2, 5])
+def test_cifar_reader_refuses_a_pickle_that_would_run_code(tmp_path, protocol):
+    path = tmp_path / "data_batch_1"
+    path.write_bytes(pickle.dumps({b"data": np.zeros((1, 3072), np.uint8), b"labels": [Exploit(tmp_path / "ran")]},
+                                  protocol=protocol))
+    with pytest.raises(UsageError, match=r"data: CIFAR batch .*data_batch_1' refers to posix\.system.*refused"):
+        datasets.cifar_batch(str(path), "labels", 10)
+    assert not (tmp_path / "ran").exists()
+    path.write_bytes(pickle.dumps({b"data": Exploit(tmp_path / "ran")}, protocol=protocol))
+    pickle.loads(path.read_bytes())  # what pickle.load did: the command runs
+    assert (tmp_path / "ran").exists()
+
+
+def test_read_idx_checks_header_and_length(tmp_path):
+    path = tmp_path / "labels-idx1-ubyte"
+    path.write_bytes((0x0801).to_bytes(4, "big") + (3).to_bytes(4, "big") + bytes([7, 8, 9]))
+    assert datasets.read_idx(str(path), (-1,)).tolist() == [7, 8, 9]
+    with pytest.raises(UsageError, match="not an IDX file of 3-D"):
+        datasets.read_idx(str(path), (-1, 28, 28))
+    path.write_bytes(path.read_bytes() + b"\0")
+    with pytest.raises(UsageError, match="holds 4 bytes after its header, which says 3"):
+        datasets.read_idx(str(path), (-1,))
+
+
+def test_two_links_to_one_folder_are_refused_and_one_link_is_followed(tmp_path):
+    write_image_tree(tmp_path / "shared", {"x": 2}, size=8)
+    (tmp_path / "root").mkdir()
+    (tmp_path / "root" / "a").symlink_to(tmp_path / "shared")
+    assert datasets.image_files(str(tmp_path / "root")) == ["a/x/img_000.png", "a/x/img_001.png"]
+    (tmp_path / "root" / "b").symlink_to(tmp_path / "shared")
+    with pytest.raises(UsageError, match="root/[ab]' is the folder .*root/[ab]' again"):
+        datasets.image_files(str(tmp_path / "root"))
+
+
+def test_listing_record_identifies_the_files_in_index_order(tmp_path, cifar10_root):
+    write_image_tree(tmp_path / "photos", {"a": 2, "b": 1}, size=8)
+    images = datasets.load_images("folder", str(tmp_path / "photos"), "train")
+    record = datasets.listing_record(images, str(tmp_path / "photos"))
+    assert record["count"] == 3
+    assert datasets.listing_record(images, str(tmp_path / "photos") + "/") == record  # spelling of the root
+    (tmp_path / "photos" / "a" / "img_001.png").rename(tmp_path / "photos" / "a" / "img_009.png")
+    renamed = datasets.load_images("folder", str(tmp_path / "photos"), "train")
+    assert datasets.listing_record(renamed, str(tmp_path / "photos"))["digest"] != record["digest"]
+    assert datasets.listing_record(datasets.load_images("cifar10", str(cifar10_root), "train"), "x") is None
+
+
+def test_missing_files_reads_each_folder_once(tmp_path, monkeypatch):
+    write_image_tree(tmp_path, {"a": 3, "b": 2}, size=8)
+    paths = [str(tmp_path / "a" / f"img_{i:03d}.png") for i in range(4)] + [str(tmp_path / "c" / "x.png")]
+    listed = []
+    real = os.listdir
+    monkeypatch.setattr(os, "listdir", lambda d: listed.append(d) or real(d))
+    assert datasets.missing_files(paths) == [3, 4]
+    assert listed == [str(tmp_path / "a"), str(tmp_path / "c")]

@@ -10,6 +10,7 @@ import eval_knn
 import eval_lincls
 import sampler
 from lowbudget import engine
+from lowbudget.fileio import file_digest
 from lowbudget.metrics import majority_vote
 from tests.conftest import call_main, unit_rows
 
@@ -195,3 +196,25 @@ def test_lincls_resume_file_needs_single_split(tmp_path, capsys):
     status, _, err = call_main(eval_lincls.main, feats_args(tmp_path, train, val, "random", "3,4", "--cached",
                                                             "--resume", tmp_path / "x.pth"), capsys)
     assert status == 2 and "--resume: a checkpoint file goes with a single --splits value" in err
+
+
+def test_resume_checks_what_the_checkpoint_was_trained_on(tmp_path, capsys, monkeypatch):
+    train, val = write_feats(tmp_path, n_train=80, n_val=20)
+    select = select_args(tmp_path, train, val, "random", "30")
+    assert call_main(sampler.main, select, capsys)[0] == 0
+    args = feats_args(tmp_path, train, val, "random", "30", "--cached", "--epochs", "3", "-b", "8")
+    with monkeypatch.context() as patch:
+        interrupt_after(patch, 1)
+        with pytest.raises(KeyboardInterrupt):
+            call_main(eval_lincls.main, args, capsys)
+    saved = final_head(tmp_path, "lincls_*.pth")
+    pool = np.load(tmp_path / "idx" / "random_cifar10_30.npy")
+    assert set(saved["trained_on"]) == {"pool", "features", "val_features"}
+    assert saved["trained_on"] == engine.trained_on(pool, features=file_digest(str(train)),
+                                                    val_features=file_digest(str(val)))
+    assert call_main(sampler.main, select, capsys)[0] == 0  # selected again: the same pool, the same digest
+    status, out, err = call_main(eval_lincls.main, args + ["--resume"], capsys)
+    assert status == 0 and "at epoch 1" in out, err
+    assert call_main(sampler.main, select + ["--seed", "5"], capsys)[0] == 0  # another pool under that name
+    status, _, err = call_main(eval_lincls.main, args + ["--resume"], capsys)
+    assert status == 2 and "--resume: " in err and "labelled pool" in err and len(err.strip().splitlines()) == 1

@@ -11,7 +11,7 @@ from PIL import Image
 import eval_knn
 import sampler
 import trainer_DP
-from lowbudget import datasets
+from lowbudget import datasets, fileio
 from tests.conftest import call_main, write_photo_folder
 from tools import export
 
@@ -203,3 +203,47 @@ def test_export_runs_as_a_script_and_crosses_out_an_unreadable_pick(tmp_path, ph
     assert "cannot read image" in out and "broken.jpg" in out
     with Image.open(tmp_path / "export" / "pick_contact_sheet.png") as sheet:
         assert sheet.size == sheet_size(2, panels=1, thumb=96, columns=10)
+
+
+def test_csv_cells_that_a_spreadsheet_would_run_are_escaped(tmp_path, capsys):
+    root = tmp_path / "photos"
+    names = ["=HYPERLINK(1).png", "+1.png", "-2.png", "@SUM(1).png", "plain.png"]
+    root.mkdir()
+    for name in names:
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(root / name)
+    listed = sorted(names)
+    np.save(tmp_path / "pick.npy", np.arange(len(names), dtype=np.int64))
+    status, out, err = export_selection(tmp_path, root, tmp_path / "pick.npy", capsys)
+    assert status == 0, err
+    assert "records no image listing" in out  # no sidecar: said, and exported unchecked
+    rows = read_csv(tmp_path / "export" / "pick.csv")
+    assert [r["path"] for r in rows] == [name if name == "plain.png" else "'" + name for name in listed]
+    tasks = json.loads((tmp_path / "export" / "pick_label_studio.json").read_text())
+    assert [t["data"]["path"] for t in tasks] == listed  # the import file keeps the real names
+
+
+def test_sidecar_records_the_listing_and_unrelated_files_do_not_matter(tmp_path, photos, capsys):
+    root, names = photos
+    assert sample(tmp_path, root, "random", "4", capsys)[0] == 0
+    listing = json.loads((tmp_path / "idx" / "random_folder_4.json").read_text())["listing"]
+    assert listing["count"] == len(names) == datasets.listing_record(
+        datasets.load_images("folder", str(root), "train"), str(root))["count"]
+    (root / "more_notes.txt").write_text("not an image\n")
+    status, out, err = export_selection(tmp_path, root, tmp_path / "idx" / "random_folder_4.npy", capsys)
+    assert status == 0 and "records no image listing" not in out, err
+
+
+def test_a_full_disk_writes_no_export_file(tmp_path, photos, capsys, monkeypatch):
+    root, _ = photos
+    np.save(tmp_path / "pick.npy", np.array([1, 2], dtype=np.int64))
+    real = fileio._write_temporary
+
+    def full_at_the_sheet(path, write):
+        if path.endswith(".png"):
+            raise OSError(28, "No space left on device")
+        return real(path, write)
+    monkeypatch.setattr(fileio, "_write_temporary", full_at_the_sheet)
+    status, _, err = export_selection(tmp_path, root, tmp_path / "pick.npy", capsys)
+    assert status == 2 and len(err.strip().splitlines()) == 1
+    assert "--out: cannot write into" in err and "No space left on device" in err
+    assert list((tmp_path / "export").iterdir()) == []

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from torchvision import transforms as T
 
 import eval_knn
 import sampler
@@ -172,3 +173,35 @@ def test_unreadable_evaluation_images_are_left_out(tmp_path, folder_root, capsys
     val = features.backbone_features(args, "val", torch.device("cpu"))
     assert len(val.feats) == 6 and val.labels.tolist() == [0, 0, 1, 1, 2, 2]
     assert "1 unreadable image file(s) skipped: they are left out of the evaluation" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("interpolation,workers", [("bilinear", 0), ("bicubic", 0), ("nearest", 0),
+                                                   pytest.param("bilinear", 1, marks=pytest.mark.slow)])
+def test_file_batches_equal_the_per_image_float_transform(tmp_path, interpolation, workers):
+    """Image files decoded into uint8 in the loader and normalised by batch give exactly what ToTensor and
+    Normalize give image by image (PNG, JPEG and BMP files of varied sizes; an unreadable file's row is zero)."""
+    write_photo_folder(tmp_path)
+    images = datasets.load_images("folder", str(tmp_path), "train")
+    preprocess = datasets.Preprocess(24, 27, (0.5, 0.4, 0.3), (0.2, 0.25, 0.3), interpolation)
+    batches = list(datasets.decoded_batches(images, "folder", 8, workers, preprocess=preprocess))
+    x = torch.cat([batch for batch, _ in batches])
+    per_image = T.Compose([T.Resize(27, interpolation=T.InterpolationMode(interpolation)), T.CenterCrop(24),
+                           T.ToTensor(), T.Normalize(preprocess.mean, preprocess.std)])
+    assert x.shape == (len(images), 3, 24, 24) and x.dtype == torch.float32
+    for row, path in zip(x, images.paths, strict=True):
+        if path.endswith("broken.jpg"):
+            assert not row.any()
+        else:
+            assert torch.equal(row, per_image(datasets.open_rgb(path))), path
+
+
+def test_batches_are_made_on_the_backbones_device(tmp_path):
+    """Batches of files and of arrays come out on the device asked for (the meta device stands in for CUDA:
+    no data, but every operation is placed on it)."""
+    write_photo_folder(tmp_path / "photos")
+    files = datasets.load_images("folder", str(tmp_path / "photos"), "train")
+    arrays = datasets.load_images("cifar10", str(write_cifar(tmp_path / "cifar", n_train=10, n_test=2)), "train")
+    meta = torch.device("meta")
+    for images, name in ((files, "folder"), (arrays, "cifar10")):
+        batch, _ = next(datasets.decoded_batches(images, name, 8, image_size=48, device=meta))
+        assert batch.device == meta and batch.dtype == torch.float32 and batch.shape == (8, 3, 48, 48)

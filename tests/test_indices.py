@@ -1,12 +1,17 @@
-"""Index files: atomic writes with a sidecar, and a reader that validates before use."""
+"""Index files: atomic writes with a sidecar (both or neither, strict JSON, stale temporary files removed), and
+a reader that validates before use, the sidecar included."""
 import json
 import os
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
 
+from lowbudget import fileio
 from lowbudget.cli import UsageError
-from lowbudget.indices import index_path, read_indices, sidecar_path, write_indices
+from lowbudget.indices import index_path, pool_digest, read_indices, sidecar_path, write_indices
 
 
 def test_round_trip_with_sidecar(tmp_path):
@@ -62,3 +67,92 @@ def test_written_files_get_the_usual_permissions(tmp_path):
         os.umask(mask)
     assert (tmp_path / "a.npy").stat().st_mode & 0o777 == 0o644
     assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o644
+
+
+def read_json_strictly(path):
+    """json.load that refuses NaN and infinities, as parsers other than Python's do."""
+    def refuse(name):
+        raise ValueError(f"not JSON: {name}")
+    with open(path) as f:
+        return json.load(f, parse_constant=refuse)
+
+
+def test_nan_in_a_sidecar_is_written_as_null(tmp_path):
+    path = str(tmp_path / "p_cifar10_2.npy")
+    write_indices(path, np.arange(2), {"params": {"delta": float("nan"), "bandwidth": np.float32("inf"),
+                                                  "knn": np.int64(5)}})
+    params = read_json_strictly(sidecar_path(path))["params"]
+    assert params == {"delta": None, "bandwidth": None, "knn": 5}
+
+
+def test_the_sidecar_records_the_entries_digest_and_readers_check_it(tmp_path):
+    path = str(tmp_path / "kmeans_cifar10_3.npy")
+    write_indices(path, np.array([4, 2, 7]), {"dataset": "cifar10", "digest": "forged", "size": 99})
+    meta = json.loads(open(sidecar_path(path)).read())
+    assert meta["digest"] == pool_digest(np.array([4, 2, 7])) and meta["size"] == 3  # never taken from meta
+    assert pool_digest(np.array([4, 2, 7], dtype=np.int32)) == meta["digest"] != pool_digest(np.array([2, 4, 7]))
+    np.save(path, np.array([7, 2, 4]))  # the same entries in another order: another file
+    with pytest.raises(UsageError, match="replaced after it was written.*entries are not those"):
+        read_indices(path, 10)
+    np.save(path, np.array([4, 2]))
+    with pytest.raises(UsageError, match="holds 2 entries, the sidecar .* says 3"):
+        read_indices(path, 10)
+
+
+def test_reader_checks_the_dataset_and_the_size_in_the_name(tmp_path):
+    path = str(tmp_path / "kmeans_cifar100_3.npy")
+    write_indices(path, np.array([4, 2, 7]), {"dataset": "cifar100"})
+    assert read_indices(path, 10, dataset="cifar100", size=3).tolist() == [4, 2, 7]
+    with pytest.raises(UsageError, match="--resume-indices: .* was selected from cifar100, not --dataset cifar10"):
+        read_indices(path, 10, dataset="cifar10")
+    with pytest.raises(UsageError, match="holds 3 indices, its name says 4"):
+        read_indices(path, 10, size=4)
+    (tmp_path / "kmeans_cifar100_3.json").write_text("{not json")
+    with pytest.raises(UsageError, match="cannot read the sidecar"):
+        read_indices(path, 10)
+
+
+def test_a_failed_sidecar_write_leaves_the_previous_pair(tmp_path, monkeypatch):
+    path = str(tmp_path / "random_cifar10_3.npy")
+    write_indices(path, np.array([1, 2, 3]), {"seed": 0})
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    with pytest.raises(TypeError):  # a value JSON cannot hold: nothing is touched
+        write_indices(path, np.array([4, 5, 6]), {"seed": object()})
+    real, calls = fileio._write_temporary, []
+
+    def disk_full_at_the_sidecar(target, write):
+        calls.append(target)
+        if target.endswith(".json"):
+            raise OSError(28, "No space left on device")
+        return real(target, write)
+    monkeypatch.setattr(fileio, "_write_temporary", disk_full_at_the_sidecar)
+    with pytest.raises(OSError, match="No space left"):
+        write_indices(path, np.array([4, 5, 6]), {"seed": 1})
+    assert calls == [path, sidecar_path(path)]
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # old pair, no temporary file
+    assert read_indices(path, 10).tolist() == [1, 2, 3]
+
+
+def dead_pid() -> int:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_stale_temporary_files_of_the_target_are_removed_by_its_next_write(tmp_path):
+    host, target = fileio._host_tag(), "kmeans_cifar10_3.npy"
+    names = {
+        "dead": f".tmp-{host}-{dead_pid()}-abcdefgh-{target}",  # a killed write on this host
+        "old": f".tmp-x1y2z3w4{target}",  # the former naming, untouched for two days
+        "running": f".tmp-{host}-{os.getpid()}-abcdefgh-{target}",  # a write in progress
+        "other host": f".tmp-0123abcd-{dead_pid()}-abcdefgh-{target}",  # may still run there
+        "other target": f".tmp-{host}-{dead_pid()}-abcdefgh-random_cifar10_3.npy",
+    }
+    for name in names.values():
+        (tmp_path / name).write_bytes(b"partial")
+    two_days_ago = time.time() - 2 * 86400
+    os.utime(tmp_path / names["old"], (two_days_ago, two_days_ago))
+    write_indices(str(tmp_path / target), np.arange(3), {})
+    left = {p.name for p in tmp_path.iterdir()}
+    assert names["dead"] not in left and names["old"] not in left
+    assert {names["running"], names["other host"], names["other target"], target, "kmeans_cifar10_3.json"} == left

@@ -1,5 +1,6 @@
 """TypiClust, ProbCover and MaxHerding: hand-made point sets with known answers, brute-force greedy
 references, exact budgets, and sampler.py end to end."""
+import dataclasses
 import json
 
 import numpy as np
@@ -157,48 +158,67 @@ def test_typicality_squared_and_plain_distances():
 
 # ---------------------------------------------------------------- MaxHerding
 
-def brute_force_maxherding(x, k, bandwidth, labeled, budget):
-    sq = ((x[:, None, :].astype(np.float64) - x[None, :, :]) ** 2).sum(-1)
-    kernel = np.exp(-sq / (2 * bandwidth ** 2))
-    if k < len(x):  # keep each row's k nearest (ties: lower index, as the stable sort)
-        far = np.argsort(sq, axis=1, kind="stable")[:, k:]
-        np.put_along_axis(kernel, far, 0, axis=1)
+def brute_force_herding(x, bandwidth, labeled, budget, weights=None):
+    """Dense greedy kernel herding with k(a, b) = exp(-|a - b|^2 / h^2): the N x N kernel in float64."""
+    x = x.astype(np.float64)
+    kernel = np.exp(-((x[:, None, :] - x[None, :, :]) ** 2).sum(-1) / bandwidth ** 2)
+    u = np.ones(len(x)) if weights is None else np.array(weights, dtype=np.float64)
+    u[labeled] = 0
     cover = kernel[:, labeled].max(1) if len(labeled) else np.zeros(len(x))
     eligible = np.ones(len(x), dtype=bool)
     eligible[labeled] = False
     picks = []
     for _ in range(budget):
-        gain = np.where(eligible, np.maximum(kernel - cover[:, None], 0).sum(0), -np.inf)
+        gain = np.where(eligible, (np.maximum(kernel - cover[None, :], 0) * u[None, :]).sum(1), -np.inf)
         pick = int(np.argmax(gain))
         picks.append(pick)
         eligible[pick] = False
-        cover = np.maximum(cover, kernel[:, pick])
+        cover = np.maximum(cover, kernel[pick])
     return picks
 
 
-@pytest.mark.parametrize("k, labeled", [(200, []), (200, [3, 50, 120]), (12, []), (12, [7, 8])])
-def test_maxherding_equals_brute_force_greedy(k, labeled):
+def small_blocks(kernel, rows=7):
+    """The same kernel computed `rows` kernel rows at a time: blocked and lazy paths both exercised."""
+    return dataclasses.replace(kernel, block_elements=rows * kernel.num_rows)
+
+
+@pytest.mark.parametrize("bandwidth, labeled", [(1.0, []), (1.0, [3, 50, 120]), (0.3, []), (0.3, [7, 8])])
+def test_maxherding_equals_brute_force_dense_greedy(bandwidth, labeled):
     x = unit_rows(200, 4, seed=5)
     labeled = np.asarray(labeled, dtype=np.int64)
-    kernel = S.herding_kernel(S.nearest_neighbours(x, k), bandwidth=0.4)
-    selection = S.maxherding_select(kernel, labeled, 15)
-    assert selection.indices.tolist() == brute_force_maxherding(x, k, 0.4, labeled, 15)
-    assert_valid(selection.indices, 15, 200, exclude=labeled)
+    selection = S.maxherding_select(small_blocks(S.herding_kernel(x, bandwidth)), labeled, 40)
+    assert selection.indices.tolist() == brute_force_herding(x, bandwidth, labeled, 40)
+    assert selection.params == {"bandwidth": bandwidth} and selection.filled == 0
+    assert_valid(selection.indices, 40, 200, exclude=labeled)
 
 
-def test_maxherding_auto_bandwidth_and_fill_when_nothing_adds_coverage():
+def test_maxherding_blocks_do_not_change_the_picks():
+    x = unit_rows(300, 8, seed=2)
+    kernel = S.herding_kernel(x, 0.5)
+    picks = [S.maxherding_select(dataclasses.replace(kernel, block_elements=rows * 300), EMPTY, 25).indices
+             for rows in (1, 13, 300)]
+    assert picks[0].tolist() == picks[1].tolist() == picks[2].tolist()
+
+
+def test_maxherding_fills_once_nothing_adds_coverage():
     x = np.repeat(unit_rows(3, 4), 4, axis=0)  # three points, four copies each
-    kernel = S.herding_kernel(S.nearest_neighbours(x, 4))
-    assert kernel.bandwidth == 1.0  # every neighbour is a copy: median distance 0 falls back to 1
-    selection = S.maxherding_select(kernel, EMPTY, 6, seed=1)
+    selection = S.maxherding_select(S.herding_kernel(x, 1.0), EMPTY, 6, seed=1)
     assert_valid(selection.indices, 6, 12)
     assert len({tuple(x[i]) for i in selection.indices[:3]}) == 3 and selection.filled == 3
+
+
+def test_labelled_bandwidth_is_the_smallest_distance_between_labelled_points():
+    x = np.array([[0, 0], [3, 0], [3, 4], [0.5, 0], [3, 0]], dtype=np.float32)
+    assert S.labelled_bandwidth(x, np.array([0, 1, 2])) == pytest.approx(3.0)
+    assert S.labelled_bandwidth(x, np.array([1, 2, 4])) == pytest.approx(4.0)  # the duplicate pair is left out
+    assert S.labelled_bandwidth(x, np.array([0, 3])) == pytest.approx(0.5)
+    assert S.labelled_bandwidth(x, np.array([2])) is None and S.labelled_bandwidth(x, np.array([1, 4])) is None
 
 
 @pytest.mark.parametrize("select", [
     lambda x, pool, b: S.typiclust_select(x, pool, b),
     lambda x, pool, b: S.probcover_select(S.cover_graph(x, 0.3, S.nearest_neighbours(x, 8)), pool, b)[0],
-    lambda x, pool, b: S.maxherding_select(S.herding_kernel(S.nearest_neighbours(x, 8)), pool, b),
+    lambda x, pool, b: S.maxherding_select(S.herding_kernel(x, 0.5), pool, b),
 ])
 def test_exact_budget_unique_disjoint_and_budget_checked(select):
     x = unit_rows(300, 8, seed=4)
@@ -256,7 +276,7 @@ def test_sampler_probcover_prints_delta_and_coverage(tmp_path, feats_file, capsy
 
 
 @pytest.mark.parametrize("extra, pattern", [
-    (["--delta", "-1"], "--delta: invalid 'auto' or a positive number value: '-1'"),
+    (["--delta", "-1"], "--delta: must be auto or in (0, 1e+06], got -1"),
     (["--purity", "1.5"], "--purity: must be in (0, 1]"),
     (["--pseudo-classes", "1"], "--pseudo-classes: must be at least 2"),
 ])

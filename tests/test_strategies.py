@@ -182,8 +182,21 @@ def coreset_reference(feats, labelled, budget):
     return np.array(picks)
 
 
+@pytest.fixture(params=[1024, 3], ids=["one-frontier", "small-frontiers"])
+def frontier_rows(request, monkeypatch):
+    """The greedy's frontier and blocks as shipped, and tiny, so that frontiers are renewed and shrunk,
+    the reserve runs out, ties straddle a frontier's edge, and stale rows are brought up to date in
+    several groups and blocks."""
+    if request.param < 1024:
+        monkeypatch.setattr(S, "_FRONTIER_ROWS", request.param)
+        monkeypatch.setattr(S, "_RESERVE_FRONTIERS", 3)
+        monkeypatch.setattr(S, "_ROW_BLOCK", 7)
+        monkeypatch.setattr(S, "_CENTRE_BLOCK", 5)
+    return request.param
+
+
 @pytest.mark.parametrize("n_labelled", [0, 1, 25])
-def test_coreset_equals_brute_force(n_labelled):
+def test_coreset_equals_brute_force(n_labelled, frontier_rows):
     feats = unit_rows(300, 8, seed=5)
     labelled = np.random.default_rng(2).choice(300, n_labelled, replace=False)
     selection = S.coreset_select(feats, labelled, 40, progress=False)
@@ -191,12 +204,62 @@ def test_coreset_equals_brute_force(n_labelled):
     assert np.array_equal(selection.indices, coreset_reference(feats, labelled, 40))
 
 
-def test_coreset_with_duplicates_never_repeats_a_point():
+def lattice(n, d, seed):
+    """Rows with small integer coordinates: every squared distance is exact in float32, so ties are exact."""
+    return np.random.default_rng(seed).integers(0, 4, (n, d)).astype(np.float32)
+
+
+@pytest.mark.parametrize("budget", [1, 17, 60, 200 - 9])
+def test_coreset_ties_go_to_the_lowest_index(budget, frontier_rows):
+    feats = lattice(200, 3, seed=7)  # 64 distinct points for 200 rows: duplicates and many equal distances
+    labelled = np.array([3, 50, 120, 121, 150, 151, 152, 190, 199])
+    selection = S.coreset_select(feats, labelled, budget, progress=False)
+    assert_valid(selection.indices, budget, 200, exclude=labelled)
+    assert np.array_equal(selection.indices, coreset_reference(feats, labelled, budget))
+
+
+def test_coreset_float16_features_pick_as_their_float32_values(frontier_rows):
+    feats = lattice(150, 6, seed=8)
+    labelled = np.array([0, 1, 2])
+    on_half = S.coreset_select(feats.astype(np.float16), labelled, 30, progress=False).indices
+    assert np.array_equal(on_half, coreset_reference(feats, labelled, 30))
+
+
+def test_coreset_long_run_on_clusters_equals_brute_force(frontier_rows):
+    rng = np.random.default_rng(9)  # the plain greedy's regime: many picks, most rows far from the frontier
+    centres = rng.standard_normal((12, 16))
+    feats = (centres[rng.integers(0, 12, 400)] + 0.3 * rng.standard_normal((400, 16))).astype(np.float32)
+    labelled = rng.choice(400, 10, replace=False)
+    assert np.array_equal(S.coreset_select(feats, labelled, 100, progress=False).indices,
+                          coreset_reference(feats, labelled, 100))
+
+
+def test_coreset_with_duplicates_never_repeats_a_point(frontier_rows):
     feats = np.repeat(unit_rows(5, 4, seed=6), 4, axis=0)
-    selection = S.coreset_select(feats, np.array([0]), 12, progress=False)
-    assert_valid(selection.indices, 12, 20, exclude=[0])
+    selection = S.coreset_select(feats, np.array([0]), 19, progress=False)  # every unlabelled row
+    assert_valid(selection.indices, 19, 20, exclude=[0])
 
 
 def test_coreset_budget_larger_than_unlabelled():
     with pytest.raises(ValueError):
         S.coreset_select(unit_rows(10, 4), np.arange(5), 6, progress=False)
+
+
+# ---------------------------------------------------------------- TypiClust's k-means
+
+@pytest.mark.parametrize("budget, nredo", [(50, 5), (51, 2)])
+def test_typiclust_restarts_kmeans_less_for_many_clusters(budget, nredo, monkeypatch):
+    seen = []
+    real_kmeans = faiss_ops.kmeans
+
+    def recording(feats, k, seed, settings, **kwargs):
+        seen.append((k, settings))
+        return real_kmeans(feats, k, seed, settings, **kwargs)
+    monkeypatch.setattr(faiss_ops, "kmeans", recording)
+    feats = unit_rows(300, 8, seed=3)
+    selection = S.typiclust_select(feats, np.zeros(0, np.int64), budget, seed=2)
+    settings = faiss_ops.KmeansSettings(niter=20, nredo=nredo)
+    assert seen == [(budget, settings)]
+    assert selection.params["niter"] == 20 and selection.params["nredo"] == nredo
+    objective = real_kmeans(feats, budget, 2, settings)[2].sum()
+    assert selection.params["kmeans_objective"] == pytest.approx(float(objective), rel=1e-6)

@@ -31,13 +31,17 @@ def blobs(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
 
 
 def linear_model_scores(feats: np.ndarray):
-    """A fixed linear model's scores, streamed in batches of 32 as the programs stream them."""
-    weights = torch.from_numpy(np.random.default_rng(5).standard_normal((feats.shape[1], CLASSES)) * 4)
+    """A linear head's scores, streamed in batches of 32 as the programs stream them: the head of the pool,
+    or with `trained_on` one that depends on those rows alone (a fresh head trained on them)."""
+    def head_of(rows):
+        seed = 5 if rows is None else int(np.sort(rows) @ np.arange(1, len(rows) + 1))
+        weights = torch.from_numpy(np.random.default_rng(seed).standard_normal((feats.shape[1], CLASSES)) * 4)
+        return lambda x: x @ weights
 
-    def scores(labelled, candidates, score):
-        batches = [torch.from_numpy(feats[candidates[i:i + 32]]).double() @ weights
-                   for i in range(0, len(candidates), 32)]
-        return torch.cat([score(logits) for logits in batches]).numpy()
+    def scores(rows, score, *, trained_on=None):
+        head = head_of(trained_on)
+        return torch.cat([score(head, torch.from_numpy(feats[rows[i:i + 32]]).double(), rows[i:i + 32])
+                          for i in range(0, len(rows), 32)]).numpy()
     return scores
 
 

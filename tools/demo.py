@@ -54,7 +54,8 @@ ROUNDS_FROM = {"entropy": "random", "coreset": "random", "vaal": "random", "uher
 METHODS = tuple(name for name in (*names(model=False), *names(model=True)) if name in ROUNDS_FROM
                 or not STRATEGIES[name].needs_model)
 BUDGETS = "10,20,50,100,200,500,1000"
-VAAL_EPOCHS = 100
+VAAL_EPOCHS = 1  # a VAAL round trains on every image (about 15 s an epoch here): the demo's one slow method
+FIRST_SEED_ONLY = {"vaal"}  # for the same reason VAAL runs with the first seed only
 DEMO_WEIGHTS = "mobilenet_v2_imagenet.pth"
 
 
@@ -63,9 +64,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data", default=None, metavar="DIR",
                         help="Fashion-MNIST folder (default: Debian's files, or {out}/data for a download)")
     parser.add_argument("--out", default="output/demo", help="features, index files, results, report")
-    parser.add_argument("--pool", default=10_000, type=int, help="the first N training images are the pool")
-    parser.add_argument("--test", default=5_000, type=int, help="the first N test images are evaluated on")
-    parser.add_argument("--image-size", default=64, type=int, metavar="PX", help="backbone input size")
+    parser.add_argument("--pool", default=10_000, type=cli.int_at_least(1),
+                        help="the first N training images are the pool")
+    parser.add_argument("--test", default=5_000, type=cli.int_at_least(1),
+                        help="the first N test images are evaluated on")
+    parser.add_argument("--image-size", default=64, type=cli.IMAGE_SIZE, metavar="PX", help="backbone input size")
     parser.add_argument("-a", "--arch", default="mobilenet_v2", help="backbone architecture")
     parser.add_argument("--backbone", default="torchvision", choices=cli.BACKBONE_NAMES,
                         help="checkpoint format, or the library that names the model (as the other scripts)")
@@ -75,11 +78,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated strategies")
     parser.add_argument("--budgets", default=BUDGETS, help="comma-separated labelling budgets")
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
-    parser.add_argument("--epochs", default=40, type=int, help="linear-probe epochs (eval_lincls.py --cached, and "
-                        "the head that active_sampler.py trains each round)")
-    parser.add_argument("--vaal-epochs", default=VAAL_EPOCHS, type=int, help="VAAL's training epochs per round")
-    parser.add_argument("-b", "--batch-size", default=256, type=int, help="inference batch size")
-    parser.add_argument("-j", "--workers", default=2, type=int, help="data-loading workers")
+    parser.add_argument("--epochs", default=40, type=cli.EPOCHS, help="linear-probe epochs (eval_lincls.py "
+                        "--cached, and the head that active_sampler.py trains each round)")
+    parser.add_argument("--vaal-epochs", default=VAAL_EPOCHS, type=cli.EPOCHS,
+                        help="VAAL's training epochs per round (it runs with the first seed only)")
+    parser.add_argument("-b", "--batch-size", default=256, type=cli.int_at_least(1), help="inference batch size")
+    parser.add_argument("-j", "--workers", default=2, type=cli.WORKERS, help="data-loading workers")
     return parser
 
 
@@ -253,6 +257,8 @@ def planned_runs(args: argparse.Namespace, methods: list[str], budgets: list[int
         for start in sorted(starts - set(methods)):  # a start pool of the smallest budget, not evaluated
             runs += method_runs(args, start, budgets[:1], seed, train, test)
         for name in sorted(methods, key=lambda name: name in ROUNDS_FROM):
+            if name in FIRST_SEED_ONLY and seed != seeds[0]:
+                continue
             common = ["--dataset", "fashion_mnist", "--seed", seed, "--indices",
                       os.path.join(args.out, "indices", f"seed{seed}"), "--results",
                       os.path.join(args.out, "results.jsonl"), "--name", name, "--splits", joined(budgets)]
@@ -292,15 +298,17 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 def protocol_note(methods: Sequence[str], first: int) -> str:
     """The report's note on how each method's pools were chosen."""
-    rounds = [f"{STRATEGIES[name].title} from {STRATEGIES[ROUNDS_FROM[name]].title}'s"
-              for name in methods if name in ROUNDS_FROM]
-    note = ("Pools of the absolute strategies are chosen per budget; the other strategies add each budget's "
-            "difference round by round")
-    if rounds:
-        note += (f", from an empty pool except: {', '.join(rounds)} pool of {first} (so their first column is that "
-                 "method's)")
+    starts = {start: [STRATEGIES[name].title for name in methods if ROUNDS_FROM.get(name) == start]
+              for start in dict.fromkeys(ROUNDS_FROM.values())}
+    clauses = [f"{' and '.join([', '.join(titles[:-1]), titles[-1]] if len(titles) > 1 else titles)} from "
+               f"{STRATEGIES[start].title}'s" for start, titles in starts.items() if titles]
+    note = ("Uniform, Random and K-means choose a pool per budget; the other methods add each budget's difference "
+            "round by round")
+    if clauses:
+        note += f", starting from an empty pool except {'; '.join(clauses)} pool of {first} (their first column)"
     if "vaal" in methods:
-        note += ". VAAL runs on the cached features (this project's MLP variant, not the paper's image VAE)"
+        note += (". VAAL runs on the cached features (this project's MLP variant, not the paper's image VAE), "
+                 "with the first seed only")
     return note + "."
 
 

@@ -11,7 +11,9 @@ the same DIR, --dataset and --unlabeled). Writes into --out, STEM being the inde
 
 - STEM.csv: `index,path,label`, one row per selected image in selection order; `path` relative to DIR
   (POSIX; empty for the array datasets cifar10/cifar100/fashion_mnist), `label` the class name (the
-  class number where no names are known; empty for an unlabelled folder).
+  class number where no names are known; empty for an unlabelled folder). A cell that begins with
+  `=`, `+`, `-`, `@`, a tab or a carriage return gets a leading `'`, so that a spreadsheet shows it as
+  text instead of running it as a formula.
 - STEM_label_studio.json: Label Studio tasks `{"data": {"image": PREFIX + path, "index": i, "path":
   path}, "meta": {"index": i}}` (path URL-quoted in `image`); the default prefix is Label Studio's
   local-files URL, for LOCAL_FILES_DOCUMENT_ROOT = DIR. Not written for array datasets.
@@ -21,6 +23,11 @@ the same DIR, --dataset and --unlabeled). Writes into --out, STEM being the inde
   2 panels, cols = min(COLUMNS, n), rows = ceil(n / cols):
       width  = k * (cols * (THUMB + 4) + 4)
       height = 20 + rows * (THUMB + 4) + 4
+
+The files are written together or not at all. For image files, the index file's sidecar records the
+listing the sampler indexed (count and digest of the relative paths); a DIR that lists other files now
+(an image added, deleted or renamed) is refused, since the indices would name other images. A sidecar
+without that record (none, or an older one) is said in one line, and the export goes on unchecked.
 """
 from __future__ import annotations
 
@@ -30,9 +37,10 @@ import io
 import json
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 from urllib.parse import quote
 
 import numpy as np
@@ -41,13 +49,14 @@ from tqdm import tqdm
 
 from lowbudget import cli, datasets
 from lowbudget.cli import UsageError
-from lowbudget.fileio import atomic_write_bytes
-from lowbudget.indices import read_indices, sidecar_path
+from lowbudget.fileio import atomic_write_files
+from lowbudget.indices import read_indices, read_sidecar
 
 GAP = 4  # pixels around every thumbnail
 STRIP = 20  # height of the title strip above each panel
 BACKGROUND, LETTERBOX, INK = (255, 255, 255), (40, 40, 40), (0, 0, 0)
 LABEL_STUDIO_PREFIX = "/data/local-files/?d="
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")  # what a spreadsheet reads as the start of a formula
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,8 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"put before each relative path in the Label Studio file (default: {LABEL_STUDIO_PREFIX})")
     parser.add_argument("--compare", default=None, metavar="INDEX_FILE2",
                         help="a second selection (e.g. random) shown beside the first on the contact sheet")
-    parser.add_argument("--thumb", default=96, type=int, metavar="PX", help="thumbnail side (default: 96)")
-    parser.add_argument("--columns", default=10, type=int, metavar="N", help="thumbnails per row (default: 10)")
+    parser.add_argument("--thumb", default=96, type=cli.int_at_least(8, 1024), metavar="PX",
+                        help="thumbnail side, 8 to 1024 (default: 96)")
+    parser.add_argument("--columns", default=10, type=cli.int_at_least(1, 1000), metavar="N",
+                        help="thumbnails per row (default: 10)")
     return parser
 
 
@@ -77,38 +88,44 @@ class IndexFile:
     title: str
 
 
-def read_sidecar(path: str) -> dict:
-    """The index file's JSON sidecar, or {} when it is missing or unreadable."""
-    try:
-        with open(sidecar_path(path)) as f:
-            meta = json.load(f)
-    except (OSError, ValueError):
-        return {}
-    return meta if isinstance(meta, dict) else {}
-
-
 def resolve_dataset(args: argparse.Namespace) -> str:
     """--dataset, else the sidecar's, else folder; a UsageError when they disagree."""
-    recorded = read_sidecar(args.index_file).get("dataset")
+    recorded = read_sidecar(args.index_file, "INDEX_FILE").get("dataset")
     if args.dataset and recorded and recorded != args.dataset:
         raise UsageError(f"--dataset: {args.index_file!r} was written for {recorded}, not {args.dataset}")
     return args.dataset or recorded or "folder"
 
 
-def read_selection(path: str, num_images: int, flag: str) -> IndexFile:
-    indices = read_indices(path, num_images, flag=flag)
+def read_selection(path: str, images: datasets.Images, *, root: str, dataset: str, flag: str) -> IndexFile:
+    """The index file, checked against the images (range, dataset, and the listing its sidecar records)."""
+    indices = read_indices(path, len(images), flag=flag, dataset=dataset)
     if not len(indices):
         raise UsageError(f"{flag}: {path!r} is empty: nothing to export")
+    sidecar = read_sidecar(path, flag)
+    check_listing(sidecar.get("listing"), datasets.listing_record(images, root), path, root)
     stem = os.path.basename(path).removesuffix(".npy")
-    strategy = read_sidecar(path).get("strategy")
+    strategy = sidecar.get("strategy")
     return IndexFile(stem, indices, f"{strategy} ({stem})" if strategy else stem)
 
 
+def check_listing(recorded: object, current: dict | None, path: str, root: str) -> None:
+    """The image files under `root` must be those the selection indexed (its sidecar's listing)."""
+    if current is None:  # an array dataset: fixed order
+        return
+    if recorded is None:
+        print(f"=> warning: {path!r} records no image listing (no sidecar, or one written before listings were "
+              f"recorded): cannot check that {root!r} still holds the images it was selected from")
+        return
+    if recorded != current:
+        then = recorded.get("count") if isinstance(recorded, dict) else None
+        raise UsageError(f"--data: {root!r} lists other image files than when {path!r} was selected ({then} then, "
+                         f"{current['count']} now: a file added, deleted or renamed), so its indices would name "
+                         "other images; select again")
+
+
 def check_args(args: argparse.Namespace) -> None:
-    if args.thumb < 8:
-        raise UsageError(f"--thumb: must be at least 8 pixels, got {args.thumb}")
-    if args.columns < 1:
-        raise UsageError(f"--columns: must be at least 1, got {args.columns}")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise UsageError(f"--out: {args.out!r} is a file, not a folder")
     data, out = os.path.abspath(args.data), os.path.abspath(args.out)
     if os.path.commonpath([data, out]) == data:
         raise UsageError(f"--out: {args.out!r} is inside --data: exported images would join the dataset "
@@ -133,12 +150,17 @@ def label_name(images: datasets.Images, index: int) -> str:
     return classes[label] if classes else str(label)
 
 
+def spreadsheet_text(cell: str) -> str:
+    """`cell` as text a spreadsheet will not run as a formula: a leading ' before a formula's first character."""
+    return "'" + cell if cell.startswith(FORMULA_STARTS) else cell
+
+
 def csv_text(images: datasets.Images, selection: IndexFile, root: str) -> str:
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(["index", "path", "label"])
     for i in selection.indices.tolist():
-        writer.writerow([i, relative_path(images, i, root), label_name(images, i)])
+        writer.writerow([i, spreadsheet_text(relative_path(images, i, root)), spreadsheet_text(label_name(images, i))])
     return out.getvalue()
 
 
@@ -228,17 +250,28 @@ def main(argv: Sequence[str] | None = None) -> None:
     check_args(args)
     dataset = resolve_dataset(args)
     images = datasets.load_images(dataset, args.data, "train", args.lt_list, unlabeled=args.unlabeled)
-    selection = read_selection(args.index_file, len(images), "INDEX_FILE")
-    selections = [selection] + ([read_selection(args.compare, len(images), "--compare")] if args.compare else [])
+    selections = [read_selection(path, images, root=args.data, dataset=dataset, flag=flag)
+                  for path, flag in ((args.index_file, "INDEX_FILE"), (args.compare, "--compare")) if path]
+    selection = selections[0]
     outputs = {f"{selection.stem}.csv": csv_text(images, selection, args.data).encode()}
     if isinstance(images, datasets.FileImages):
         tasks = label_studio_tasks(images, selection, args.data, args.url_prefix)
         outputs[f"{selection.stem}_label_studio.json"] = (json.dumps(tasks, indent=1) + "\n").encode()
     outputs[f"{selection.stem}_contact_sheet.png"] = png_bytes(contact_sheet(images, selections, args.thumb,
                                                                              args.columns))
-    for name, content in outputs.items():
-        path = os.path.join(args.out, name)
-        atomic_write_bytes(path, content)
+    write_outputs(args.out, outputs)
+
+
+def write_outputs(folder: str, outputs: dict[str, bytes]) -> None:
+    """All the files or none: a folder that cannot be written (read-only, full) is a UsageError naming --out."""
+    def writer(content: bytes) -> Callable[[BinaryIO], object]:
+        return lambda f: f.write(content)
+    paths = {os.path.join(folder, name): content for name, content in outputs.items()}
+    try:
+        atomic_write_files([(path, writer(content)) for path, content in paths.items()])
+    except OSError as err:
+        raise UsageError(f"--out: cannot write into {folder!r} ({err.strerror or err})") from None
+    for path in paths:
         print(f"=> wrote {path}")
 
 

@@ -5,10 +5,10 @@
 Checks, one PASS/FAIL line each with its numbers (about a minute on one GPU): feature extraction
 (random ResNet-18, 256 synthetic images, CUDA against CPU, cosine >= 0.999 per image); faiss flat
 search (the same neighbours up to ties) and k-means (objective within 1 %) on the GPU against the CPU;
-the core-set CUDA path against the CPU path (the same picks, or the first differing pick a tie within
-float rounding); a linear probe trained with mixed precision (`engine.fit(amp=True)`); and a
-one-process torchrun on NCCL all-reducing a tensor. Exit status 1 if any check fails. Without a CUDA
-device it prints one line and exits 0.
+the core-set CUDA path against the CPU path on float32 and float16 features (the same picks, or the
+first differing pick a tie within float rounding and the same covering radius); a linear probe trained
+with mixed precision (`engine.fit(amp=True)`); and a one-process torchrun on NCCL all-reducing a tensor.
+Exit status 1 if any check fails. Without a CUDA device it prints one line and exits 0.
 """
 from __future__ import annotations
 
@@ -95,17 +95,37 @@ def distance_to(feats: np.ndarray, centres: np.ndarray, point: int) -> float:
     return float(((x[centres] - x[point]) ** 2).sum(1).min())
 
 
-def check_coreset() -> bool:
-    feats, labeled = clustered_rows(20000, 128, 4), np.arange(50)
-    on_cpu = strategies.coreset_select(feats, labeled, 200, progress=False).indices
-    on_gpu = strategies.coreset_select(feats, labeled, 200, device="cuda", progress=False).indices
+def covering_radius(feats: np.ndarray, centres: np.ndarray) -> float:
+    """Largest squared distance (float64) from a row to its nearest of `centres`."""
+    x, c = feats.astype(np.float64), feats[centres].astype(np.float64)
+    sq_c = (c ** 2).sum(1)
+    return max(float(((rows ** 2).sum(1)[:, None] - 2 * rows @ c.T + sq_c).min(1).max())
+               for rows in np.array_split(x, max(1, len(x) // 2048)))
+
+
+def coreset_agrees(feats: np.ndarray, labeled: np.ndarray, picks: int) -> tuple[bool, str]:
+    """The CUDA path's picks against the CPU path's: the same, or the first differing pick a tie within
+    float rounding and the same covering radius."""
+    on_cpu = strategies.coreset_select(feats, labeled, picks, progress=False).indices
+    on_gpu = strategies.coreset_select(feats, labeled, picks, device="cuda", progress=False).indices
     if np.array_equal(on_cpu, on_gpu):
-        return report("core-set", True, "CUDA and CPU paths: the same 200 picks")
+        return True, f"the same {picks} picks"
     first = int(np.flatnonzero(on_cpu != on_gpu)[0])
     centres = np.concatenate([labeled, on_cpu[:first]])
     d_cpu, d_gpu = distance_to(feats, centres, on_cpu[first]), distance_to(feats, centres, on_gpu[first])
-    return report("core-set", abs(d_cpu - d_gpu) <= 1e-5 * max(d_cpu, 1.0),
-                  f"first different pick #{first}: distance CPU {d_cpu:.8f} vs CUDA {d_gpu:.8f}")
+    r_cpu = covering_radius(feats, np.concatenate([labeled, on_cpu]))
+    r_gpu = covering_radius(feats, np.concatenate([labeled, on_gpu]))
+    ok = abs(d_cpu - d_gpu) <= 1e-5 * max(d_cpu, 1.0) and abs(r_cpu - r_gpu) <= 1e-5 * max(r_cpu, 1.0)
+    return ok, (f"first different pick #{first}: distance CPU {d_cpu:.8f} vs CUDA {d_gpu:.8f}; "
+                f"covering radius CPU {r_cpu:.8f} vs CUDA {r_gpu:.8f}")
+
+
+def check_coreset() -> bool:
+    """Enough picks that the CUDA path renews its frontier and reserve many times; float16 storage too."""
+    feats, labeled = clustered_rows(20000, 128, 4), np.arange(50)
+    verdicts = {dtype: coreset_agrees(feats.astype(dtype), labeled, 1500) for dtype in ("float32", "float16")}
+    return report("core-set", all(ok for ok, _ in verdicts.values()),
+                  "; ".join(f"{dtype}: {numbers}" for dtype, (_, numbers) in verdicts.items()))
 
 
 def check_amp_probe() -> bool:
