@@ -189,7 +189,7 @@ def _build_typiclust(inputs: Inputs, options: Options) -> Step:
         selection = strategies.typiclust_select(inputs.feats, labelled, budget, squared=squared, seed=inputs.seed,
                                                 gpu=inputs.gpu, verbose=inputs.verbose, **settings)
         return Selection(selection.indices, selection.filled,
-                         {**settings, "squared": squared, "typicality": options["typicality"]})
+                         {**selection.params, **settings, "squared": squared, "typicality": options["typicality"]})
     return step
 
 
