@@ -43,6 +43,19 @@ printed:
    of labelling every row by its nearest pick); and the speed-up over scikit-activeml's TypiClust
    estimated from a side-by-side measurement made before (scikit-activeml is not installed here).
    --typiclust-only runs just this part.
+6. k-means with many clusters: the baseline's k-means on all points (the original's) against training
+   on a sample of 40 points per cluster (--kmeans-sample 40, then every point assigned exactly), each in
+   a spawned process, 200,000 x 512 with 2,000 clusters and 20
+   iterations (--kmeans-many ROWS CLUSTERS ITERATIONS; 20,000 x 512, 500 clusters, 5 iterations with
+   --quick), and at ImageNet scale 1,281,167 x 512 with 13,000 clusters for 2 iterations: seconds an
+   iteration and the exact assignment, each sampler run extrapolated (20 iterations x 5 restarts for all
+   points, x 1 for the sample) and the objectives. --kmeans-many-only runs just this part.
+7. ProbCover's neighbours, exact against approximate (--neighbours ivf), each in a spawned process,
+   60,000 x 1,280 (--approximate-feats FILE: real features from an .npz/.npy instead), budget 1,000
+   from an empty pool, δ auto under 10 pseudo-classes: time, the IVF recall@64 and probes, δ, the
+   share of common picks (target >= 95 %) and the peak RSS; then, unless --skip-imagenet, ProbCover
+   with IVF at 1,281,167 x 512, budget 1,000 (target <= 20 min, peak <= 2 x matrix).
+   --approximate-only runs just this part.
 
 Parts 1 and 2 report the best of --repeats runs (default 3; the two sides of a ratio interleaved),
 which damps the effect of other processes on a small machine; the header shows the load average.
@@ -62,6 +75,7 @@ import numpy as np
 import torch
 
 from lowbudget import faiss_ops, strategies
+from lowbudget.strategy_table import HERDING_BANDWIDTH
 
 DIM = 512
 CENTRES = 1000
@@ -323,8 +337,8 @@ def probcover(feats: np.ndarray, budget: int) -> strategies.Selection:
 
 
 def maxherding(feats: np.ndarray, budget: int) -> strategies.Selection:
-    """MaxHerding as sampler.py runs it from an empty pool: bandwidth 1.0 (no two labelled points yet)."""
-    kernel = strategies.herding_kernel(feats, 1.0)
+    """MaxHerding as sampler.py runs it by default: bandwidth HERDING_BANDWIDTH."""
+    kernel = strategies.herding_kernel(feats, HERDING_BANDWIDTH)
     return strategies.maxherding_select(kernel, np.zeros(0, np.int64), budget)
 
 
@@ -428,7 +442,118 @@ def bench_typiclust(rows: int, dim: int, budget: int, seed: int, threads: int | 
           f"{estimate:.1f}x faster (target >= 10)")
 
 
+# ---------------------------------------------------------------- 6. k-means with many clusters
+
+SAMPLED_KMEANS = faiss_ops.KmeansSettings(nredo=1, sample=40)  # --kmeans-restarts 1 --kmeans-sample 40
+
+
+def child_kmeans_many(rows: int, clusters: int, niter: int, sample: int | None, seed: int,
+                      threads: int | None) -> dict[str, float]:
+    """Body of a fresh child process: one faiss k-means run of `niter` iterations on all points or on
+    `sample` points per cluster, then the exact assignment of every point: the time of each, the objective
+    and the peak RSS."""
+    set_threads(threads)
+    feats = synthetic_features(rows, seed)
+    settings = faiss_ops.KmeansSettings(niter=niter, nredo=1, sample=sample)
+    (centroids, _, dist), seconds = timed(faiss_ops.kmeans, feats, clusters, seed, settings)
+    _, assign_s = timed(faiss_ops.flat_search, centroids, feats, 1)
+    return {"train": max(seconds - assign_s, 0.0), "assign": assign_s, "objective": float(dist.sum()),
+            "peak": memory_status("VmHWM"), "matrix": feats.nbytes}
+
+
+def bench_kmeans_many(rows: int, clusters: int, niter: int, seed: int, threads: int | None) -> None:
+    """The k-means baseline on all points against training on a sample (SAMPLED_KMEANS), each in a fresh
+    process for `niter` iterations: time, objective, and each sampler run extrapolated (20 iterations x its
+    restarts, then the exact assignment)."""
+    runs = {}
+    for name, sample in (("all points", None), (f"{SAMPLED_KMEANS.sample} per cluster", SAMPLED_KMEANS.sample)):
+        with multiprocessing.get_context("spawn").Pool(1) as child:
+            runs[name] = child.apply(child_kmeans_many, (rows, clusters, niter, sample, seed, threads))
+    print(f"kmeans {rows}x{DIM}, {clusters} clusters, {niter} iterations:")
+    for (name, r), restarts in zip(runs.items(), (faiss_ops.ORIGINAL_KMEANS.nredo, SAMPLED_KMEANS.nredo), strict=True):
+        whole = r["train"] / niter * faiss_ops.ORIGINAL_KMEANS.niter * restarts + r["assign"]
+        print(f"  {name}: {r['train'] / niter:.1f} s an iteration, {r['assign']:.1f} s the assignment; a sampler run "
+              f"with {restarts} restart(s): about {whole / 60:.1f} min; objective {r['objective']:.1f}, "
+              f"peak RSS {r['peak'] / r['matrix']:.2f} x matrix")
+    full, sampled = runs.values()
+    print(f"  sampled / all points: {sampled['objective'] / full['objective']:.4f} x the objective after "
+          f"{niter} iterations")
+
+
+# ---------------------------------------------------------------- 7. ProbCover's neighbours
+
+def approximate_features(rows: int, dim: int, seed: int, path: str | None) -> np.ndarray:
+    """The mixture, or the L2-normalised features of `path` (an .npz with `feats`, or an .npy)."""
+    if path is None:
+        return synthetic_features(rows, seed, dim)
+    loaded = np.load(path)
+    feats = np.asarray(loaded["feats"] if path.endswith(".npz") else loaded, dtype=np.float32)
+    return feats / np.linalg.norm(feats, axis=1, keepdims=True)
+
+
+def child_probcover_neighbours(rows: int, dim: int, budget: int, method: str, seed: int, path: str | None,
+                               threads: int | None) -> dict[str, Any]:
+    """Body of a fresh child process: ProbCover (δ auto, 10 pseudo-classes) from an empty pool with `method`
+    neighbours: its picks, δ, time, the recall and probes of the IVF index, the peak RSS."""
+    set_threads(threads)
+    feats = approximate_features(rows, dim, seed, path)
+    start = time.perf_counter()
+    approximate = strategies.probcover_index(feats, method, seed=seed)
+    index_s = time.perf_counter() - start
+    graph, delta = strategies.probcover_graph(feats, None, purity=0.95, pseudo_classes=10, seed=seed,
+                                              approximate=approximate)
+    selection, covered = strategies.probcover_select(graph, np.zeros(0, np.int64), budget, seed=seed)
+    return {"seconds": time.perf_counter() - start, "index": index_s, "picks": selection.indices, "delta": delta,
+            "covered": covered,
+            "recall": None if approximate is None else approximate.recall,
+            "probes": None if approximate is None else approximate.index.nprobe,
+            "lists": None if approximate is None else approximate.index.nlist,
+            "peak": memory_status("VmHWM"), "matrix": feats.nbytes, "rows": len(feats), "dim": feats.shape[1]}
+
+
+def run_probcover_neighbours(rows: int, dim: int, budget: int, method: str, seed: int, path: str | None,
+                             threads: int | None) -> dict[str, Any]:
+    with multiprocessing.get_context("spawn").Pool(1) as child:
+        return child.apply(child_probcover_neighbours, (rows, dim, budget, method, seed, path, threads))
+
+
+def describe_probcover(name: str, r: dict[str, Any]) -> str:
+    index = "" if r["recall"] is None else (f" ({r['index']:.1f} s of it the index and its probes), recall@64 "
+                                            f"{r['recall']:.3f} ({r['probes']} of {r['lists']} lists probed)")
+    return (f"  {name}: {r['seconds']:.1f} s{index}, delta {r['delta']:.4f}, {r['covered']:.2%} covered, "
+            f"peak RSS {r['peak'] / GIB:.2f} GiB = {r['peak'] / r['matrix']:.2f} x matrix")
+
+
+def bench_probcover_neighbours(rows: int, dim: int, budget: int, seed: int, threads: int | None,
+                               path: str | None = None) -> None:
+    """ProbCover with exact against IVF neighbours, each in a fresh process: time, recall, δ, common picks."""
+    exact = run_probcover_neighbours(rows, dim, budget, "exact", seed, path, threads)
+    ivf = run_probcover_neighbours(rows, dim, budget, "ivf", seed, path, threads)
+    common = len(np.intersect1d(exact["picks"], ivf["picks"])) / budget
+    print(f"probcover neighbours {exact['rows']}x{exact['dim']}{'' if path is None else f' ({path})'}, "
+          f"budget {budget}:")
+    print(describe_probcover("exact", exact))
+    print(describe_probcover("ivf", ivf))
+    print(f"  ivf / exact: {ivf['seconds'] / exact['seconds']:.2f} x the time, {common:.1%} common picks "
+          f"(target >= 95 %){'' if common >= 0.95 else '  BELOW TARGET'}, delta x {ivf['delta'] / exact['delta']:.4f}")
+
+
+def bench_probcover_imagenet(rows: int, budget: int, seed: int, threads: int | None) -> None:
+    """ProbCover with IVF neighbours at ImageNet scale, in a fresh process: time and peak memory."""
+    r = run_probcover_neighbours(rows, DIM, budget, "ivf", seed, None, threads)
+    slow = r["seconds"] > 20 * 60 or r["peak"] > 2 * r["matrix"]
+    print(f"imagenet probcover (ivf) {rows}x{DIM}, budget {budget}: (targets <= 20 min, <= 2 x matrix)"
+          f"{'  ABOVE TARGET' if slow else ''}")
+    print(describe_probcover("ivf", r))
+
+
 # ---------------------------------------------------------------- main
+
+def kmeans_many_size(args: argparse.Namespace) -> tuple[int, int, int]:
+    """(rows, clusters, iterations) of part 6 from --kmeans-many."""
+    rows, clusters, niter = args.kmeans_many
+    return rows, clusters, niter
+
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -445,8 +570,17 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--coreset-picks", type=int, default=13_000, help="core-set picks at ImageNet scale")
     parser.add_argument("--coreset-reference-picks", type=int, default=100,
                         help="picks of the plain greedy at ImageNet scale, extrapolated to --coreset-picks")
-    parser.add_argument("--imagenet-steps", nargs="+", choices=("coreset", "kmeans"), default=["coreset", "kmeans"],
-                        help="which ImageNet-scale steps to run")
+    parser.add_argument("--imagenet-steps", nargs="+", choices=("coreset", "kmeans", "kmeans-many"),
+                        default=["coreset", "kmeans", "kmeans-many"], help="which ImageNet-scale steps to run")
+    parser.add_argument("--kmeans-many-only", action="store_true",
+                        help="only part 6 (k-means with many clusters, all points against a sample)")
+    parser.add_argument("--kmeans-many", type=int, nargs=3, default=[200_000, 2_000, 20],
+                        metavar=("ROWS", "CLUSTERS", "ITERATIONS"), help="the size of part 6 outside ImageNet scale")
+    parser.add_argument("--approximate-only", action="store_true",
+                        help="only part 7 (ProbCover with exact against IVF neighbours)")
+    parser.add_argument("--approximate-feats", help="part 7: real features (.npz with feats, or .npy) instead of "
+                        "the 60,000 x 1,280 mixture")
+    parser.add_argument("--approximate-budget", type=int, default=1000, help="part 7: ProbCover's budget")
     return parser.parse_args()
 
 
@@ -459,6 +593,15 @@ def main() -> None:
         return
     if args.typiclust_only:
         bench_typiclust(60_000, 1280, 1000, args.seed, args.threads)
+        return
+    if args.kmeans_many_only:
+        bench_kmeans_many(*kmeans_many_size(args), args.seed, args.threads)
+        return
+    if args.approximate_only:
+        bench_probcover_neighbours(60_000, 1280, args.approximate_budget, args.seed, args.threads,
+                                   args.approximate_feats)
+        if not args.skip_imagenet:
+            bench_probcover_imagenet(args.imagenet_rows, 1000, args.seed, args.threads)
         return
     if not args.imagenet_only:
         feats = synthetic_features(50_000, args.seed)
@@ -474,8 +617,10 @@ def main() -> None:
         bench_low_budget(20_000 if args.quick else 50_000, 100, args.seed, args.threads)
         if args.quick:
             bench_typiclust(20_000, 512, 200, args.seed, args.threads)
+            bench_kmeans_many(20_000, 500, 5, args.seed, args.threads)
         else:
             bench_typiclust(60_000, 1280, 1000, args.seed, args.threads)
+            bench_kmeans_many(*kmeans_many_size(args), args.seed, args.threads)
     if args.quick or args.skip_imagenet:
         return
     for step in args.imagenet_steps:
@@ -483,8 +628,10 @@ def main() -> None:
             print("imagenet ", end="")
             bench_coreset_exact(args.imagenet_rows, DIM, args.coreset_picks, args.coreset_reference_picks,
                                 args.seed, args.threads, target_s=180)
-        else:
+        elif step == "kmeans":
             bench_imagenet(step, args.imagenet_rows, 1000, args.seed, args.threads)
+        else:
+            bench_kmeans_many(args.imagenet_rows, 13_000, 2, args.seed, args.threads)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from typing import NoReturn
 DATASET_NAMES = ("cifar10", "cifar100", "imagenet", "imagenet_lt", "fashion_mnist", "folder")
 BACKBONE_NAMES = ("compress", "moco", "torchvision", "random", "timm", "open_clip", "hf", "hub")
 PRECISION_NAMES = ("auto", "fp32", "bf16", "fp16")
+FEATURE_DTYPES = ("float32", "float16")  # --feats-dtype: how features are held and cached
 
 
 class UsageError(Exception):
@@ -168,6 +169,9 @@ def add_backbone_args(parser: argparse.ArgumentParser, arch: str = "resnet50") -
     parser.add_argument("--feats", default=None, type=str, metavar="FILE",
                         help="precomputed train features (.npy, .npz with feats/labels, or a "
                              "(feats, labels) .pth/.pth.tar); data and --weights are then optional")
+    parser.add_argument("--feats-dtype", default="float32", choices=FEATURE_DTYPES,
+                        help="how the features are held in memory and cached: float16 halves the memory and the "
+                             "bytes read, distances stay float32 (default: float32)")
     add_precision_arg(parser)
 
 

@@ -66,7 +66,7 @@ def epoch_seed(seed: int, epoch: int) -> int:
 
 def feature_loader(feats: np.ndarray, labels: np.ndarray, batch_size: int) -> EpochBatches:
     """Shuffled (feature, label) batches for each epoch, sliced from whole tensors (no per-row calls)."""
-    x, y = torch.from_numpy(feats), torch.from_numpy(labels)
+    x, y = torch.from_numpy(np.asarray(feats, np.float32)), torch.from_numpy(labels)  # float16 features widened
 
     def epoch_batches(seed: int) -> Batches:
         order = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
@@ -144,7 +144,7 @@ def feature_logits(head: nn.Module, feats: np.ndarray, device: torch.device, bat
     head.eval()
     with torch.inference_mode():
         for i in range(0, len(feats), batch_size):
-            yield head(torch.from_numpy(feats[i:i + batch_size]).to(device)).float().cpu()
+            yield head(torch.from_numpy(np.asarray(feats[i:i + batch_size], np.float32)).to(device)).float().cpu()
 
 
 def image_logits(head: nn.Module, backbone: nn.Module, images: datasets.Images, dataset: str, batch_size: int,

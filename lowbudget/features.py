@@ -1,11 +1,22 @@
 """Frozen-backbone features: extraction, the feature cache, and user-supplied --feats files.
 
-The cache is one `.npz` per (dataset, split, arch, backbone, weights fingerprint) under --save holding
-`feats` (float32, L2-normalised rows in dataset order), `labels` (int64; absent for an unlabelled
-folder), `skipped` (int64 indices of the image files that could not be decoded: their rows are zero)
-and `meta` (JSON). It is written atomically, and a cache whose metadata differs from the request is
-recomputed, never used. For `--dataset folder` the metadata includes a digest of the file listing and
-labels, so a folder whose files changed is never matched to stale features.
+The cache is one uncompressed `.npz` per (dataset, split, arch, backbone, weights fingerprint) under
+--save holding `feats` (L2-normalised rows in dataset order, float32, or float16 with --feats-dtype
+float16), `labels` (int64; absent for an unlabelled folder), `skipped` (int64 indices of the image files
+that could not be decoded: their rows are zero) and `meta` (JSON; its `dtype` names the type of `feats`,
+and a cache without one, written before float16 existed, holds float32). It is written atomically, and
+a cache whose metadata differs from the request is recomputed, never used. The dtype is the exception
+that is converted, not recomputed: a float32 cache serves a float16 run by rounding its rows, exactly
+what extracting them again would store; a float16 cache is never widened for a float32 run (its
+rounding cannot be undone), it is recomputed. For `--dataset folder` the metadata includes a digest of
+the file listing and labels, so a folder whose files changed is never matched to stale features.
+
+Features are memory-mapped, never loaded whole, wherever they are stored raw: the cache's `feats`, a
+`.npy` file and an uncompressed `.npz` member of --feats. A cache in the requested dtype, or a --feats
+file whose rows already have unit norm in it, is used in place (pages are read on demand and shared
+with the operating system's file cache); anything else (another dtype, rows to normalise, a compressed
+member, a .pth file) is read a block of rows at a time into one new array. The maps are copy-on-write:
+the file is opened read-only and never changes, and the arrays behave as loaded ones.
 
 Under torchrun each process extracts a contiguous block of the images; every process receives all the
 rows back in dataset order (the next steps need them, and the gather costs what reading the cache
@@ -16,10 +27,14 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import math
 import os
 import re
+import struct
 import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 import torch
@@ -30,18 +45,21 @@ from tqdm import tqdm
 from lowbudget import backbone_families as families
 from lowbudget import datasets, distributed
 from lowbudget.backbones import weights_fingerprint
-from lowbudget.cli import UsageError
+from lowbudget.cli import FEATURE_DTYPES, UsageError
 from lowbudget.fileio import atomic_write, file_digest, text_digest
 from lowbudget.runtime import for_inference, inference_autocast, resolve_precision
 
 CACHE_VERSION = 1
+MEMMAP_MODE: Literal["c"] = "c"  # copy-on-write: the file opened read-only, the array writable as a loaded one
+BLOCK_BYTES = 1 << 24  # rows read, checked, normalised or converted at a time (16 MiB of them)
+UNIT_NORM_TOLERANCE = {"float32": 1e-5, "float16": 1e-3}  # |norm - 1| of a row taken as already normalised
 
 
 @dataclass
 class Features:
     """Rows of `feats` are the pool; `labels` is None when the source has none. `skipped` holds the
     rows of image files that could not be decoded: zero rows that no strategy may select."""
-    feats: np.ndarray
+    feats: np.ndarray  # float32 or float16 (--feats-dtype); often a memory map of the file
     labels: np.ndarray | None
     fingerprint: str  # identifies the features (cache metadata hash or --feats file hash)
     skipped: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
@@ -69,25 +87,16 @@ def l2_normalize(x: torch.Tensor) -> torch.Tensor:
     return F.normalize(x, p=2, dim=1)
 
 
-def normalize_rows(feats: np.ndarray) -> np.ndarray:
-    """float32 rows scaled to unit L2 norm, in place when possible (no N x D temporaries)."""
-    feats = np.ascontiguousarray(feats, dtype=np.float32)
-    if not feats.flags.writeable:
-        feats = feats.copy()
-    norms = np.sqrt(np.einsum("ij,ij->i", feats, feats))
-    feats /= np.maximum(norms, 1e-12)[:, None]
-    return feats
-
-
 @torch.inference_mode()
 def extract(model: nn.Module, images: datasets.Images, dataset: str, batch_size: int, workers: int,
             device: torch.device, image_size: int | None = None, desc: str = "features",
-            strict: bool = False, precision: str = "fp32", preprocess: datasets.Preprocess | None = None
-            ) -> tuple[np.ndarray, dict[int, str]]:
+            strict: bool = False, precision: str = "fp32", preprocess: datasets.Preprocess | None = None,
+            dtype: str = "float32") -> tuple[np.ndarray, dict[int, str]]:
     """(L2-normalised features of every image in dataset order, {index: why} of the files that could not
     be decoded): each of those gets a zero row, or with `strict` is a UsageError at once. Images are
     transformed as the backbone's `preprocess` says (None: the dataset's protocol). `precision`:
-    'fp32', or 'bf16'/'fp16' autocast with channels-last weights (runtime.resolve_precision)."""
+    'fp32', or 'bf16'/'fp16' autocast with channels-last weights (runtime.resolve_precision). The rows
+    are normalised in float32 and stored as `dtype` (float16: no float32 copy of all of them is made)."""
     model = for_inference(model, precision, device)
     batches = datasets.decoded_batches(images, dataset, batch_size, workers, image_size, strict=strict,
                                        preprocess=preprocess, device=device)
@@ -98,13 +107,13 @@ def extract(model: nn.Module, images: datasets.Images, dataset: str, batch_size:
             out = model(x)
         out = l2_normalize(out.float()).cpu().numpy()
         if feats is None:  # filled in place: no list of batches concatenated at the end (2x memory)
-            feats = np.empty((len(images), out.shape[1]), dtype=np.float32)
-        feats[start:start + len(out)] = out
+            feats = np.empty((len(images), out.shape[1]), dtype=dtype)
+        store_rows(feats[start:start + len(out)], out)
         start += len(out)
         for i, why in unreadable.items():
             feats[i] = 0
             skipped[i] = why
-    feats = feats if feats is not None else np.zeros((0, 0), np.float32)
+    feats = feats if feats is not None else np.zeros((0, 0), dtype)
     return feats, skipped
 
 
@@ -116,6 +125,174 @@ def gather_blocks(feats: np.ndarray, skipped: dict[int, str], n: int) -> tuple[n
     feats = distributed.gather_rows(torch.from_numpy(feats), n).numpy()
     parts = distributed.gather_objects({start + i: why for i, why in skipped.items()})
     return feats, {i: why for part in parts for i, why in part.items()}
+
+
+# ---------------------------------------------------------------- stored arrays: memory maps, blocks of rows
+
+@dataclass(frozen=True)
+class StoredArray:
+    """A C-order array stored raw in a file from byte `offset` on (a .npy file, an uncompressed .npz
+    member): memory-mapped, or read a block of rows at a time, never loaded whole."""
+    path: str
+    offset: int
+    dtype: np.dtype
+    shape: tuple[int, ...]
+
+    def memmap(self) -> np.memmap:
+        """The array as a copy-on-write memory map (MEMMAP_MODE): no copy, pages read on demand."""
+        return np.memmap(self.path, self.dtype, MEMMAP_MODE, self.offset, self.shape)
+
+    def blocks(self, rows: int) -> Iterator[tuple[int, np.ndarray]]:
+        """(start, rows start..start+`rows`) read from the file into one reused buffer, valid until the
+        next block: unlike a map's pages, only one block is ever resident."""
+        buffer = np.empty((min(rows, self.shape[0]), *self.shape[1:]), self.dtype)
+        with open(self.path, "rb") as f:
+            f.seek(self.offset)
+            for start in range(0, self.shape[0], rows):
+                block = buffer[:min(rows, self.shape[0] - start)]
+                if f.readinto(block.view(np.uint8).data) != block.nbytes:
+                    raise ValueError(f"{self.path} ends inside its array")
+                yield start, block
+
+
+RowSource = np.ndarray | StoredArray  # features as loaded, or where they are stored
+
+
+def stored_npy(path: str, offset: int = 0, length: int | None = None) -> StoredArray | None:
+    """The .npy array that starts at byte `offset` of `path` (and takes at most `length` bytes); None when
+    it cannot be mapped (Fortran order, Python objects, a header version other than 1.0 and 2.0, no
+    elements): the caller loads it as numpy does. A ValueError when the file is shorter than its header says."""
+    with open(path, "rb") as f:
+        f.seek(offset)
+        version = np.lib.format.read_magic(f)
+        if version not in ((1, 0), (2, 0)):
+            return None
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+            np.lib.format.read_array_header_2_0
+        shape, fortran_order, dtype = read_header(f)
+        start = f.tell()
+    if fortran_order or dtype.hasobject or math.prod(shape) == 0:
+        return None
+    end = start + dtype.itemsize * math.prod(shape)
+    available = os.path.getsize(path) if length is None else offset + length
+    if end > available:
+        raise ValueError(f"its array needs {end - start} bytes, {max(available - start, 0)} are stored")
+    return StoredArray(path, start, dtype, shape)
+
+
+def stored_npz_member(path: str, name: str) -> StoredArray | None:
+    """Member `name` of the .npz `path` where its .npy data starts in the file (zipfile finds the member's
+    local header; the data follows that header, whose name and extra fields are sized by the header
+    itself, not by the central directory); None for a compressed member, or one stored_npy cannot map."""
+    with zipfile.ZipFile(path) as archive:
+        info = archive.getinfo(f"{name}.npy")
+    if info.compress_type != zipfile.ZIP_STORED:
+        return None
+    with open(path, "rb") as f:
+        f.seek(info.header_offset)
+        header = f.read(30)
+    if len(header) != 30 or header[:4] != b"PK\x03\x04":
+        raise zipfile.BadZipFile(f"no local header for member {name!r}")
+    name_length, extra_length = struct.unpack("<HH", header[26:30])
+    return stored_npy(path, info.header_offset + 30 + name_length + extra_length, info.file_size)
+
+
+def _npz_source(path: str, data: np.lib.npyio.NpzFile, name: str) -> RowSource:
+    """Member `name` of the open .npz `data` (read from `path`): where it is stored, else loaded."""
+    stored = stored_npz_member(path, name)
+    return data[name] if stored is None else stored
+
+
+def _row_blocks(source: RowSource, desc: str) -> Iterator[tuple[int, np.ndarray]]:
+    """(start, block of rows) over all rows of `source`, about BLOCK_BYTES at a time, with a progress bar."""
+    rows = max(1, BLOCK_BYTES // max(1, source.dtype.itemsize * math.prod(source.shape[1:])))
+    blocks = source.blocks(rows) if isinstance(source, StoredArray) else \
+        ((start, source[start:start + rows]) for start in range(0, source.shape[0], rows))
+    with tqdm(total=source.shape[0], desc=desc, unit="rows", disable=distributed.quiet(), leave=False) as bar:
+        for start, block in blocks:
+            yield start, block
+            bar.update(len(block))
+
+
+def _keepable(source: RowSource, dtype: str) -> bool:
+    """Whether `source` may serve as it is: of `dtype`, and stored (it is then mapped) or a loaded C-order
+    array."""
+    return source.dtype == np.dtype(dtype) and (isinstance(source, StoredArray) or source.flags.c_contiguous)
+
+
+def _itself(source: RowSource) -> np.ndarray:
+    """`source` as an array without a copy: mapped from its file when it is stored there."""
+    return source.memmap() if isinstance(source, StoredArray) else source
+
+
+def store_rows(out: np.ndarray, rows: np.ndarray) -> None:
+    """out[:] = rows; between float32 and float16 by torch, several times faster than numpy (both round to
+    nearest even)."""
+    halves = {out.dtype, rows.dtype} <= {np.dtype(np.float16), np.dtype(np.float32)}
+    if halves and out.dtype != rows.dtype and rows.flags.writeable:
+        torch.from_numpy(out).copy_(torch.from_numpy(rows))
+    else:
+        out[...] = rows
+
+
+def _float32_blocks(source: RowSource, desc: str) -> Iterator[tuple[int, np.ndarray]]:
+    """_row_blocks() as float32, in one reused buffer that the caller may change (valid until the next
+    block): a stored float32 array's own read buffer, else the rows widened or copied into one, so that a
+    pass allocates nothing per block."""
+    buffer = None
+    for start, block in _row_blocks(source, desc):
+        if isinstance(source, StoredArray) and block.dtype == np.float32:
+            yield start, block
+            continue
+        if buffer is None:
+            buffer = np.empty(block.shape, np.float32)
+        rows = buffer[:len(block)]
+        store_rows(rows, block)
+        yield start, rows
+
+
+def _row_norms(rows: np.ndarray, flag: str, path: str) -> np.ndarray:
+    """The L2 norms of float32 `rows`; a UsageError naming `flag` and `path` for NaN or infinity."""
+    norms = np.sqrt(np.einsum("ij,ij->i", rows, rows))
+    if not np.isfinite(norms).all() and not np.isfinite(rows).all():  # finite rows whose squares overflow pass
+        raise UsageError(f"{flag}: {path!r} contains NaN or infinite values")
+    return norms
+
+
+def _has_unit_rows(source: RowSource, dtype: str, flag: str, path: str) -> bool:
+    """Whether every row has unit L2 norm within UNIT_NORM_TOLERANCE[dtype] (a zero row, which normalising
+    leaves zero, counts as normalised); False at the first block with one that has not."""
+    for _, rows in _float32_blocks(source, "checking norms"):
+        norms = _row_norms(rows, flag, path)
+        if not np.all((norms == 0) | (np.abs(norms - 1) <= UNIT_NORM_TOLERANCE[dtype])):
+            return False
+    return True
+
+
+def normalized_rows(source: RowSource, dtype: str, flag: str, path: str) -> np.ndarray:
+    """The rows scaled to unit L2 norm (computed in float32, a block at a time) and held as `dtype`:
+    `source` itself (mapped when stored) when its rows have unit norm already in that dtype; else one new
+    array, or `source` changed in place when it is a loaded, writable C-order array of that dtype. No other
+    N x D array is made. NaN or infinity anywhere is a UsageError naming `flag` and `path`."""
+    if _keepable(source, dtype) and _has_unit_rows(source, dtype, flag, path):
+        return _itself(source)
+    out = source if isinstance(source, np.ndarray) and source.flags.writeable and _keepable(source, dtype) \
+        else np.empty(source.shape, dtype)
+    for start, rows in _float32_blocks(source, f"normalising {os.path.basename(path)}"):
+        rows /= np.maximum(_row_norms(rows, flag, path), 1e-12)[:, None]
+        store_rows(out[start:start + len(rows)], rows)
+    return out
+
+
+def as_dtype(source: RowSource, dtype: str) -> np.ndarray:
+    """The rows held as `dtype`: `source` itself (mapped when stored) when it is so already, else rounded
+    into a new array a block at a time."""
+    if _keepable(source, dtype):
+        return _itself(source)
+    out = np.empty(source.shape, dtype)
+    for start, block in _row_blocks(source, f"converting to {dtype}"):
+        store_rows(out[start:start + len(block)], block)
+    return out
 
 
 # ---------------------------------------------------------------- cache files
@@ -155,27 +332,39 @@ def file_name_part(model_id: str) -> str:
     return re.sub(r"[^\w.-]+", "-", os.path.basename(model_id.rstrip("/")))[-60:]
 
 
-def read_cache(path: str, meta: dict, labeled: bool = True
+def read_cache(path: str, meta: dict, labeled: bool = True, dtype: str = "float32"
                ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray] | None:
-    """(feats, labels or None when not `labeled`, skipped) when the cache exists, is readable and
-    matches `meta`; else None with a message."""
+    """(feats as `dtype`, labels or None when not `labeled`, skipped) when the cache exists, is readable
+    and matches `meta`; else None with a message. Stored in `dtype`, feats are the file's memory map; a
+    float32 cache is rounded for a float16 run; a float16 cache is not used for a float32 run."""
     if not os.path.isfile(path):
         return None
     try:
         with np.load(path, allow_pickle=False) as data:
             stored = json.loads(str(data["meta"]))
+            stored_dtype = stored.pop("dtype", "float32")  # a cache written before the dtype was recorded
             if stored != meta:
                 changed = sorted(k for k in meta if stored.get(k) != meta[k])
                 print(f"=> cache {path} does not match this run ({', '.join(changed)}); recomputing")
                 return None
-            feats = data["feats"]
+            if (stored_dtype, dtype) == ("float16", "float32"):
+                print(f"=> cache {path} holds float16 features, this run asks for float32 (--feats-dtype); "
+                      "recomputing")
+                return None
+            source = _npz_source(path, data, "feats")
             labels = data["labels"] if labeled else None
             skipped = data["skipped"] if "skipped" in data.files else np.zeros(0, np.int64)
+        if stored_dtype not in FEATURE_DTYPES or source.dtype != np.dtype(stored_dtype):
+            raise ValueError(f"feats are {source.dtype}, the metadata says {stored_dtype}")
+        if len(source.shape) != 2 or source.shape[0] != meta["num_images"] or \
+                (labels is not None and len(labels) != meta["num_images"]):
+            print(f"=> cache {path} is truncated; recomputing")
+            return None
+        if stored_dtype != dtype:
+            print(f"=> cache {path} holds {stored_dtype} features: rounding them to {dtype} (--feats-dtype)")
+        feats = as_dtype(source, dtype)
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
         print(f"=> cache {path} is unreadable ({type(err).__name__}); recomputing")
-        return None
-    if len(feats) != meta["num_images"] or (labels is not None and len(labels) != meta["num_images"]):
-        print(f"=> cache {path} is truncated; recomputing")
         return None
     return feats, labels, skipped
 
@@ -277,9 +466,11 @@ def report_skip_count(skipped: np.ndarray, split: str) -> None:
 
 
 def write_cache(path: str, feats: np.ndarray, labels: np.ndarray | None, skipped: np.ndarray, meta: dict) -> None:
-    """Written by rank 0 alone under torchrun."""
+    """Uncompressed (its feats are memory-mapped when read), `meta` with the dtype of `feats` added.
+    Written by rank 0 alone under torchrun."""
     if not distributed.is_main():
         return
+    meta = {**meta, "dtype": feats.dtype.name}
     arrays = {"feats": feats, "skipped": skipped, "meta": np.array(json.dumps(meta))}
     if labels is not None:
         arrays["labels"] = labels
@@ -294,7 +485,7 @@ def backbone_features(args: argparse.Namespace, split: str, device: torch.device
     precision = resolve_precision(args.precision, device)
     meta = cache_meta(args, split, fingerprint, images, precision)
     path = cache_path(args, split, fingerprint)
-    cached = read_cache(path, meta, images.labels is not None) if args.load_cache else None
+    cached = read_cache(path, meta, images.labels is not None, args.feats_dtype) if args.load_cache else None
     if cached is not None:
         print(f"=> loading {'inference' if split == 'train' else 'val'} feats of {args.dataset} from cache: {path}")
         feats, labels, skipped = cached
@@ -305,15 +496,21 @@ def backbone_features(args: argparse.Namespace, split: str, device: torch.device
         early = args.strict and not distributed.active()  # under torchrun every process stops alike, below
         feats, unreadable = extract(model, distributed.shard_images(images), args.dataset, args.batch_size,
                                     args.workers, device, args.image_size, desc=f"{split} feats", strict=early,
-                                    precision=precision, preprocess=preprocess)
+                                    precision=precision, preprocess=preprocess, dtype=args.feats_dtype)
         feats, unreadable = gather_blocks(feats, unreadable, len(images))
         report_skips(images, unreadable, args.strict)
         labels, skipped = images.labels, np.array(sorted(unreadable), dtype=np.int64)
         write_cache(path, feats, labels, skipped, meta)
     report_skip_count(skipped, split)
-    features = Features(feats, labels, fingerprint=text_digest(json.dumps(meta, sort_keys=True)), skipped=skipped,
-                        data_root=args.data)
+    fingerprint = dtype_fingerprint(text_digest(json.dumps(meta, sort_keys=True)), args.feats_dtype)
+    features = Features(feats, labels, fingerprint=fingerprint, skipped=skipped, data_root=args.data)
     return features if split == "train" else readable_rows(features)
+
+
+def dtype_fingerprint(fingerprint: str, dtype: str) -> str:
+    """The fingerprint of features held as `dtype`: float32's is the features' own (as before float16
+    existed), float16's another, since their rows differ."""
+    return fingerprint if dtype == "float32" else f"{fingerprint}-{dtype}"
 
 
 def readable_rows(features: Features) -> Features:
@@ -330,14 +527,17 @@ def _as_numpy(x: object) -> np.ndarray:
     return x.numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
 
 
-def _read_feature_arrays(path: str, flag: str) -> tuple[np.ndarray, np.ndarray | None]:
+def _read_feature_arrays(path: str, flag: str) -> tuple[RowSource, np.ndarray | None]:
+    """(features, labels or None): the features where they are stored raw (a .npy file, an uncompressed .npz
+    member), else loaded."""
     if path.endswith(".npy"):
-        return np.load(path, allow_pickle=False), None
+        stored = stored_npy(path)
+        return (np.load(path, allow_pickle=False) if stored is None else stored), None
     if path.endswith(".npz"):
         with np.load(path, allow_pickle=False) as data:
             if "feats" not in data:
                 raise UsageError(f"{flag}: {path!r} has no 'feats' array")
-            return data["feats"], (data["labels"] if "labels" in data else None)
+            return _npz_source(path, data, "feats"), (data["labels"] if "labels" in data else None)
     if path.endswith((".pth", ".pth.tar", ".pt")):
         obj = torch.load(path, map_location="cpu", weights_only=True)
         if isinstance(obj, dict) and "feats" in obj:
@@ -350,44 +550,45 @@ def _read_feature_arrays(path: str, flag: str) -> tuple[np.ndarray, np.ndarray |
     raise UsageError(f"{flag}: {path!r} is not .npy, .npz, .pth or .pth.tar")
 
 
-def read_feats_file(path: str, dataset: str, flag: str = "--feats", split: str = "train") -> Features:
-    """User-supplied features; rows are the pool. Rows are L2-normalised as the cache's are."""
+def read_feats_file(path: str, dataset: str, flag: str = "--feats", split: str = "train",
+                    dtype: str = "float32") -> Features:
+    """User-supplied features; rows are the pool. Rows are L2-normalised as the cache's are and held as
+    `dtype`: the file's memory map when they are so already (normalized_rows)."""
     if not os.path.isfile(path):
         raise UsageError(f"{flag}: no such file {path!r}")
     try:
         feats, labels = _read_feature_arrays(path, flag)
+        if len(feats.shape) != 2 or not np.issubdtype(feats.dtype, np.floating) or feats.shape[0] == 0:
+            raise UsageError(f"{flag}: {path!r} must hold a non-empty 2-D float array, got shape {feats.shape}")
+        rows = normalized_rows(feats, dtype, flag, path)
     except UsageError:
         raise
     except Exception as err:
         raise UsageError(f"{flag}: cannot read {path!r} ({type(err).__name__}: {err})".splitlines()[0]) from None
-    if feats.ndim != 2 or not np.issubdtype(feats.dtype, np.floating) or len(feats) == 0:
-        raise UsageError(f"{flag}: {path!r} must hold a non-empty 2-D float array, got shape {feats.shape}")
-    if not np.isfinite(feats).all():
-        raise UsageError(f"{flag}: {path!r} contains NaN or infinite values")
     if labels is not None:
         labels = np.asarray(labels).reshape(-1)
-        if len(labels) != len(feats) or not np.issubdtype(labels.dtype, np.integer):
-            raise UsageError(f"{flag}: {path!r} labels must be {len(feats)} integers, "
+        if len(labels) != len(rows) or not np.issubdtype(labels.dtype, np.integer):
+            raise UsageError(f"{flag}: {path!r} labels must be {len(rows)} integers, "
                              f"got {labels.shape} {labels.dtype}")
         labels = labels.astype(np.int64)
     usual = datasets.DATASET_INFO[dataset].num_images if split == "train" else None
-    if usual is not None and len(feats) != usual:
-        print(f"=> warning: {flag} has {len(feats)} rows, {dataset} usually has {usual}; "
+    if usual is not None and len(rows) != usual:
+        print(f"=> warning: {flag} has {len(rows)} rows, {dataset} usually has {usual}; "
               "the rows are the pool and indices refer to them")
-    return Features(normalize_rows(feats), labels, fingerprint=file_digest(path))
+    return Features(rows, labels, fingerprint=dtype_fingerprint(file_digest(path), dtype))
 
 
 def train_features(args: argparse.Namespace, device: torch.device) -> Features:
     """The pool's features: --feats when given, else the backbone's (cached)."""
     if args.feats:
-        return read_feats_file(args.feats, args.dataset)
+        return read_feats_file(args.feats, args.dataset, dtype=args.feats_dtype)
     return backbone_features(args, "train", device)
 
 
 def train_labels(args: argparse.Namespace) -> tuple[int, np.ndarray | None]:
     """(pool size, labels) without running a backbone: from --feats, else from the dataset listing."""
     if args.feats:
-        pool = read_feats_file(args.feats, args.dataset)
+        pool = read_feats_file(args.feats, args.dataset, dtype=args.feats_dtype)
         return len(pool.feats), pool.labels
     images = split_images(args, "train")
     return len(images), images.labels
@@ -396,7 +597,7 @@ def train_labels(args: argparse.Namespace) -> tuple[int, np.ndarray | None]:
 def val_features(args: argparse.Namespace, device: torch.device) -> Features:
     """The evaluation set's features: --val-feats when given, else the backbone's (cached)."""
     if args.val_feats:
-        return read_feats_file(args.val_feats, args.dataset, flag="--val-feats", split="val")
+        return read_feats_file(args.val_feats, args.dataset, flag="--val-feats", split="val", dtype=args.feats_dtype)
     return backbone_features(args, "val", device)
 
 

@@ -136,29 +136,32 @@ def cluster_representatives(assign: np.ndarray, dist: np.ndarray, eligible: np.n
 
 
 def _kmeans_representatives(feats: np.ndarray, eligible: np.ndarray, budget: int, *, seed: int, gpu: bool,
-                            verbose: bool) -> Selection:
+                            verbose: bool, settings: faiss_ops.KmeansSettings) -> Selection:
     """`budget` faiss k-means clusters over all points, each sending its eligible point nearest the centroid."""
-    settings = faiss_ops.KmeansSettings()
     _, assign, dist = faiss_ops.kmeans(feats, budget, seed, settings, gpu=gpu, verbose=verbose)
     selection = cluster_representatives(assign, dist, eligible, budget)
-    return Selection(selection.indices, selection.filled, {"niter": settings.niter, "nredo": settings.nredo})
+    return Selection(selection.indices, selection.filled, {"niter": settings.niter, "nredo": settings.nredo,
+                                                           "sample": settings.sample,
+                                                           "kmeans_objective": float(dist.sum())})
 
 
-def kmeans_select(feats: np.ndarray, budget: int, seed: int = 0, gpu: bool = False,
-                  verbose: bool = False) -> Selection:
-    """Single-batch k-means: `budget` clusters over all points, each sends its point nearest the centroid."""
+def kmeans_select(feats: np.ndarray, budget: int, seed: int = 0, gpu: bool = False, verbose: bool = False,
+                  settings: faiss_ops.KmeansSettings = faiss_ops.ORIGINAL_KMEANS) -> Selection:
+    """Single-batch k-means: `budget` clusters over all points, each sends its point nearest the centroid.
+    `settings`: restarts and training sample (the defaults are the original's)."""
     _check_budget(budget, len(feats))
     return _kmeans_representatives(feats, np.ones(len(feats), dtype=bool), budget, seed=seed, gpu=gpu,
-                                   verbose=verbose)
+                                   verbose=verbose, settings=settings)
 
 
 def accu_kmeans_select(feats: np.ndarray, labeled: np.ndarray, budget: int, seed: int = 0, gpu: bool = False,
-                       verbose: bool = False) -> Selection:
+                       verbose: bool = False, settings: faiss_ops.KmeansSettings = faiss_ops.ORIGINAL_KMEANS
+                       ) -> Selection:
     """Multi-batch k-means: `budget` clusters over all points (labelled included); each cluster sends
     its unlabelled point nearest the centroid. Returns only the new indices."""
     eligible = _eligible_mask(len(feats), labeled)
     _check_budget(budget, int(eligible.sum()))
-    return _kmeans_representatives(feats, eligible, budget, seed=seed, gpu=gpu, verbose=verbose)
+    return _kmeans_representatives(feats, eligible, budget, seed=seed, gpu=gpu, verbose=verbose, settings=settings)
 
 
 # ---------------------------------------------------------------- core-set (greedy k-center)
@@ -421,32 +424,69 @@ def typiclust_select(feats: np.ndarray, labeled: np.ndarray, budget: int, knn: i
 
 @dataclass(frozen=True)
 class Neighbours:
-    """The k exact nearest rows of every row: squared L2 distances (ascending) and row indices."""
+    """The k nearest rows of every row (exact, or as an approximate index found them): squared L2
+    distances (ascending) and row indices."""
     sq_dist: np.ndarray  # N x k
     index: np.ndarray  # N x k int64
 
 
-def nearest_neighbours(feats: np.ndarray, k: int, gpu: bool = False) -> Neighbours:
-    """faiss exact k-NN of every row among all rows (the row itself included), O(N k) memory."""
-    sq_dist, index = faiss_ops.flat_search(feats, feats, min(k, len(feats)), gpu)
+PROBCOVER_KNN = 64  # neighbours of ProbCover's k-NN pass; an approximate index is tuned to its recall@k
+
+
+def probcover_index(feats: np.ndarray, method: str, k: int = PROBCOVER_KNN, seed: int = 0, gpu: bool = False
+                    ) -> faiss_ops.TunedIndex | None:
+    """The IVF index ProbCover searches when `method` ("auto", "exact", "ivf") asks for one (faiss_ops.uses_ivf),
+    its probes tuned to recall@k >= 0.95 on a seeded sample; None for exact search."""
+    if not faiss_ops.uses_ivf(method, len(feats), gpu):
+        return None
+    return faiss_ops.tuned_ivf_index(feats, k, seed)
+
+
+_QUERY_BLOCK = 65536  # rows per approximate search call (float32 copy and progress)
+
+
+def nearest_neighbours(feats: np.ndarray, k: int, gpu: bool = False,
+                       approximate: faiss_ops.TunedIndex | None = None) -> Neighbours:
+    """k-NN of every row among all rows (the row itself included), O(N k) memory: faiss exact search,
+    or the `approximate` index's search (a row it finds fewer than k neighbours for is padded with
+    itself at infinite distance)."""
+    k = min(k, len(feats))
+    if approximate is None:
+        sq_dist, index = faiss_ops.flat_search(feats, feats, k, gpu)
+        return Neighbours(np.maximum(sq_dist, 0), index)
+    sq_dist, index = np.empty((len(feats), k), np.float32), np.empty((len(feats), k), np.int64)
+    for start in tqdm(range(0, len(feats), _QUERY_BLOCK), desc="ivf k-NN", disable=len(feats) <= _QUERY_BLOCK):
+        block = slice(start, start + _QUERY_BLOCK)
+        sq_dist[block], index[block] = approximate.index.search(faiss_ops.as_float32(feats[block]), k)
+    missing = index < 0
+    index[missing] = np.nonzero(missing)[0]
+    sq_dist[missing] = np.inf
     return Neighbours(np.maximum(sq_dist, 0), index)
 
 
-def nearest_other_label(feats: np.ndarray, labels: np.ndarray, rows: np.ndarray, gpu: bool = False) -> np.ndarray:
-    """Exact distance from each of `rows` to the nearest row with another label (inf when there is
-    none): per label, one faiss search of its rows against all rows of other labels."""
+def nearest_other_label(feats: np.ndarray, labels: np.ndarray, rows: np.ndarray, gpu: bool = False,
+                        approximate: faiss_ops.TunedIndex | None = None) -> np.ndarray:
+    """Distance from each of `rows` to the nearest row with another label (inf when there is none): per
+    label, one faiss search of its rows among all rows of other labels, exact, or in the `approximate`
+    index restricted to those rows (exact for the rows it finds none for in its probed lists)."""
     dist = np.full(len(rows), np.inf)
     for label in np.unique(labels[rows]):
-        queries = labels[rows] == label
+        queries = np.flatnonzero(labels[rows] == label)
         others = labels != label
-        if others.any():
+        if not others.any():
+            continue
+        if approximate is not None:
+            sq, found = faiss_ops.search_among(approximate.index, feats[rows[queries]], others, 1)
+            dist[queries] = np.where(found[:, 0] >= 0, np.sqrt(np.maximum(sq[:, 0], 0)), np.inf)
+            queries = queries[found[:, 0] < 0]
+        if len(queries):
             sq, _ = faiss_ops.flat_search(feats[others], feats[rows[queries]], 1, gpu)
             dist[queries] = np.sqrt(np.maximum(sq[:, 0], 0))
     return dist
 
 
 def purity_delta(feats: np.ndarray, pseudo_labels: np.ndarray, purity: float, neighbours: Neighbours,
-                 gpu: bool = False) -> float:
+                 gpu: bool = False, approximate: faiss_ops.TunedIndex | None = None) -> float:
     """The largest δ whose balls are pure for at least a `purity` share of the points (ProbCover's
     heuristic), computed exactly instead of on a grid.
 
@@ -463,7 +503,7 @@ def purity_delta(feats: np.ndarray, pseudo_labels: np.ndarray, purity: float, ne
     rank = n - int(np.ceil(purity * n))  # ascending position of the answer
     bound = np.sqrt(neighbours.sq_dist[:, -1])
     unsure = np.flatnonzero(~found & (bound < np.partition(dist, rank)[rank]))
-    dist[unsure] = nearest_other_label(feats, pseudo_labels, unsure, gpu)
+    dist[unsure] = nearest_other_label(feats, pseudo_labels, unsure, gpu, approximate)
     delta = float(np.partition(dist, rank)[rank])
     if not np.isfinite(delta):
         raise ValueError("every ball is pure at any radius: the pseudo-labels need at least two clusters")
@@ -484,13 +524,13 @@ def _csr(n: int, rows: np.ndarray, cols: np.ndarray) -> CoverGraph:
     return CoverGraph(indptr.astype(np.int64), (keys % n).astype(np.int32 if n < 2 ** 31 else np.int64))
 
 
-def _range_edges(feats: np.ndarray, rows: np.ndarray, delta: float, max_edges: int, block: int = 4096
-                 ) -> tuple[np.ndarray, np.ndarray]:
-    """All (row, y) with |x_row - y| < δ, from faiss range searches over blocks of `rows` (CPU:
-    faiss has no range search on GPU flat indexes)."""
+def _range_edges(feats: np.ndarray, rows: np.ndarray, delta: float, max_edges: int, block: int = 4096,
+                 approximate: faiss_ops.TunedIndex | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """All (row, y) with |x_row - y| < δ, from faiss range searches over blocks of `rows` in an exact flat
+    index (CPU: faiss has no range search on GPU flat indexes), or in the `approximate` one's probed lists."""
     if not len(rows):
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    index = faiss_ops.flat_index(feats, gpu=False)
+    index = faiss_ops.flat_index(feats, gpu=False) if approximate is None else approximate.index
     sources, targets, edges = [], [], 0
     for start in range(0, len(rows), block):
         queries = rows[start:start + block]
@@ -504,36 +544,38 @@ def _range_edges(feats: np.ndarray, rows: np.ndarray, delta: float, max_edges: i
     return np.concatenate(sources), np.concatenate(targets)
 
 
-def cover_graph(feats: np.ndarray, delta: float, neighbours: Neighbours, max_edges: int = 2 ** 29) -> CoverGraph:
+def cover_graph(feats: np.ndarray, delta: float, neighbours: Neighbours, max_edges: int = 2 ** 29,
+                approximate: faiss_ops.TunedIndex | None = None) -> CoverGraph:
     """Edges x - y for |x - y| < δ, and x - x, as a sparse edge list: memory grows with the number
     of edges, never N x N. A ball smaller than the k precomputed neighbours is read off them; the
-    rows whose k-th neighbour is still inside δ are range-searched in full. Raises ValueError past
-    `max_edges` (δ too large for memory)."""
+    rows whose k-th neighbour is still inside δ are range-searched in full (in the `approximate`
+    index when given). Raises ValueError past `max_edges` (δ too large for memory)."""
     n = len(feats)
     inside = neighbours.sq_dist < delta * delta
     overflow = np.flatnonzero(inside[:, -1]) if neighbours.index.shape[1] < n else np.zeros(0, np.int64)
     inside[overflow] = False
     if inside.sum() > max_edges:
         raise ValueError(f"δ = {delta:.4g} gives more than {max_edges} edges; choose a smaller δ")
-    far_rows, far_cols = _range_edges(feats, overflow, delta, max_edges)
+    far_rows, far_cols = _range_edges(feats, overflow, delta, max_edges, approximate=approximate)
     rows = np.concatenate([np.arange(n), np.nonzero(inside)[0], far_rows])
     cols = np.concatenate([np.arange(n), neighbours.index[inside], far_cols])
     return _csr(n, rows.astype(np.int64), cols.astype(np.int64))
 
 
 def probcover_graph(feats: np.ndarray, delta: float | None = None, purity: float = 0.95,
-                    pseudo_classes: int | None = 10, neighbours: int = 64, seed: int = 0, gpu: bool = False
-                    ) -> tuple[CoverGraph, float]:
+                    pseudo_classes: int | None = 10, neighbours: int = PROBCOVER_KNN, seed: int = 0,
+                    gpu: bool = False, approximate: faiss_ops.TunedIndex | None = None) -> tuple[CoverGraph, float]:
     """ProbCover's ball graph and its δ: the given one, or when None the purity heuristic under
-    k-means pseudo-labels with `pseudo_classes` clusters (one faiss run, seeded). One exact k-NN
-    pass with `neighbours` neighbours serves both the heuristic and the graph."""
-    near = nearest_neighbours(feats, neighbours, gpu)
+    k-means pseudo-labels with `pseudo_classes` clusters (one faiss run, seeded). One k-NN pass with
+    `neighbours` neighbours serves both the heuristic and the graph; every search is exact, or made in
+    the `approximate` index (probcover_index) when given."""
+    near = nearest_neighbours(feats, neighbours, gpu, approximate)
     if delta is None:
         if pseudo_classes is None:
             raise ValueError("the purity heuristic needs the number of pseudo-classes")
         _, pseudo_labels, _ = faiss_ops.kmeans(feats, pseudo_classes, seed, faiss_ops.KmeansSettings(nredo=1), gpu=gpu)
-        delta = purity_delta(feats, pseudo_labels, purity, near, gpu)
-    return cover_graph(feats, delta, near), delta
+        delta = purity_delta(feats, pseudo_labels, purity, near, gpu, approximate)
+    return cover_graph(feats, delta, near, approximate=approximate), delta
 
 
 def _ball_members(graph: CoverGraph, rows: np.ndarray) -> np.ndarray:
@@ -634,45 +676,56 @@ def labelled_bandwidth(feats: np.ndarray, labeled: np.ndarray, gpu: bool = False
 
 class _Herding:
     """Greedy state of weighted kernel herding: each row's coverage m_j = max over the chosen rows of
-    k(x_j, x), its weight u_j, and the gain of a candidate x, sum_j u_j max(0, k(x, x_j) - m_j)."""
+    k(x_j, x), its weight u_j, and the gain of a candidate x, sum_j u_j max(0, k(x, x_j) - m_j). Terms are
+    taken in float64 from the float32 kernel, so an updated gain equals a recomputed one up to the order
+    of the float64 sums."""
 
     def __init__(self, kernel: HerdingKernel, weights: torch.Tensor, labeled: np.ndarray, progress: bool):
-        self.kernel, self.weights, self.progress = kernel, weights, progress
+        self.kernel, self.weights, self.progress = kernel, weights.double(), progress
         self.cover = torch.zeros_like(kernel.sq_norms)
         for block in kernel.blocks(torch.as_tensor(labeled, device=kernel.feats.device), progress, "labelled"):
             torch.maximum(self.cover, kernel.rows(block).amax(0), out=self.cover)
 
     def gains(self, rows: torch.Tensor, desc: str = "gains") -> torch.Tensor:
         """Exact gains of `rows` (float64), block by block."""
-        out = [self.kernel.rows(block).sub_(self.cover).clamp_(min=0).mul_(self.weights).sum(1, dtype=torch.float64)
+        cover = self.cover.double()
+        out = [self.kernel.rows(block).double().sub_(cover).clamp_(min=0).mul_(self.weights).sum(1)
                for block in self.kernel.blocks(rows, self.progress and len(rows) > 1024, desc)]
         return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64, device=rows.device)
 
-    def add(self, pick: int) -> None:
-        torch.maximum(self.cover, self.kernel.rows(torch.tensor([pick], device=self.cover.device))[0],
-                      out=self.cover)
+    def add(self, pick: int) -> torch.Tensor:
+        """Cover with `pick`; every row's gain falls by the returned amount (float64, N). Only the rows
+        whose coverage the pick raises (those nearer to it than to any chosen row) change a gain, so
+        the update reads their kernel rows alone: about N / (chosen rows) of them."""
+        row = self.kernel.rows(torch.tensor([pick], device=self.cover.device))[0]
+        raised = (row > self.cover).nonzero()[:, 0]
+        before, after = self.cover[raised].double(), row[raised].double()
+        self.cover[raised] = row[raised]
+        fall = torch.zeros(len(self.cover), dtype=torch.float64, device=self.cover.device)
+        for start, block in _offsets(self.kernel.blocks(raised, self.progress and len(raised) > 1024, "update")):
+            k = self.kernel.rows(block).double()
+            part = slice(start, start + len(block))
+            old = (k - before[part, None]).clamp_(min=0)
+            k.sub_(after[part, None]).clamp_(min=0)
+            fall += old.sub_(k).mul_(self.weights[block, None]).sum(0)
+        return fall
 
 
-_LAZY_FIRST = 8  # stale gains refreshed at once by a pick's first lazy step; doubled at each further step
+def _offsets(blocks: Iterable[torch.Tensor]) -> Iterator[tuple[int, torch.Tensor]]:
+    """(position of its first element, block) for consecutive blocks."""
+    start = 0
+    for block in blocks:
+        yield start, block
+        start += len(block)
 
 
-def _next_pick(state: _Herding, bound: torch.Tensor, fresh: torch.Tensor) -> tuple[int, float]:
-    """The eligible row of largest exact gain (ties: lowest index) and its gain, by lazy greedy: gains
-    only shrink as coverage grows, so a gain computed earlier (`bound`, -inf for rows not eligible) is
-    an upper bound; stale bounds (not `fresh`) are refreshed from the top until none can reach the best
-    fresh gain."""
-    size = _LAZY_FIRST
-    while True:
-        fresh_rows = fresh.nonzero()[:, 0]
-        gains = bound[fresh_rows]
-        best = float(gains.max()) if len(gains) else -math.inf
-        values, rows = bound.masked_fill(fresh, -math.inf).topk(min(size, len(bound)))
-        rows = rows[(values >= best) & (values > -math.inf)]
-        if not len(rows):
-            return int(fresh_rows[gains == best].min()), best
-        bound[rows] = state.gains(rows)
-        fresh[rows] = True
-        size *= 2
+_TIE = 1e-12  # gains within this share of the largest are equal: float64 sums taken in another order
+
+
+def _best(gains: torch.Tensor) -> tuple[int, float]:
+    """The row of largest gain (ties: lowest index) and its gain."""
+    best = float(gains.max())
+    return int((gains >= best - _TIE * max(abs(best), 1.0)).nonzero()[0, 0]), best
 
 
 def herding_select(kernel: HerdingKernel, labeled: np.ndarray, budget: int, weights: np.ndarray | None = None, *,
@@ -680,8 +733,9 @@ def herding_select(kernel: HerdingKernel, labeled: np.ndarray, budget: int, weig
     """Greedy weighted kernel herding: each pick is argmax_x sum_j u_j max(0, k(x, x_j) - m_j) over the
     unlabelled rows x, m_j being the coverage of x_j by the labelled rows and the picks so far (ties:
     lowest index). u = `weights` (None: all 1, MaxHerding). Exact for the full kernel: one blocked pass
-    computes every gain, then lazy greedy refreshes only the gains that could still be the largest. A
-    seeded random fill takes over once no row adds coverage (`filled`)."""
+    computes every gain, then each pick lowers every gain by exactly what it took away, reading only the
+    kernel rows of the points it covers better than before. A seeded random fill takes over once no row
+    adds coverage (`filled`)."""
     labeled = np.asarray(labeled, dtype=np.int64)
     n = kernel.num_rows
     eligible = _eligible_mask(n, labeled)
@@ -691,18 +745,16 @@ def herding_select(kernel: HerdingKernel, labeled: np.ndarray, budget: int, weig
     u[torch.as_tensor(labeled, device=device)] = 0  # a labelled row is covered already: it adds nothing
     state = _Herding(kernel, u, labeled, progress)
     candidates = torch.as_tensor(np.flatnonzero(eligible), device=device)
-    bound = torch.full((n,), -math.inf, dtype=torch.float64, device=device)
-    bound[candidates] = state.gains(candidates, "herding gains")
-    fresh = torch.zeros(n, dtype=torch.bool, device=device)
-    fresh[candidates] = True
+    gains = torch.full((n,), -math.inf, dtype=torch.float64, device=device)
+    gains[candidates] = state.gains(candidates, "herding gains")
+    exhausted = _TIE * max(float(gains.max()), 1.0) if len(candidates) else 0.0
     picks: list[int] = []
     for _ in tqdm(range(budget), desc="herding", leave=False, disable=not progress or None):
-        pick, gain = _next_pick(state, bound, fresh)
-        if gain <= 1e-12:
+        pick, gain = _best(gains)
+        if gain <= exhausted:
             break
-        state.add(pick)
-        bound[pick] = -math.inf
-        fresh[:] = False
+        gains -= state.add(pick)
+        gains[pick] = -math.inf
         eligible[pick] = False
         picks.append(pick)
     fill = _seeded_fill(eligible, budget - len(picks), seed)

@@ -19,7 +19,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from lowbudget import cli, datasets, strategies, vaal
+from lowbudget import cli, datasets, faiss_ops, strategies, vaal
 from lowbudget.cli import UsageError
 from lowbudget.strategies import Selection
 
@@ -115,6 +115,12 @@ class Strategy:
 
 # ---------------------------------------------------------------- options
 
+KMEANS_RESTARTS = Option("--kmeans-restarts", 5, "kmeans, accu_kmeans: faiss k-means runs, the best kept (the "
+                         "original's 5; each costs a whole k-means)", cli.int_at_least(1), metavar="N")
+KMEANS_SAMPLE = Option("--kmeans-sample", None, "kmeans, accu_kmeans: train k-means on a seeded sample of N points "
+                       "per cluster (faiss' subsampling), then assign every point exactly (default: all points, "
+                       "the original's)", cli.int_at_least(1), metavar="N")
+KMEANS_OPTIONS = (KMEANS_RESTARTS, KMEANS_SAMPLE)
 MAX_CLUSTERS = Option("--max-clusters", 500, "typiclust: at most this many k-means clusters (|pool| + increment "
                       "otherwise)", cli.int_at_least(1))
 MIN_CLUSTER_SIZE = Option("--min-cluster-size", 5, "typiclust: clusters of this many points or fewer are used only "
@@ -130,10 +136,18 @@ PURITY = Option("--purity", 0.95, "probcover: purity target of --delta auto", cl
 PSEUDO_CLASSES = Option("--pseudo-classes", None, "probcover: clusters of the pseudo-labels of --delta auto "
                         "(default: the number of classes in the labels; required without labels)",
                         cli.int_at_least(2), metavar="K")
+NEIGHBOURS = Option("--neighbours", "auto", "probcover: nearest-neighbour search: exact (faiss flat, N^2 distances), "
+                    "ivf (approximate: an IVF index whose probed lists are raised until recall@64 on 1,000 sampled "
+                    f"rows reaches {faiss_ops.TARGET_RECALL}; printed and recorded), or auto: ivf from "
+                    f"{faiss_ops.APPROXIMATE_FROM_ROWS:,} rows on a CPU, exact below and on a GPU",
+                    choices=faiss_ops.NEIGHBOUR_SEARCHES)
+HERDING_BANDWIDTH = 0.5  # h measured best for MaxHerding (docs/strategies.md); also auto's while labels are few
 BANDWIDTH_HELP = ("h of the Gaussian kernel exp(-|x-y|^2 / h^2) on the L2-normalised features, exact over all "
-                  "points; auto: the smallest distance between two labelled points (1.0 while fewer than two)")
-BANDWIDTH = Option("--bandwidth", 0.5, f"maxherding: {BANDWIDTH_HELP}", cli.auto_or_positive, metavar="auto|H")
-UHERDING_BANDWIDTH = Option("--bandwidth", 0.5, f"uherding: {BANDWIDTH_HELP}", cli.auto_or_positive,
+                  f"points; auto: the smallest distance between two labelled points ({HERDING_BANDWIDTH} while "
+                  "fewer than two)")
+BANDWIDTH = Option("--bandwidth", HERDING_BANDWIDTH, f"maxherding: {BANDWIDTH_HELP} (default {HERDING_BANDWIDTH})",
+                   cli.auto_or_positive, metavar="auto|H")
+UHERDING_BANDWIDTH = Option("--bandwidth", None, f"uherding: {BANDWIDTH_HELP} (default auto)", cli.auto_or_positive,
                             metavar="auto|H")
 CALIBRATION_HOLDOUT = Option("--calibration-holdout", 0.3, "uherding: share of the labelled pool held out to choose "
                              "the softmax temperature (1.0 to 20 by 0.1, smallest 15-bin ECE) of a head trained on "
@@ -165,14 +179,20 @@ def _build_random(inputs: Inputs, options: Options) -> Step:
     return lambda labelled, budget: Selection(strategies.random_pools(inputs.num_rows, [budget], inputs.seed)[budget])
 
 
+def _kmeans_settings(options: Options) -> faiss_ops.KmeansSettings:
+    """The k-means baseline's faiss settings: the original's iterations, --kmeans-restarts and --kmeans-sample."""
+    return faiss_ops.KmeansSettings(nredo=options["kmeans_restarts"], sample=options["kmeans_sample"])
+
+
 def _build_kmeans(inputs: Inputs, options: Options) -> Step:
     return lambda labelled, budget: strategies.kmeans_select(inputs.feats, budget, seed=inputs.seed, gpu=inputs.gpu,
-                                                             verbose=inputs.verbose)
+                                                             verbose=inputs.verbose, settings=_kmeans_settings(options))
 
 
 def _build_accu_kmeans(inputs: Inputs, options: Options) -> Step:
     return lambda labelled, budget: strategies.accu_kmeans_select(inputs.feats, labelled, budget, seed=inputs.seed,
-                                                                  gpu=inputs.gpu, verbose=inputs.verbose)
+                                                                  gpu=inputs.gpu, verbose=inputs.verbose,
+                                                                  settings=_kmeans_settings(options))
 
 
 def _build_coreset(inputs: Inputs, options: Options) -> Step:
@@ -208,9 +228,14 @@ def _build_probcover(inputs: Inputs, options: Options) -> Step:
         raise UsageError("--pseudo-classes: --delta auto needs the class count, and the features have no labels")
     if delta is None and classes is not None and classes > inputs.num_rows:
         raise UsageError(f"--pseudo-classes: {classes} clusters for {inputs.num_rows} points")
+    approximate = strategies.probcover_index(inputs.feats, options["neighbours"], seed=inputs.seed, gpu=inputs.gpu)
+    if approximate is not None:
+        inputs.log(f"=> probcover: approximate neighbours (IVF, {approximate.index.nlist} lists, "
+                   f"{approximate.index.nprobe} probed): recall@{approximate.k} {approximate.recall:.3f} on "
+                   f"{min(faiss_ops.RECALL_QUERIES, inputs.num_rows)} sampled rows (target {faiss_ops.TARGET_RECALL})")
     try:
         graph, delta = strategies.probcover_graph(inputs.feats, delta, purity, classes, seed=inputs.seed,
-                                                  gpu=inputs.gpu)
+                                                  gpu=inputs.gpu, approximate=approximate)
     except ValueError as err:
         raise UsageError(f"--delta: {err}") from None
     if options["delta"] is None:
@@ -218,7 +243,9 @@ def _build_probcover(inputs: Inputs, options: Options) -> Step:
                    f"under {classes} k-means pseudo-labels")
     inputs.log(f"=> probcover: {len(graph.indices)} edges, {len(graph.indices) / inputs.num_rows:.1f} points per "
                "ball on average")
-    params = {"delta": delta, "purity": purity if options["delta"] is None else None}
+    params = {"delta": delta, "purity": purity if options["delta"] is None else None,
+              "neighbours": "exact" if approximate is None else "ivf",
+              "recall": None if approximate is None else approximate.recall}
 
     def step(labelled: np.ndarray, budget: int) -> Selection:
         selection, covered = strategies.probcover_select(graph, labelled, budget, seed=inputs.seed)
@@ -229,10 +256,10 @@ def _build_probcover(inputs: Inputs, options: Options) -> Step:
 
 def _herding_kernel(inputs: Inputs, options: Options, labelled: np.ndarray, name: str) -> strategies.HerdingKernel:
     """The kernel of this round: --bandwidth h, or with auto the smallest distance between two labelled points
-    (1.0 while there are fewer than two)."""
+    (HERDING_BANDWIDTH while there are fewer than two)."""
     bandwidth = options["bandwidth"]
     if bandwidth is None:
-        bandwidth = strategies.labelled_bandwidth(inputs.feats, labelled, inputs.gpu) or 1.0
+        bandwidth = strategies.labelled_bandwidth(inputs.feats, labelled, inputs.gpu) or HERDING_BANDWIDTH
     inputs.log(f"=> {name}: Gaussian kernel exp(-|x-y|^2 / h^2), h = {bandwidth:.4f}")
     return strategies.herding_kernel(inputs.feats, bandwidth, inputs.device)
 
@@ -337,13 +364,14 @@ STRATEGIES: dict[str, Strategy] = {row.name: row for row in (
              randomised=True, nested=True, label="Uniform"),
     Strategy("random", _build_random, incremental=False, needs_features=False, randomised=True, nested=True,
              label="Random"),
-    Strategy("kmeans", _build_kmeans, incremental=False, randomised=True, label="K-means"),
-    Strategy("accu_kmeans", _build_accu_kmeans, incremental=True, randomised=True, label="Multi k-means"),
+    Strategy("kmeans", _build_kmeans, incremental=False, randomised=True, options=KMEANS_OPTIONS, label="K-means"),
+    Strategy("accu_kmeans", _build_accu_kmeans, incremental=True, randomised=True, options=KMEANS_OPTIONS,
+             label="Multi k-means"),
     Strategy("coreset", _build_coreset, incremental=True, label="Core-set"),
     Strategy("typiclust", _build_typiclust, incremental=True, randomised=True,
              options=(MAX_CLUSTERS, MIN_CLUSTER_SIZE, KNN, TYPICALITY), label="TypiClust"),
     Strategy("probcover", _build_probcover, incremental=True, randomised=True,  # δ auto: seeded pseudo-labels
-             options=(DELTA, PURITY, PSEUDO_CLASSES), label="ProbCover"),
+             options=(DELTA, PURITY, PSEUDO_CLASSES, NEIGHBOURS), label="ProbCover"),
     Strategy("maxherding", _build_maxherding, incremental=True, options=(BANDWIDTH,), label="MaxHerding"),
     *(Strategy(name, _uncertainty_builder(name), incremental=True, needs_features=False, needs_labels=True,
                needs_model=True, label=label)

@@ -5,6 +5,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 import sampler
 from lowbudget import strategies as S
@@ -178,7 +179,7 @@ def brute_force_herding(x, bandwidth, labeled, budget, weights=None):
 
 
 def small_blocks(kernel, rows=7):
-    """The same kernel computed `rows` kernel rows at a time: blocked and lazy paths both exercised."""
+    """The same kernel computed `rows` kernel rows at a time: the blocked gains and updates both exercised."""
     return dataclasses.replace(kernel, block_elements=rows * kernel.num_rows)
 
 
@@ -198,6 +199,30 @@ def test_maxherding_blocks_do_not_change_the_picks():
     picks = [S.maxherding_select(dataclasses.replace(kernel, block_elements=rows * 300), EMPTY, 25).indices
              for rows in (1, 13, 300)]
     assert picks[0].tolist() == picks[1].tolist() == picks[2].tolist()
+
+
+class CountingKernel(S.HerdingKernel):
+    """The herding kernel, recording how many kernel rows each call computes."""
+
+    def rows(self, rows):
+        self.counts.append(len(rows))
+        return super().rows(rows)
+
+
+def test_herding_updates_equal_recomputed_gains_and_read_only_the_rows_a_pick_covers_better():
+    x = unit_rows(300, 6, seed=3)
+    plain = S.herding_kernel(x, 0.4)
+    kernel = CountingKernel(plain.feats, plain.sq_norms, 0.4, block_elements=11 * 300)
+    object.__setattr__(kernel, "counts", [])
+    weights = torch.from_numpy(np.random.default_rng(1).uniform(0.1, 1, 300)).float()
+    state = S._Herding(kernel, weights, np.array([4, 90]), progress=False)
+    gains = state.gains(torch.arange(300))
+    for pick in (17, 250, 5, 133):
+        raised = int((plain.rows(torch.tensor([pick]))[0] > state.cover).sum())
+        kernel.counts.clear()
+        gains -= state.add(pick)
+        assert sum(kernel.counts) == 1 + raised < 150  # the pick's own row, then only the rows it covers better
+        np.testing.assert_allclose(gains.numpy(), state.gains(torch.arange(300)).numpy(), rtol=1e-12, atol=1e-12)
 
 
 def test_maxherding_fills_once_nothing_adds_coverage():
@@ -261,6 +286,23 @@ def test_sampler_rounds_on_top_of_a_pool_are_seeded(tmp_path, feats_file, capsys
     assert files[0] == files[1]
     meta = json.loads((tmp_path / "a" / "idx" / f"{name}_cifar10_40.json").read_text())
     assert meta["strategy"] == name and meta["params"]["increment"] == 20
+
+
+def test_sampler_maxherding_bandwidth_auto_is_the_smallest_pool_distance(tmp_path, feats_file, capsys):
+    np.save(tmp_path / "pool.npy", np.arange(0, 400, 40, dtype=np.int64))
+    status, out, err = run_sampler(tmp_path, feats_file, "maxherding", "5,5", "--bandwidth", "auto",
+                                   "--resume-indices", tmp_path / "pool.npy", capsys=capsys)
+    assert status == 0, err
+    feats = np.load(feats_file)["feats"]
+    unit = feats / np.linalg.norm(feats, axis=1, keepdims=True)
+    first = json.loads((tmp_path / "idx" / "maxherding_cifar10_15.json").read_text())["params"]
+    second = json.loads((tmp_path / "idx" / "maxherding_cifar10_20.json").read_text())["params"]
+    assert first["bandwidth"] == pytest.approx(S.labelled_bandwidth(unit, np.arange(0, 400, 40)), rel=1e-5)
+    pool = np.load(tmp_path / "idx" / "maxherding_cifar10_15.npy")
+    assert second["bandwidth"] == pytest.approx(S.labelled_bandwidth(unit, pool), rel=1e-5)
+    assert f"h = {first['bandwidth']:.4f}" in out
+    status, out, err = run_sampler(tmp_path / "default", feats_file, "maxherding", "5", capsys=capsys)
+    assert status == 0 and "h = 0.5000" in out
 
 
 def test_sampler_probcover_prints_delta_and_coverage(tmp_path, feats_file, capsys):

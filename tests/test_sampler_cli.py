@@ -107,6 +107,26 @@ def test_feats_file_without_data_and_row_warning(tmp_path, capsys):
     assert len(load(tmp_path, "kmeans", 8)) == 8
 
 
+@pytest.mark.parametrize("name", ["kmeans", "accu_kmeans"])
+def test_kmeans_restarts_and_sample_reach_the_sidecar(tmp_path, capsys, name):
+    rng = np.random.default_rng(0)
+    feats_path = tmp_path / "f.npz"
+    np.savez(feats_path, feats=rng.standard_normal((300, 16)).astype(np.float32), labels=rng.integers(0, 4, 300))
+    argv = ["--feats", feats_path, "--dataset", "cifar10", "--name", name, "--splits", "12",
+            "--indices", tmp_path / "idx", "--save", tmp_path / "out"]
+    status, out, err = call_main(sampler.main, argv, capsys)
+    assert status == 0, err
+    default = json.loads((tmp_path / "idx" / f"{name}_cifar10_12.json").read_text())["params"]
+    assert default["nredo"] == 5 and default["sample"] is None
+    status, out, err = call_main(sampler.main, [*argv, "--kmeans-restarts", "2", "--kmeans-sample", "10"], capsys)
+    assert status == 0, err
+    params = json.loads((tmp_path / "idx" / f"{name}_cifar10_12.json").read_text())["params"]
+    assert params["nredo"] == 2 and params["sample"] == 10
+    assert len(np.unique(load(tmp_path, name, 12))) == 12
+    status, out, err = call_main(sampler.main, [*argv, "--kmeans-sample", "0"], capsys)
+    assert status == 2 and "--kmeans-sample" in err
+
+
 def test_imagenet_lt_uniform_reads_labels_without_decoding(tmp_path, capsys):
     # the image files are not images at all: uniform must never open them
     lines = []

@@ -1,4 +1,5 @@
 """Query strategies: exact budgets, uniqueness, seeds, and equality with brute-force references."""
+import faiss
 import numpy as np
 import pytest
 
@@ -100,6 +101,30 @@ def test_kmeans_picks_member_nearest_each_centroid():
     assert_valid(selection.indices, 20, 600)
     assert selection.filled == 0
     assert np.array_equal(np.sort(selection.indices), np.sort(nearest_member_reference(feats, centroids)))
+
+
+def test_kmeans_sample_and_restarts_reach_faiss_and_every_point_is_assigned(monkeypatch):
+    seen = {}
+    real_kmeans = faiss.Kmeans
+
+    class RecordingKmeans(real_kmeans):
+        def __init__(self, d, k, **kwargs):
+            seen.update(kwargs)
+            super().__init__(d, k, **kwargs)
+    monkeypatch.setattr(faiss, "Kmeans", RecordingKmeans)
+    feats = unit_rows(6000, 16, seed=2)
+    exact = S.kmeans_select(feats, 100, seed=0)
+    assert seen["max_points_per_centroid"] == 120 and seen["nredo"] == 5  # 2N / k: faiss never subsamples
+    sampled = S.accu_kmeans_select(feats, np.arange(50), 100, seed=0,
+                                   settings=faiss_ops.KmeansSettings(nredo=1, sample=12))
+    assert seen["max_points_per_centroid"] == 12 and seen["nredo"] == 1
+    assert sampled.params == {"niter": 20, "nredo": 1, "sample": 12,
+                              "kmeans_objective": pytest.approx(sampled.params["kmeans_objective"])}
+    assert exact.params["sample"] is None and exact.params["nredo"] == 5
+    assert_valid(sampled.indices, 100, 6000, exclude=np.arange(50))
+    # trained on 1,200 of 6,000 structureless points with 1 run instead of 5, assigned over all of them
+    objective = sampled.params["kmeans_objective"]
+    assert exact.params["kmeans_objective"] <= objective <= exact.params["kmeans_objective"] * 1.10
 
 
 def test_kmeans_on_separated_blobs_takes_each_blob_centre():

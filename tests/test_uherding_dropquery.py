@@ -122,25 +122,29 @@ def test_uherding_row_calibrates_on_a_held_out_part_and_weights_by_margin():
     weights[candidates] = S.margin_uncertainty(torch.from_numpy(x[candidates]).double() @ model.weights,
                                                temperature).numpy()
     assert selection.params["temperature"] == temperature
-    bandwidth = STRATEGIES["uherding"].defaults()["bandwidth"]
+    assert STRATEGIES["uherding"].defaults()["bandwidth"] is None  # auto: the smallest labelled distance
+    bandwidth = S.labelled_bandwidth(x, pool)
+    assert selection.params["bandwidth"] == pytest.approx(bandwidth)
     assert selection.indices.tolist() == brute_force_herding(x, bandwidth, pool, 12, weights)
 
 
 def test_uherding_row_without_labels_needs_no_model_and_is_maxherding():
+    """Both at their defaults: UHerding's auto bandwidth falls back to MaxHerding's h without labels."""
     x = unit_rows(120, 5, seed=9)
     labels = np.zeros(120, dtype=np.int64)
     uherding = table_step("uherding", x, labels, model=None)(EMPTY, 10)  # a model would be called: None fails
-    options = {"bandwidth": STRATEGIES["uherding"].defaults()["bandwidth"]}
-    maxherding = STRATEGIES["maxherding"].build(Inputs(x, None, log=lambda line: None), options)(EMPTY, 10)
+    row = STRATEGIES["maxherding"]
+    maxherding = row.build(Inputs(x, None, log=lambda line: None), row.defaults())(EMPTY, 10)
     assert uherding.indices.tolist() == maxherding.indices.tolist()
+    assert uherding.params["bandwidth"] == maxherding.params["bandwidth"] == row.defaults()["bandwidth"]
 
 
-def test_adaptive_bandwidth_is_the_smallest_labelled_distance():
+def test_a_fixed_bandwidth_reaches_uherding():
     x = unit_rows(150, 5, seed=4)
     labels = np.random.default_rng(0).integers(0, 4, 150)
     pool = np.arange(0, 150, 15)
-    selection = table_step("uherding", x, labels, RecordingModel(x), bandwidth=None)(pool, 5)
-    assert selection.params["bandwidth"] == pytest.approx(S.labelled_bandwidth(x, pool))
+    selection = table_step("uherding", x, labels, RecordingModel(x), bandwidth=0.8)(pool, 5)
+    assert selection.params["bandwidth"] == 0.8
 
 
 # ---------------------------------------------------------------- DropQuery
