@@ -558,8 +558,9 @@ def read_feats_file(path: str, dataset: str, flag: str = "--feats", split: str =
         raise UsageError(f"{flag}: no such file {path!r}")
     try:
         feats, labels = _read_feature_arrays(path, flag)
-        if len(feats.shape) != 2 or not np.issubdtype(feats.dtype, np.floating) or feats.shape[0] == 0:
-            raise UsageError(f"{flag}: {path!r} must hold a non-empty 2-D float array, got shape {feats.shape}")
+        if len(feats.shape) != 2 or not np.issubdtype(feats.dtype, np.floating) or 0 in feats.shape:
+            raise UsageError(f"{flag}: {path!r} must hold a non-empty 2-D float array (rows x feature columns), "
+                             f"got shape {feats.shape}")
         rows = normalized_rows(feats, dtype, flag, path)
     except UsageError:
         raise
@@ -570,6 +571,8 @@ def read_feats_file(path: str, dataset: str, flag: str = "--feats", split: str =
         if len(labels) != len(rows) or not np.issubdtype(labels.dtype, np.integer):
             raise UsageError(f"{flag}: {path!r} labels must be {len(rows)} integers, "
                              f"got {labels.shape} {labels.dtype}")
+        if len(labels) and labels.min() < 0:
+            raise UsageError(f"{flag}: {path!r} labels must be class indices 0, 1, …; found {labels.min()}")
         labels = labels.astype(np.int64)
     usual = datasets.DATASET_INFO[dataset].num_images if split == "train" else None
     if usual is not None and len(rows) != usual:

@@ -360,7 +360,20 @@ def crafted_pickle(path: Path, tmp: Path) -> None:
     path.write_bytes(pickle.dumps({b"data": np.zeros((4, 3072), np.uint8), b"labels": RunsCode(tmp / "ran")}))
 
 
+def feats_file_of(feats: np.ndarray, labels: np.ndarray) -> Callable[[Path, object], Built]:
+    """sampler.py k-means on a --feats file holding `feats` and `labels`."""
+    def build(tmp: Path, capsys) -> Built:
+        np.savez(tmp / "odd.npz", feats=feats, labels=labels)
+        return "sampler.py", ["--feats", tmp / "odd.npz", "--dataset", "cifar10", "--name", "kmeans",
+                              "--splits", "5", *places(tmp)]
+    return build
+
+
 CASES = [
+    Case("feats-without-columns", feats_file_of(np.zeros((50, 0), np.float32), np.arange(50) % 5),
+         "2-D float array (rows x feature columns), got shape (50, 0)"),  # faiss died of SIGFPE on it
+    Case("feats-with-negative-labels", feats_file_of(np.eye(50, 8, dtype=np.float32), np.arange(50) % 5 - 2),
+         "labels must be class indices"),
     Case("lincls-resume-after-resampling", resume_after_resampling, "--resume"),
     Case("lincls-resume-onto-other-features", resume_onto_other_features, "--resume"),
     Case("lincls-resume-checkpoint-without-record", resume_unrecorded_checkpoint, "--resume"),

@@ -9,8 +9,8 @@ import torch
 from lowbudget import datasets
 from lowbudget.backbone_families import load_backbone
 from lowbudget.features import extract
-from lowbudget.strategy_table import STRATEGIES
-from tests.conftest import call_main
+from lowbudget.strategy_table import STRATEGIES, Inputs
+from tests.conftest import call_main, unit_rows
 from tests.test_backbone_families import save_timm_resnet18
 from tests.test_datasets import write_idx
 from tools import demo
@@ -127,3 +127,13 @@ def test_demo_with_a_timm_backbone_from_a_file(tmp_path, fashion_root, capsys):
         assert sorted((r["name"], r["split"]) for r in records if r["metric"] == metric) == [
             ("kmeans", 10), ("kmeans", 20), ("random", 10), ("random", 20)]
     assert f"| {STRATEGIES['kmeans'].title} |" in (out / "report.md").read_text()
+
+
+def test_methods_run_with_the_first_seed_only_pick_alike_for_every_seed():
+    feats = unit_rows(200, 8, seed=3)
+    for name in demo.SEED_FREE:
+        row = STRATEGIES[name]
+        picks = [row.build(Inputs(feats, None, seed=seed, log=lambda line: None), row.defaults())(
+            np.zeros(0, np.int64), 15).indices.tolist() for seed in (0, 1, 2)]
+        assert picks[0] == picks[1] == picks[2], name
+    assert demo.SEED_FREE == {"maxherding"} and demo.FIRST_SEED_ONLY == {"vaal", "maxherding"}

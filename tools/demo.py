@@ -55,7 +55,10 @@ METHODS = tuple(name for name in (*names(model=False), *names(model=True)) if na
                 or not STRATEGIES[name].needs_model)
 BUDGETS = "10,20,50,100,200,500,1000"
 VAAL_EPOCHS = 1  # a VAAL round trains on every image (about 15 s an epoch here): the demo's one slow method
-FIRST_SEED_ONLY = {"vaal"}  # for the same reason VAAL runs with the first seed only
+# With the first seed only: VAAL, for the same reason, and the methods whose picks no seed changes (not
+# randomised, from an empty pool: MaxHerding), whose other seeds would repeat the first one's selection.
+SEED_FREE = {name for name in METHODS if not STRATEGIES[name].randomised and name not in ROUNDS_FROM}
+FIRST_SEED_ONLY = {"vaal", *SEED_FREE}
 DEMO_WEIGHTS = "mobilenet_v2_imagenet.pth"
 
 
@@ -309,6 +312,9 @@ def protocol_note(methods: Sequence[str], first: int) -> str:
     if "vaal" in methods:
         note += (". VAAL runs on the cached features (this project's MLP variant, not the paper's image VAE), "
                  "with the first seed only")
+    seed_free = [STRATEGIES[name].title for name in methods if name in SEED_FREE]
+    if seed_free:
+        note += f". {' and '.join(seed_free)} picks the same images with every seed: it runs with the first seed only"
     return note + "."
 
 
