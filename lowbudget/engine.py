@@ -9,8 +9,10 @@ DistributedSampler, evaluation is shared out by blocks of rows, and rank 0 alone
 """
 from __future__ import annotations
 
+import io
 import json
 import os
+import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 
@@ -25,7 +27,7 @@ from tqdm import tqdm
 from lowbudget import datasets, distributed
 from lowbudget.backbones import strip_module_prefix
 from lowbudget.cli import UsageError
-from lowbudget.fileio import atomic_write, text_digest
+from lowbudget.fileio import atomic_write, atomic_write_bytes, text_digest
 from lowbudget.indices import pool_digest
 from lowbudget.metrics import class_mean_accuracy
 
@@ -180,6 +182,37 @@ def save_checkpoint(path: str, state: dict) -> None:
         atomic_write(path, lambda f: torch.save(state, f))
 
 
+CHECKPOINT_EVERY_S = 60.0  # the latest state reaches the disk at most this often, and after the last epoch
+
+
+class LatestCheckpoint:
+    """The state after the last finished epoch: serialised in memory every epoch, written to `path` (rank 0
+    alone) at most every CHECKPOINT_EVERY_S seconds and by write() (after the last epoch, or when training
+    stops on an exception such as Ctrl-C). Epochs of a few milliseconds are not slowed by a disk write
+    each, and a killed run loses at most that much training."""
+
+    def __init__(self, path: str):
+        self.path, self.every_s = path, CHECKPOINT_EVERY_S
+        self.pending: bytes | None = None
+        self.written_at = time.monotonic()
+
+    def update(self, state: dict) -> None:
+        """Keep `state` as the latest; write it when the last write is CHECKPOINT_EVERY_S old."""
+        if not distributed.is_main():
+            return
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        self.pending = buffer.getvalue()
+        if time.monotonic() - self.written_at >= self.every_s:
+            self.write()
+
+    def write(self) -> None:
+        """Write the latest state if it is not on disk yet."""
+        if self.pending is not None:
+            atomic_write_bytes(self.path, self.pending)
+            self.pending, self.written_at = None, time.monotonic()
+
+
 def best_path(checkpoint: str) -> str:
     """Where the best validated weights are kept, apart from the latest checkpoint."""
     stem, ext = os.path.splitext(checkpoint)
@@ -269,7 +302,8 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, *, epoch_batches: Ep
         checkpoint: str, resume: bool = False, embed: Callable[[torch.Tensor], torch.Tensor] | None = None,
         amp: bool = False, trained_on: dict[str, str] | None = None) -> dict[str, float]:
     """Train `model` (already on `device`) for the schedule, validating (`validate()`: accuracy now) as
-    the original; the latest state is checkpointed every epoch, the best validated weights apart. Each
+    the original; the latest state is checkpointed (LatestCheckpoint: at most every CHECKPOINT_EVERY_S, after
+    the last epoch and when interrupted), the best validated weights apart, as soon as they are. Each
     epoch's batches come from epoch_seed(seed, epoch), which also seeds torch's global generator.
     `trained_on` (e.g. {'pool': digest, 'features': fingerprint}) is recorded in the checkpoint, and a
     resumed checkpoint must record the same (check_resumable).
@@ -293,25 +327,29 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, *, epoch_batches: Ep
             raise UsageError(f"--resume: {checkpoint} does not fit this model ({why})") from None
         state = TrainingState.from_checkpoint(saved)
         print(f"=> resumed from {checkpoint} at epoch {state.epoch}")
-    for epoch in range(state.epoch, schedule.epochs):
-        this_seed = epoch_seed(seed, epoch)
-        torch.manual_seed(this_seed)
-        loss = train_epoch(model, epoch_batches(this_seed), optimizer=optimizer, device=device, scaler=scaler,
-                           embed=embed)
-        print(f"Epoch: [{epoch}]\tLoss {loss:.4f}")
-        if schedule.validates_at(epoch):
-            validation = validate()
-            print(f" * Acc@1 {validation['top1']:.3f} Acc@5 {validation['top5']:.3f}")
-            if state.record(validation):
-                save_checkpoint(best_path(checkpoint), {"epoch": epoch + 1, "model": unwrap(model).state_dict(),
-                                                        "trained_on": trained_on, **validation})
-        scheduler.step()
-        print("LR: " + ", ".join(f"{lr:f}" for lr in scheduler.get_last_lr()))
-        state.epoch = epoch + 1
-        save_checkpoint(checkpoint, {**state.to_checkpoint(), "schedule": asdict(schedule), "seed": seed,
-                                     "trained_on": trained_on, "model": unwrap(model).state_dict(),
-                                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                                     "scaler": scaler.state_dict()})
+    latest = LatestCheckpoint(checkpoint)
+    try:
+        for epoch in range(state.epoch, schedule.epochs):
+            this_seed = epoch_seed(seed, epoch)
+            torch.manual_seed(this_seed)
+            loss = train_epoch(model, epoch_batches(this_seed), optimizer=optimizer, device=device, scaler=scaler,
+                               embed=embed)
+            print(f"Epoch: [{epoch}]\tLoss {loss:.4f}")
+            if schedule.validates_at(epoch):
+                validation = validate()
+                print(f" * Acc@1 {validation['top1']:.3f} Acc@5 {validation['top5']:.3f}")
+                if state.record(validation):
+                    save_checkpoint(best_path(checkpoint), {"epoch": epoch + 1, "model": unwrap(model).state_dict(),
+                                                            "trained_on": trained_on, **validation})
+            scheduler.step()
+            print("LR: " + ", ".join(f"{lr:f}" for lr in scheduler.get_last_lr()))
+            state.epoch = epoch + 1
+            latest.update({**state.to_checkpoint(), "schedule": asdict(schedule), "seed": seed,
+                           "trained_on": trained_on, "model": unwrap(model).state_dict(),
+                           "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                           "scaler": scaler.state_dict()})
+    finally:
+        latest.write()
     if state.last is None:  # a schedule of no epochs (the programs refuse --epochs 0): still measure
         state.record(validate())
     return state.result()

@@ -728,38 +728,56 @@ def _best(gains: torch.Tensor) -> tuple[int, float]:
     return int((gains >= best - _TIE * max(abs(best), 1.0)).nonzero()[0, 0]), best
 
 
+class HerdingGreedy:
+    """Greedy weighted kernel herding from a labelled pool: each pick is argmax_x sum_j u_j max(0, k(x, x_j) - m_j)
+    over the unlabelled rows x, m_j being the coverage of x_j by the labelled rows and the picks so far (ties:
+    lowest index); u = `weights` (None: all 1, MaxHerding). Exact for the full kernel: one blocked pass
+    computes every gain, then each pick lowers every gain by exactly what it took away, reading only the
+    kernel rows of the points it covers better than before. take() may be called again: it goes on from the
+    pool and every pick so far with the gains carried over, so the rounds of one run cost one blocked pass."""
+
+    def __init__(self, kernel: HerdingKernel, labeled: np.ndarray, weights: np.ndarray | None = None,
+                 progress: bool = False):
+        labeled = np.asarray(labeled, dtype=np.int64)
+        device = kernel.feats.device
+        self.kernel, self.progress = kernel, progress
+        self.eligible = _eligible_mask(kernel.num_rows, labeled)
+        self.pool: np.ndarray | None = labeled  # the labelled rows and every pick so far; None after a fill
+        u = torch.ones_like(kernel.sq_norms) if weights is None else torch.tensor(weights).to(kernel.sq_norms)
+        u[torch.as_tensor(labeled, device=device)] = 0  # a labelled row is covered already: it adds nothing
+        self.state = _Herding(kernel, u, labeled, progress)
+        candidates = torch.as_tensor(np.flatnonzero(self.eligible), device=device)
+        self.gains = torch.full((kernel.num_rows,), -math.inf, dtype=torch.float64, device=device)
+        self.gains[candidates] = self.state.gains(candidates, "herding gains")
+        self.exhausted = _TIE * max(float(self.gains.max()), 1.0) if len(candidates) else 0.0
+
+    def continues(self, bandwidth: float, labeled: np.ndarray) -> bool:
+        """Whether a round on `labeled` with this bandwidth is where this greedy stands (no fill taken)."""
+        return (self.pool is not None and bandwidth == self.kernel.bandwidth
+                and np.array_equal(np.asarray(labeled, dtype=np.int64), self.pool))
+
+    def take(self, budget: int, seed: int = 0) -> Selection:
+        """The next `budget` picks; a seeded random fill takes over once no row adds coverage (`filled`)."""
+        _check_budget(budget, int(self.eligible.sum()))
+        picks: list[int] = []
+        for _ in tqdm(range(budget), desc="herding", leave=False, disable=not self.progress or None):
+            pick, gain = _best(self.gains)
+            if gain <= self.exhausted:
+                break
+            self.gains -= self.state.add(pick)
+            self.gains[pick] = -math.inf
+            self.eligible[pick] = False
+            picks.append(pick)
+        fill = _seeded_fill(self.eligible, budget - len(picks), seed)
+        chosen = np.concatenate([np.asarray(picks, dtype=np.int64), fill])
+        self.pool = None if len(fill) or self.pool is None else np.concatenate([self.pool, chosen])
+        return Selection(chosen, len(fill), {"bandwidth": self.kernel.bandwidth})
+
+
 def herding_select(kernel: HerdingKernel, labeled: np.ndarray, budget: int, weights: np.ndarray | None = None, *,
                    seed: int = 0, progress: bool = False) -> Selection:
-    """Greedy weighted kernel herding: each pick is argmax_x sum_j u_j max(0, k(x, x_j) - m_j) over the
-    unlabelled rows x, m_j being the coverage of x_j by the labelled rows and the picks so far (ties:
-    lowest index). u = `weights` (None: all 1, MaxHerding). Exact for the full kernel: one blocked pass
-    computes every gain, then each pick lowers every gain by exactly what it took away, reading only the
-    kernel rows of the points it covers better than before. A seeded random fill takes over once no row
-    adds coverage (`filled`)."""
-    labeled = np.asarray(labeled, dtype=np.int64)
-    n = kernel.num_rows
-    eligible = _eligible_mask(n, labeled)
-    _check_budget(budget, int(eligible.sum()))
-    device = kernel.feats.device
-    u = torch.ones_like(kernel.sq_norms) if weights is None else torch.tensor(weights).to(kernel.sq_norms)
-    u[torch.as_tensor(labeled, device=device)] = 0  # a labelled row is covered already: it adds nothing
-    state = _Herding(kernel, u, labeled, progress)
-    candidates = torch.as_tensor(np.flatnonzero(eligible), device=device)
-    gains = torch.full((n,), -math.inf, dtype=torch.float64, device=device)
-    gains[candidates] = state.gains(candidates, "herding gains")
-    exhausted = _TIE * max(float(gains.max()), 1.0) if len(candidates) else 0.0
-    picks: list[int] = []
-    for _ in tqdm(range(budget), desc="herding", leave=False, disable=not progress or None):
-        pick, gain = _best(gains)
-        if gain <= exhausted:
-            break
-        gains -= state.add(pick)
-        gains[pick] = -math.inf
-        eligible[pick] = False
-        picks.append(pick)
-    fill = _seeded_fill(eligible, budget - len(picks), seed)
-    return Selection(np.concatenate([np.asarray(picks, dtype=np.int64), fill]), len(fill),
-                     {"bandwidth": kernel.bandwidth})
+    """`budget` picks of HerdingGreedy from `labeled` (u = `weights`; None: all 1, MaxHerding)."""
+    return HerdingGreedy(kernel, labeled, weights, progress).take(budget, seed)
 
 
 def maxherding_select(kernel: HerdingKernel, labeled: np.ndarray, budget: int, seed: int = 0,

@@ -265,9 +265,15 @@ def _herding_kernel(inputs: Inputs, options: Options, labelled: np.ndarray, name
 
 
 def _build_maxherding(inputs: Inputs, options: Options) -> Step:
+    """Herding with every weight 1. A round that starts where the last one ended (sampler.py's rounds, with
+    the same h) continues its greedy instead of computing every gain again: the same objective, one pass."""
+    last: list[strategies.HerdingGreedy] = []
+
     def step(labelled: np.ndarray, budget: int) -> Selection:
         kernel = _herding_kernel(inputs, options, labelled, "maxherding")
-        return strategies.maxherding_select(kernel, labelled, budget, seed=inputs.seed, progress=inputs.verbose)
+        if not (last and last[0].continues(kernel.bandwidth, labelled)):
+            last[:] = [strategies.HerdingGreedy(kernel, labelled, progress=inputs.verbose)]
+        return last[0].take(budget, seed=inputs.seed)
     return step
 
 

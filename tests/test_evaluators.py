@@ -198,6 +198,25 @@ def test_lincls_resume_file_needs_single_split(tmp_path, capsys):
     assert status == 2 and "--resume: a checkpoint file goes with a single --splits value" in err
 
 
+def test_latest_checkpoint_reaches_the_disk_at_most_once_a_minute_and_at_the_end(tmp_path, capsys, monkeypatch):
+    train, val = write_feats(tmp_path)
+    assert call_main(sampler.main, select_args(tmp_path, train, val, "random", "50"), capsys)[0] == 0
+    args = feats_args(tmp_path, train, val, "random", "50", "--cached", "--epochs", "6", "-p", "2", "-b", "8")
+    written = []
+    real_write = engine.atomic_write_bytes
+    monkeypatch.setattr(engine, "atomic_write_bytes", lambda path, data: (written.append(path), real_write(path, data)))
+    assert call_main(eval_lincls.main, args, capsys)[0] == 0
+    assert len(written) == 1 and final_head(tmp_path, "lincls_*.pth")["epoch"] == 6  # six short epochs: one write
+    at_the_end = final_head(tmp_path, "lincls_*.pth")
+    written.clear()
+    monkeypatch.setattr(engine, "CHECKPOINT_EVERY_S", 0.0)
+    assert call_main(eval_lincls.main, args, capsys)[0] == 0
+    assert written == written[:1] * 6  # every epoch, once the interval is up
+    every_epoch = final_head(tmp_path, "lincls_*.pth")
+    for key, value in at_the_end["model"].items():
+        assert torch.equal(value, every_epoch["model"][key])
+
+
 def test_resume_checks_what_the_checkpoint_was_trained_on(tmp_path, capsys, monkeypatch):
     train, val = write_feats(tmp_path, n_train=80, n_val=20)
     select = select_args(tmp_path, train, val, "random", "30")

@@ -225,6 +225,34 @@ def test_herding_updates_equal_recomputed_gains_and_read_only_the_rows_a_pick_co
         np.testing.assert_allclose(gains.numpy(), state.gains(torch.arange(300)).numpy(), rtol=1e-12, atol=1e-12)
 
 
+def test_maxherding_rounds_continue_one_greedy_with_the_picks_of_rounds_started_again():
+    x = unit_rows(250, 6, seed=8)
+    plain = S.herding_kernel(x, 0.5)
+    continued_reads, restarted_reads = [], []
+    kernels = []
+    for counts in (continued_reads, restarted_reads):
+        kernels.append(CountingKernel(plain.feats, plain.sq_norms, 0.5, block_elements=7 * 250))
+        object.__setattr__(kernels[-1], "counts", counts)
+    greedy, pool, restarted, continued = S.HerdingGreedy(kernels[0], np.array([9, 40])), np.array([9, 40]), [], []
+    for increment in (3, 7, 20):
+        assert greedy.continues(0.5, pool)
+        continued.append(greedy.take(increment).indices)
+        restarted.append(S.maxherding_select(kernels[1], pool, increment).indices)
+        pool = np.concatenate([pool, restarted[-1]])
+    assert [c.tolist() for c in continued] == [r.tolist() for r in restarted]
+    assert np.concatenate(continued).tolist() == brute_force_herding(x, 0.5, np.array([9, 40]), 30)
+    # a round started again reads every row once more (the labelled rows' cover, the candidates' gains)
+    assert sum(restarted_reads) - sum(continued_reads) == 2 * 250
+    assert not greedy.continues(0.4, pool) and not greedy.continues(0.5, pool[:-1])
+
+
+def test_maxherding_does_not_continue_past_a_fill():
+    x = np.repeat(unit_rows(3, 4), 4, axis=0)
+    greedy = S.HerdingGreedy(S.herding_kernel(x, 1.0), EMPTY)
+    first = greedy.take(5, seed=1)
+    assert first.filled == 2 and not greedy.continues(1.0, first.indices)
+
+
 def test_maxherding_fills_once_nothing_adds_coverage():
     x = np.repeat(unit_rows(3, 4), 4, axis=0)  # three points, four copies each
     selection = S.maxherding_select(S.herding_kernel(x, 1.0), EMPTY, 6, seed=1)
