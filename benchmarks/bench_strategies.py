@@ -17,20 +17,21 @@ printed:
    picks from a 1,000 pool (20,000 x 1,280, 300 picks with --quick), both in full in one spawned
    process: times (target <= 2 s), whether the picks agree (where they differ, the float64
    distances of both picks at the first difference: a tie within float32 rounding), both covering
-   radii, and the peak RSS.
+   radii, and the peak RSS (--coreset-only runs just this comparison).
 2. k-means overhead, 50,000 x 512, budget 1,000 (20,000 x 512, budget 200 with --quick): total
    time of `strategies.kmeans_select` over faiss k-means training alone with the same settings
    (niter 20, nredo 5, seed 1234, no subsampling). Target: ratio <= 1.10.
 3. ImageNet scale (not with --quick or --skip-imagenet): 1,281,167 x 512 features (2.6 GB),
-   `coreset_select` with 13,000 picks from a 1,000 random pool (target <= 3 min) and `kmeans_select`
-   with budget 1,000. Each step runs in its own freshly spawned process that builds the features
-   itself, so its peak RSS (VmHWM of that process) holds the matrix exactly once; printed as a
-   multiple of the matrix size. Target: peak <= 1.5 x matrix. After core-set, the same process runs
-   the plain greedy for --coreset-reference-picks picks (100) and extrapolates its time per pick to
-   13,000 picks (the plain greedy reads the whole matrix per pick: about 0.15 s a pick on an idle
-   2-core CPU); their first picks are compared as in part 1. k-means takes about 15 min;
-   --imagenet-rows, --coreset-picks, --imagenet-steps and --imagenet-only (leave out the other
-   parts) make smaller runs.
+   `coreset_select` with 13,000 picks from a 1,000 random pool (target <= 3 min) and `kmeans_select` with
+   budget 1,000, and MaxHerding with budget 1,000 from an empty pool as sampler.py runs it (on a seeded
+   sample of --herding-sample rows: target <= 20 min, peak <= 2 x matrix). Each step runs in its own
+   freshly spawned process that builds the features itself, so its peak RSS (VmHWM of that process) holds
+   the matrix exactly once; printed as a multiple of the matrix size. Target: peak <= 1.5 x matrix. After
+   core-set, the same process runs the plain greedy for --coreset-reference-picks picks (100) and
+   extrapolates its time per pick to 13,000 picks (the plain greedy reads the whole matrix per pick:
+   about 0.15 s a pick on an idle 2-core CPU); their first picks are compared as in part 1. k-means takes
+   about 15 min; --imagenet-rows, --coreset-picks, --imagenet-steps and --imagenet-only (leave out the
+   other parts) make smaller runs.
 4. Low-budget strategies, 50,000 x 512 (20,000 x 512 with --quick), budget 100 from an empty pool,
    each in its own spawned process (time and peak RSS): TypiClust (target <= 30 s), ProbCover with δ
    chosen by the purity heuristic under 10 pseudo-classes (target <= 60 s and <= 4 GB peak) and
@@ -75,7 +76,7 @@ import numpy as np
 import torch
 
 from lowbudget import faiss_ops, strategies
-from lowbudget.strategy_table import HERDING_BANDWIDTH
+from lowbudget.strategy_table import STRATEGIES, Inputs
 
 DIM = 512
 CENTRES = 1000
@@ -262,8 +263,8 @@ def within_rounding(a: float, b: float) -> bool:
     return abs(a - b) <= 1e-5 * max(abs(b), 1.0)
 
 
-def print_peak(r: dict[str, Any]) -> None:
-    """Peak RSS against the target of 1.5 x the feature matrix: the whole process' peak, or where the
+def print_peak(r: dict[str, Any], target: float = 1.5) -> None:
+    """Peak RSS against the target (1.5 x the feature matrix unless said): the whole process' peak, or where the
     selection's own peak was taken (`before`: RSS when it started), the matrix plus what it added."""
     ratio = r["peak"] / r["matrix"]
     print(f"  peak RSS {r['peak'] / GIB:.2f} GiB = {ratio:.2f} x feature matrix {r['matrix'] / GIB:.2f} GiB")
@@ -274,7 +275,7 @@ def print_peak(r: dict[str, Any]) -> None:
         ratio = 1 + added
         print(f"  the selection itself added {(r['peak'] - r['before']) / GIB:.3f} GiB to the RSS it started "
               f"with = {added:.3f} x feature matrix")
-    print(f"  memory: {ratio:.2f} x feature matrix (target <= 1.5){'' if ratio <= 1.5 else '  ABOVE TARGET'}")
+    print(f"  memory: {ratio:.2f} x feature matrix (target <= {target:g}){'' if ratio <= target else '  ABOVE TARGET'}")
 
 
 def bench_coreset_exact(rows: int, dim: int, picks: int, reference_picks: int, seed: int, threads: int | None,
@@ -337,9 +338,9 @@ def probcover(feats: np.ndarray, budget: int) -> strategies.Selection:
 
 
 def maxherding(feats: np.ndarray, budget: int) -> strategies.Selection:
-    """MaxHerding as sampler.py runs it by default: bandwidth HERDING_BANDWIDTH."""
-    kernel = strategies.herding_kernel(feats, HERDING_BANDWIDTH)
-    return strategies.maxherding_select(kernel, np.zeros(0, np.int64), budget)
+    """MaxHerding as sampler.py runs it by default (its --bandwidth and --herding-sample), from an empty pool."""
+    row = STRATEGIES["maxherding"]
+    return row.build(Inputs(feats, None), row.defaults())(np.zeros(0, np.int64), budget)
 
 
 STEPS: dict[str, Callable[[np.ndarray, int, int], Any]] = {
@@ -365,12 +366,16 @@ def run_in_child(step: str, rows: int, budget: int, seed: int, threads: int | No
         return child.apply(child_step, (step, rows, budget, seed, threads))
 
 
+IMAGENET_TIME_TARGETS = {"maxherding": " (target <= 20 min)"}
+IMAGENET_MEMORY_TARGETS = {"maxherding": 2.0}  # x the feature matrix
+
+
 def bench_imagenet(step: str, rows: int, budget: int, seed: int, threads: int | None) -> None:
     """Run one ImageNet-scale step in its own spawned process and print its time and peak memory."""
     r = run_in_child(step, rows, budget, seed, threads)
     print(f"imagenet {step} {rows}x{DIM}, budget {budget}: {r['seconds']:.1f} s "
-          f"(features generated in {r['generate']:.1f} s)")
-    print_peak(r)
+          f"(features generated in {r['generate']:.1f} s){IMAGENET_TIME_TARGETS.get(step, '')}")
+    print_peak(r, IMAGENET_MEMORY_TARGETS.get(step, 1.5))
 
 
 LOW_BUDGET_TARGETS = {"typiclust": (30, None), "probcover": (60, 4), "maxherding": (60, None)}  # seconds, GB
@@ -555,6 +560,9 @@ def kmeans_many_size(args: argparse.Namespace) -> tuple[int, int, int]:
     return rows, clusters, niter
 
 
+IMAGENET_STEPS = ("coreset", "kmeans", "kmeans-many", "maxherding")
+
+
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true",
@@ -566,12 +574,14 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--imagenet-only", action="store_true", help="only the ImageNet-scale steps")
     parser.add_argument("--low-budget-only", action="store_true", help="only part 4 (typiclust, probcover, maxherding)")
     parser.add_argument("--typiclust-only", action="store_true", help="only part 5 (TypiClust's k-means settings)")
+    parser.add_argument("--coreset-only", action="store_true",
+                        help="only part 1's core-set against the plain greedy, 60,000 x 1,280, 1,000 picks")
     parser.add_argument("--imagenet-rows", type=int, default=1_281_167, help="rows of the ImageNet-scale matrix")
     parser.add_argument("--coreset-picks", type=int, default=13_000, help="core-set picks at ImageNet scale")
     parser.add_argument("--coreset-reference-picks", type=int, default=100,
                         help="picks of the plain greedy at ImageNet scale, extrapolated to --coreset-picks")
-    parser.add_argument("--imagenet-steps", nargs="+", choices=("coreset", "kmeans", "kmeans-many"),
-                        default=["coreset", "kmeans", "kmeans-many"], help="which ImageNet-scale steps to run")
+    parser.add_argument("--imagenet-steps", nargs="+", choices=IMAGENET_STEPS, default=list(IMAGENET_STEPS),
+                        help="which ImageNet-scale steps to run")
     parser.add_argument("--kmeans-many-only", action="store_true",
                         help="only part 6 (k-means with many clusters, all points against a sample)")
     parser.add_argument("--kmeans-many", type=int, nargs=3, default=[200_000, 2_000, 20],
@@ -593,6 +603,9 @@ def main() -> None:
         return
     if args.typiclust_only:
         bench_typiclust(60_000, 1280, 1000, args.seed, args.threads)
+        return
+    if args.coreset_only:
+        bench_coreset_exact(60_000, 1280, 1000, 1000, args.seed, args.threads, target_s=2)
         return
     if args.kmeans_many_only:
         bench_kmeans_many(*kmeans_many_size(args), args.seed, args.threads)
@@ -628,7 +641,7 @@ def main() -> None:
             print("imagenet ", end="")
             bench_coreset_exact(args.imagenet_rows, DIM, args.coreset_picks, args.coreset_reference_picks,
                                 args.seed, args.threads, target_s=180)
-        elif step == "kmeans":
+        elif step in ("kmeans", "maxherding"):
             bench_imagenet(step, args.imagenet_rows, 1000, args.seed, args.threads)
         else:
             bench_kmeans_many(args.imagenet_rows, 13_000, 2, args.seed, args.threads)

@@ -8,6 +8,7 @@ runs, or (another host's, or an older version's `.tmp-{random}{target}`) not mod
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import math
@@ -147,12 +148,19 @@ def json_text(record: Any, indent: int | None = None) -> str:
 
 
 def file_digest(path: str, length: int = 10) -> str:
-    """First `length` hex digits of the file's SHA-256."""
+    """First `length` hex digits of the file's SHA-256, computed once per version of the file (its path,
+    inode, size and modification time) in a process: the demo's scripts read the same features many times."""
+    status = os.stat(path)
+    return _file_sha256(os.path.realpath(path), status.st_ino, status.st_size, status.st_mtime_ns)[:length]
+
+
+@functools.lru_cache(maxsize=256)
+def _file_sha256(path: str, inode: int, size: int, mtime_ns: int) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
-    return digest.hexdigest()[:length]
+    return digest.hexdigest()
 
 
 def bytes_digest(data: bytes, length: int = 10) -> str:

@@ -149,6 +149,10 @@ BANDWIDTH = Option("--bandwidth", HERDING_BANDWIDTH, f"maxherding: {BANDWIDTH_HE
                    cli.auto_or_positive, metavar="auto|H")
 UHERDING_BANDWIDTH = Option("--bandwidth", None, f"uherding: {BANDWIDTH_HELP} (default auto)", cli.auto_or_positive,
                             metavar="auto|H")
+HERDING_SAMPLE = Option("--herding-sample", 60_000, "maxherding, uherding: from a pool of more rows, cover and pick "
+                        "from a seeded random sample of N rows (and the labelled pool), drawn once per run: the "
+                        "kernel objective is a mean over the rows, which the sample estimates; 0: every row",
+                        cli.int_at_least(0), metavar="N")
 CALIBRATION_HOLDOUT = Option("--calibration-holdout", 0.3, "uherding: share of the labelled pool held out to choose "
                              "the softmax temperature (1.0 to 20 by 0.1, smallest 15-bin ECE) of a head trained on "
                              "the rest", cli.share)
@@ -254,26 +258,49 @@ def _build_probcover(inputs: Inputs, options: Options) -> Step:
     return step
 
 
-def _herding_kernel(inputs: Inputs, options: Options, labelled: np.ndarray, name: str) -> strategies.HerdingKernel:
-    """The kernel of this round: --bandwidth h, or with auto the smallest distance between two labelled points
-    (HERDING_BANDWIDTH while there are fewer than two)."""
+def _herding_rows(inputs: Inputs, options: Options, name: str) -> Callable[[np.ndarray], np.ndarray]:
+    """rows(labelled): the rows, ascending, that MaxHerding and UHerding cover and pick from in a round: every
+    row up to --herding-sample of them; else a seeded random sample of that many, drawn once per run, with the
+    round's labelled pool added."""
+    size, n = options["herding_sample"], inputs.num_rows
+    if size == 0 or n <= size:
+        return lambda labelled: np.arange(n)
+    sample = np.sort(np.random.default_rng(inputs.seed).choice(n, size, replace=False))
+    inputs.log(f"=> {name}: a seeded sample of {size:,} of the {n:,} rows, and the labelled pool (--herding-sample)")
+    return lambda labelled: np.union1d(sample, labelled)
+
+
+def _herding_kernel(inputs: Inputs, options: Options, labelled: np.ndarray, name: str, rows: np.ndarray
+                    ) -> strategies.HerdingKernel:
+    """The kernel of this round over `rows`: --bandwidth h, or with auto the smallest distance between two
+    labelled points (HERDING_BANDWIDTH while there are fewer than two)."""
     bandwidth = options["bandwidth"]
     if bandwidth is None:
         bandwidth = strategies.labelled_bandwidth(inputs.feats, labelled, inputs.gpu) or HERDING_BANDWIDTH
     inputs.log(f"=> {name}: Gaussian kernel exp(-|x-y|^2 / h^2), h = {bandwidth:.4f}")
-    return strategies.herding_kernel(inputs.feats, bandwidth, inputs.device)
+    feats = inputs.feats if len(rows) == inputs.num_rows else inputs.feats[rows]
+    return strategies.herding_kernel(feats, bandwidth, inputs.device)
+
+
+def _in_pool(selection: Selection, rows: np.ndarray, num_rows: int) -> Selection:
+    """A selection made among `rows` (positions) as row indices, with the sample's size when it is one."""
+    sampled = {"herding_sample": len(rows)} if len(rows) < num_rows else {}
+    return Selection(rows[selection.indices], selection.filled, {**selection.params, **sampled})
 
 
 def _build_maxherding(inputs: Inputs, options: Options) -> Step:
     """Herding with every weight 1. A round that starts where the last one ended (sampler.py's rounds, with
-    the same h) continues its greedy instead of computing every gain again: the same objective, one pass."""
-    last: list[strategies.HerdingGreedy] = []
+    the same h and rows) continues its greedy instead of computing every gain again: one pass for all."""
+    rows_of = _herding_rows(inputs, options, "maxherding")
+    last: list[tuple[np.ndarray, strategies.HerdingGreedy]] = []
 
     def step(labelled: np.ndarray, budget: int) -> Selection:
-        kernel = _herding_kernel(inputs, options, labelled, "maxherding")
-        if not (last and last[0].continues(kernel.bandwidth, labelled)):
-            last[:] = [strategies.HerdingGreedy(kernel, labelled, progress=inputs.verbose)]
-        return last[0].take(budget, seed=inputs.seed)
+        rows = rows_of(labelled)
+        local = np.searchsorted(rows, labelled)
+        kernel = _herding_kernel(inputs, options, labelled, "maxherding", rows)
+        if not (last and np.array_equal(last[0][0], rows) and last[0][1].continues(kernel.bandwidth, local)):
+            last[:] = [(rows, strategies.HerdingGreedy(kernel, local, progress=inputs.verbose))]
+        return _in_pool(last[0][1].take(budget, seed=inputs.seed), rows, inputs.num_rows)
     return step
 
 
@@ -312,20 +339,23 @@ def _temperature(inputs: Inputs, labelled: np.ndarray, holdout: float) -> float:
 def _build_uherding(inputs: Inputs, options: Options) -> Step:
     """MaxHerding's coverage weighted by the head's calibrated margin uncertainty (1 everywhere without labels)."""
     holdout = options["calibration_holdout"]
+    rows_of = _herding_rows(inputs, options, "uherding")
 
     def step(labelled: np.ndarray, budget: int) -> Selection:
-        candidates = _unlabelled(inputs, labelled)
-        weights = np.ones(inputs.num_rows)
+        rows = rows_of(labelled)
+        candidates = np.intersect1d(_unlabelled(inputs, labelled), rows, assume_unique=True)
+        weights = np.ones(len(rows))
         temperature = 1.0
         if len(labelled):
             temperature = _temperature(inputs, labelled, holdout)
-            weights[candidates] = inputs.model_scores(
+            weights[np.searchsorted(rows, candidates)] = inputs.model_scores(
                 candidates, lambda head, x, rows: strategies.margin_uncertainty(head(x), temperature))
-        kernel = _herding_kernel(inputs, options, labelled, "uherding")
-        selection = strategies.uherding_select(kernel, labelled, budget, weights, seed=inputs.seed,
-                                               progress=inputs.verbose)
-        return Selection(selection.indices, selection.filled,
-                         {**selection.params, "temperature": temperature, "calibration_holdout": holdout})
+        kernel = _herding_kernel(inputs, options, labelled, "uherding", rows)
+        selection = strategies.uherding_select(kernel, np.searchsorted(rows, labelled), budget, weights,
+                                               seed=inputs.seed, progress=inputs.verbose)
+        return _in_pool(Selection(selection.indices, selection.filled,
+                                  {**selection.params, "temperature": temperature, "calibration_holdout": holdout}),
+                        rows, inputs.num_rows)
     return step
 
 
@@ -378,14 +408,15 @@ STRATEGIES: dict[str, Strategy] = {row.name: row for row in (
              options=(MAX_CLUSTERS, MIN_CLUSTER_SIZE, KNN, TYPICALITY), label="TypiClust"),
     Strategy("probcover", _build_probcover, incremental=True, randomised=True,  # δ auto: seeded pseudo-labels
              options=(DELTA, PURITY, PSEUDO_CLASSES, NEIGHBOURS), label="ProbCover"),
-    Strategy("maxherding", _build_maxherding, incremental=True, options=(BANDWIDTH,), label="MaxHerding"),
+    Strategy("maxherding", _build_maxherding, incremental=True, options=(BANDWIDTH, HERDING_SAMPLE),
+             label="MaxHerding"),
     *(Strategy(name, _uncertainty_builder(name), incremental=True, needs_features=False, needs_labels=True,
                needs_model=True, label=label)
       for name, label in (("entropy", "Max-Entropy"), ("margin", "Margin"), ("least_confidence", "Least confidence"))),
     Strategy("vaal", _build_vaal, incremental=True, needs_model=True, learns_from_images=True, randomised=True,
              options=(VAAL_EPOCHS, VAAL_IMAGE_SIZE, VAAL_WIDTH), label="VAAL"),
     Strategy("uherding", _build_uherding, incremental=True, needs_labels=True, needs_model=True, randomised=True,
-             options=(UHERDING_BANDWIDTH, CALIBRATION_HOLDOUT), label="UHerding"),
+             options=(UHERDING_BANDWIDTH, CALIBRATION_HOLDOUT, HERDING_SAMPLE), label="UHerding"),
     Strategy("dropquery", _build_dropquery, incremental=True, needs_labels=True, needs_model=True, randomised=True,
              options=(DROPOUT, DROPOUT_PASSES), label="DropQuery"),
 )}

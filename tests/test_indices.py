@@ -1,5 +1,6 @@
 """Index files: atomic writes with a sidecar (both or neither, strict JSON, stale temporary files removed), and
-a reader that validates before use, the sidecar included."""
+a reader that validates before use, the sidecar included; file digests."""
+import hashlib
 import json
 import os
 import subprocess
@@ -156,3 +157,16 @@ def test_stale_temporary_files_of_the_target_are_removed_by_its_next_write(tmp_p
     left = {p.name for p in tmp_path.iterdir()}
     assert names["dead"] not in left and names["old"] not in left
     assert {names["running"], names["other host"], names["other target"], target, "kmeans_cifar10_3.json"} == left
+
+
+def test_a_file_is_hashed_once_per_version(tmp_path, monkeypatch):
+    path = tmp_path / "feats.npy"
+    fileio.atomic_write_bytes(str(path), b"first version")
+    opened = []
+    real_open = open
+    monkeypatch.setattr("builtins.open", lambda p, *a, **k: (opened.append(str(p)), real_open(p, *a, **k))[1])
+    first = fileio.file_digest(str(path))
+    assert fileio.file_digest(str(path)) == first and opened.count(str(path)) == 1  # the same version: not read again
+    fileio.atomic_write_bytes(str(path), b"second version")  # a rewrite: another inode and modification time
+    assert fileio.file_digest(str(path)) == hashlib.sha256(b"second version").hexdigest()[:10] != first
+    assert opened.count(str(path)) == 2

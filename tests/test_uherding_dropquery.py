@@ -147,6 +147,46 @@ def test_a_fixed_bandwidth_reaches_uherding():
     assert selection.params["bandwidth"] == 0.8
 
 
+def seeded_sample_rows(num_rows, size, seed, pool):
+    """The rows the herding strategies run on above --herding-sample: a seeded sample and the labelled pool."""
+    return np.union1d(np.random.default_rng(seed).choice(num_rows, size, replace=False), pool)
+
+
+def test_maxherding_above_herding_sample_is_herding_on_a_seeded_sample_and_the_pool():
+    x = unit_rows(300, 6, seed=9)
+    pool = np.array([5, 77, 299])
+    selection = table_step("maxherding", x, None, None, seed=3, herding_sample=120)(pool, 15)
+    rows = seeded_sample_rows(300, 120, 3, pool)
+    local = brute_force_herding(x[rows], 0.5, np.searchsorted(rows, pool), 15)
+    assert selection.indices.tolist() == rows[local].tolist()
+    assert selection.params["herding_sample"] == len(rows) == 123
+    step = table_step("maxherding", x, None, None, seed=3, herding_sample=120)  # rounds: the same sample, continued
+    first = step(pool, 6)
+    assert np.r_[first.indices, step(np.r_[pool, first.indices], 9).indices].tolist() == selection.indices.tolist()
+    assert not np.array_equal(table_step("maxherding", x, None, None, seed=4, herding_sample=120)(pool, 15).indices,
+                              selection.indices)
+    for every_row in (300, 0):  # at most --herding-sample rows, or 0: every row, the exact greedy
+        exact = table_step("maxherding", x, None, None, herding_sample=every_row)(pool, 15)
+        assert exact.indices.tolist() == brute_force_herding(x, 0.5, pool, 15) and "herding_sample" not in exact.params
+
+
+def test_uherding_above_herding_sample_scores_and_picks_only_sampled_rows():
+    x = unit_rows(200, 6, seed=8)
+    labels = np.random.default_rng(0).integers(0, 4, 200)
+    pool = np.arange(0, 200, 10)
+    model = RecordingModel(x)
+    selection = table_step("uherding", x, labels, model, seed=3, herding_sample=90)(pool, 12)
+    rows = seeded_sample_rows(200, 90, 3, pool)
+    (held, _), (candidates, _) = model.calls
+    assert np.array_equal(candidates, np.setdiff1d(rows, pool))
+    temperature = S.calibrated_temperature(torch.from_numpy(x[held]).double() @ model.weights, labels[held])
+    weights = np.ones(len(rows))
+    weights[np.searchsorted(rows, candidates)] = S.margin_uncertainty(
+        torch.from_numpy(x[candidates]).double() @ model.weights, temperature).numpy()
+    local = brute_force_herding(x[rows], S.labelled_bandwidth(x, pool), np.searchsorted(rows, pool), 12, weights)
+    assert selection.indices.tolist() == rows[local].tolist() and selection.params["herding_sample"] == len(rows)
+
+
 # ---------------------------------------------------------------- DropQuery
 
 def all_features_head(x):
