@@ -409,7 +409,7 @@ STRATEGIES: dict[str, Strategy] = {row.name: row for row in (
     Strategy("probcover", _build_probcover, incremental=True, randomised=True,  # δ auto: seeded pseudo-labels
              options=(DELTA, PURITY, PSEUDO_CLASSES, NEIGHBOURS), label="ProbCover"),
     Strategy("maxherding", _build_maxherding, incremental=True, options=(BANDWIDTH, HERDING_SAMPLE),
-             label="MaxHerding"),
+             label="MaxHerding"),  # not randomised up to --herding-sample rows; above, its sample is seeded
     *(Strategy(name, _uncertainty_builder(name), incremental=True, needs_features=False, needs_labels=True,
                needs_model=True, label=label)
       for name, label in (("entropy", "Max-Entropy"), ("margin", "Margin"), ("least_confidence", "Least confidence"))),
