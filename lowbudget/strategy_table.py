@@ -258,16 +258,23 @@ def _build_probcover(inputs: Inputs, options: Options) -> Step:
     return step
 
 
-def _herding_rows(inputs: Inputs, options: Options, name: str) -> Callable[[np.ndarray], np.ndarray]:
-    """rows(labelled): the rows, ascending, that MaxHerding and UHerding cover and pick from in a round: every
-    row up to --herding-sample of them; else a seeded random sample of that many, drawn once per run, with the
-    round's labelled pool added."""
+def _herding_rows(inputs: Inputs, options: Options, name: str) -> Callable[[np.ndarray, int], np.ndarray]:
+    """rows(labelled, budget): the rows, ascending, that MaxHerding and UHerding cover and pick from in a round:
+    every row up to --herding-sample of them; else a seeded random sample of that many, drawn once per run,
+    with the round's labelled pool added (a UsageError when it has fewer than `budget` rows to pick)."""
     size, n = options["herding_sample"], inputs.num_rows
     if size == 0 or n <= size:
-        return lambda labelled: np.arange(n)
+        return lambda labelled, budget: np.arange(n)
     sample = np.sort(np.random.default_rng(inputs.seed).choice(n, size, replace=False))
     inputs.log(f"=> {name}: a seeded sample of {size:,} of the {n:,} rows, and the labelled pool (--herding-sample)")
-    return lambda labelled: np.union1d(sample, labelled)
+
+    def rows(labelled: np.ndarray, budget: int) -> np.ndarray:
+        sampled = np.union1d(sample, labelled)
+        if budget > len(sampled) - len(labelled):
+            raise UsageError(f"--herding-sample: {budget} picks asked of a sample with {len(sampled) - len(labelled)} "
+                             "unlabelled images; raise it, or 0 for every image")
+        return sampled
+    return rows
 
 
 def _herding_kernel(inputs: Inputs, options: Options, labelled: np.ndarray, name: str, rows: np.ndarray
@@ -295,7 +302,7 @@ def _build_maxherding(inputs: Inputs, options: Options) -> Step:
     last: list[tuple[np.ndarray, strategies.HerdingGreedy]] = []
 
     def step(labelled: np.ndarray, budget: int) -> Selection:
-        rows = rows_of(labelled)
+        rows = rows_of(labelled, budget)
         local = np.searchsorted(rows, labelled)
         kernel = _herding_kernel(inputs, options, labelled, "maxherding", rows)
         if not (last and np.array_equal(last[0][0], rows) and last[0][1].continues(kernel.bandwidth, local)):
@@ -342,7 +349,7 @@ def _build_uherding(inputs: Inputs, options: Options) -> Step:
     rows_of = _herding_rows(inputs, options, "uherding")
 
     def step(labelled: np.ndarray, budget: int) -> Selection:
-        rows = rows_of(labelled)
+        rows = rows_of(labelled, budget)
         candidates = np.intersect1d(_unlabelled(inputs, labelled), rows, assume_unique=True)
         weights = np.ones(len(rows))
         temperature = 1.0

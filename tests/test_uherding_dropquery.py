@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from lowbudget import strategies as S
+from lowbudget.cli import UsageError
 from lowbudget.strategy_table import STRATEGIES, Inputs
 from tests.conftest import unit_rows
 from tests.test_low_budget import brute_force_herding, small_blocks
@@ -165,6 +166,8 @@ def test_maxherding_above_herding_sample_is_herding_on_a_seeded_sample_and_the_p
     assert np.r_[first.indices, step(np.r_[pool, first.indices], 9).indices].tolist() == selection.indices.tolist()
     assert not np.array_equal(table_step("maxherding", x, None, None, seed=4, herding_sample=120)(pool, 15).indices,
                               selection.indices)
+    with pytest.raises(UsageError, match="--herding-sample: 121 picks asked of a sample with 120 unlabelled"):
+        table_step("maxherding", x, None, None, seed=3, herding_sample=120)(pool, 121)
     for every_row in (300, 0):  # at most --herding-sample rows, or 0: every row, the exact greedy
         exact = table_step("maxherding", x, None, None, herding_sample=every_row)(pool, 15)
         assert exact.indices.tolist() == brute_force_herding(x, 0.5, pool, 15) and "herding_sample" not in exact.params
