@@ -356,7 +356,7 @@ def _build_uherding(inputs: Inputs, options: Options) -> Step:
         if len(labelled):
             temperature = _temperature(inputs, labelled, holdout)
             weights[np.searchsorted(rows, candidates)] = inputs.model_scores(
-                candidates, lambda head, x, rows: strategies.margin_uncertainty(head(x), temperature))
+                candidates, lambda head, x, batch_rows: strategies.margin_uncertainty(head(x), temperature))
         kernel = _herding_kernel(inputs, options, labelled, "uherding", rows)
         selection = strategies.uherding_select(kernel, np.searchsorted(rows, labelled), budget, weights,
                                                seed=inputs.seed, progress=inputs.verbose)
