@@ -143,8 +143,8 @@ NEIGHBOURS = Option("--neighbours", "auto", "probcover: nearest-neighbour search
                     choices=faiss_ops.NEIGHBOUR_SEARCHES)
 HERDING_BANDWIDTH = 0.5  # h measured best for MaxHerding (docs/strategies.md); also auto's while labels are few
 BANDWIDTH_HELP = ("h of the Gaussian kernel exp(-|x-y|^2 / h^2) on the L2-normalised features, exact over all "
-                  f"points; auto: the smallest distance between two labelled points ({HERDING_BANDWIDTH} while "
-                  "fewer than two)")
+                  "points (up to --herding-sample); auto: the smallest distance between two labelled points "
+                  f"({HERDING_BANDWIDTH} while fewer than two)")
 BANDWIDTH = Option("--bandwidth", HERDING_BANDWIDTH, f"maxherding: {BANDWIDTH_HELP} (default {HERDING_BANDWIDTH})",
                    cli.auto_or_positive, metavar="auto|H")
 UHERDING_BANDWIDTH = Option("--bandwidth", None, f"uherding: {BANDWIDTH_HELP} (default auto)", cli.auto_or_positive,
