@@ -277,14 +277,18 @@ def _herding_rows(inputs: Inputs, options: Options, name: str) -> Callable[[np.n
     return rows
 
 
-def _herding_kernel(inputs: Inputs, options: Options, labelled: np.ndarray, name: str, rows: np.ndarray
-                    ) -> strategies.HerdingKernel:
-    """The kernel of this round over `rows`: --bandwidth h, or with auto the smallest distance between two
-    labelled points (HERDING_BANDWIDTH while there are fewer than two)."""
+def _bandwidth(inputs: Inputs, options: Options, labelled: np.ndarray, name: str) -> float:
+    """This round's kernel bandwidth: --bandwidth h, or with auto the smallest distance between two labelled
+    points (HERDING_BANDWIDTH while there are fewer than two)."""
     bandwidth = options["bandwidth"]
     if bandwidth is None:
         bandwidth = strategies.labelled_bandwidth(inputs.feats, labelled, inputs.gpu) or HERDING_BANDWIDTH
     inputs.log(f"=> {name}: Gaussian kernel exp(-|x-y|^2 / h^2), h = {bandwidth:.4f}")
+    return bandwidth
+
+
+def _herding_kernel(inputs: Inputs, rows: np.ndarray, bandwidth: float) -> strategies.HerdingKernel:
+    """The kernel of bandwidth h over `rows` (every row: the features themselves, no copy)."""
     feats = inputs.feats if len(rows) == inputs.num_rows else inputs.feats[rows]
     return strategies.herding_kernel(feats, bandwidth, inputs.device)
 
@@ -304,8 +308,9 @@ def _build_maxherding(inputs: Inputs, options: Options) -> Step:
     def step(labelled: np.ndarray, budget: int) -> Selection:
         rows = rows_of(labelled, budget)
         local = np.searchsorted(rows, labelled)
-        kernel = _herding_kernel(inputs, options, labelled, "maxherding", rows)
-        if not (last and np.array_equal(last[0][0], rows) and last[0][1].continues(kernel.bandwidth, local)):
+        bandwidth = _bandwidth(inputs, options, labelled, "maxherding")
+        if not (last and np.array_equal(last[0][0], rows) and last[0][1].continues(bandwidth, local)):
+            kernel = _herding_kernel(inputs, rows, bandwidth)
             last[:] = [(rows, strategies.HerdingGreedy(kernel, local, progress=inputs.verbose))]
         return _in_pool(last[0][1].take(budget, seed=inputs.seed), rows, inputs.num_rows)
     return step
@@ -357,7 +362,7 @@ def _build_uherding(inputs: Inputs, options: Options) -> Step:
             temperature = _temperature(inputs, labelled, holdout)
             weights[np.searchsorted(rows, candidates)] = inputs.model_scores(
                 candidates, lambda head, x, batch_rows: strategies.margin_uncertainty(head(x), temperature))
-        kernel = _herding_kernel(inputs, options, labelled, "uherding", rows)
+        kernel = _herding_kernel(inputs, rows, _bandwidth(inputs, options, labelled, "uherding"))
         selection = strategies.uherding_select(kernel, np.searchsorted(rows, labelled), budget, weights,
                                                seed=inputs.seed, progress=inputs.verbose)
         return _in_pool(Selection(selection.indices, selection.filled,
