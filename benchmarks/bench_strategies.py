@@ -24,7 +24,8 @@ printed:
 3. ImageNet scale (not with --quick or --skip-imagenet): 1,281,167 x 512 features (2.6 GB),
    `coreset_select` with 13,000 picks from a 1,000 random pool (target <= 3 min) and `kmeans_select` with
    budget 1,000, and MaxHerding with budget 1,000 from an empty pool as sampler.py runs it (on a seeded
-   sample of --herding-sample rows: target <= 20 min, peak <= 2 x matrix). Each step runs in its own
+   sample of --herding-sample rows: target <= 20 min, peak <= 2 x matrix), and ProbCover as in part 7
+   (target <= 20 min, peak <= 2 x matrix). Each step runs in its own
    freshly spawned process that builds the features itself, so its peak RSS (VmHWM of that process) holds
    the matrix exactly once; printed as a multiple of the matrix size. Target: peak <= 1.5 x matrix. After
    core-set, the same process runs the plain greedy for --coreset-reference-picks picks (100) and
@@ -53,9 +54,9 @@ printed:
    points, x 1 for the sample) and the objectives. --kmeans-many-only runs just this part.
 7. ProbCover's neighbours, exact against approximate (--neighbours ivf), each in a spawned process,
    60,000 x 1,280 (--approximate-feats FILE: real features from an .npz/.npy instead), budget 1,000
-   from an empty pool, δ auto under 10 pseudo-classes: time, the IVF recall@64 and probes, δ, the
-   share of common picks (target >= 95 %) and the peak RSS; then, unless --skip-imagenet, ProbCover
-   with IVF at 1,281,167 x 512, budget 1,000 (target <= 20 min, peak <= 2 x matrix).
+   from an empty pool, δ auto under 10 pseudo-classes: time, the inverted file's recall@64 and probed
+   cells, δ, the share of common picks (target >= 95 %) and the peak RSS; then, unless --skip-imagenet,
+   ProbCover with the inverted file at 1,281,167 x 512, budget 1,000 (target <= 20 min, peak <= 2 x matrix).
    --approximate-only runs just this part.
 
 Parts 1 and 2 report the best of --repeats runs (default 3; the two sides of a ratio interleaved),
@@ -501,7 +502,7 @@ def approximate_features(rows: int, dim: int, seed: int, path: str | None) -> np
 def child_probcover_neighbours(rows: int, dim: int, budget: int, method: str, seed: int, path: str | None,
                                threads: int | None) -> dict[str, Any]:
     """Body of a fresh child process: ProbCover (δ auto, 10 pseudo-classes) from an empty pool with `method`
-    neighbours: its picks, δ, time, the recall and probes of the IVF index, the peak RSS."""
+    neighbours: its picks, δ, time, the recall and probed cells of the inverted file, the peak RSS."""
     set_threads(threads)
     feats = approximate_features(rows, dim, seed, path)
     start = time.perf_counter()
@@ -513,8 +514,8 @@ def child_probcover_neighbours(rows: int, dim: int, budget: int, method: str, se
     return {"seconds": time.perf_counter() - start, "index": index_s, "picks": selection.indices, "delta": delta,
             "covered": covered,
             "recall": None if approximate is None else approximate.recall,
-            "probes": None if approximate is None else approximate.index.nprobe,
-            "lists": None if approximate is None else approximate.index.nlist,
+            "probes": None if approximate is None else approximate.probes,
+            "cells": None if approximate is None else approximate.cells,
             "peak": memory_status("VmHWM"), "matrix": feats.nbytes, "rows": len(feats), "dim": feats.shape[1]}
 
 
@@ -526,14 +527,15 @@ def run_probcover_neighbours(rows: int, dim: int, budget: int, method: str, seed
 
 def describe_probcover(name: str, r: dict[str, Any]) -> str:
     index = "" if r["recall"] is None else (f" ({r['index']:.1f} s of it the index and its probes), recall@64 "
-                                            f"{r['recall']:.3f} ({r['probes']} of {r['lists']} lists probed)")
+                                            f"{r['recall']:.3f} ({r['probes']} of {r['cells']} cells probed)")
     return (f"  {name}: {r['seconds']:.1f} s{index}, delta {r['delta']:.4f}, {r['covered']:.2%} covered, "
             f"peak RSS {r['peak'] / GIB:.2f} GiB = {r['peak'] / r['matrix']:.2f} x matrix")
 
 
 def bench_probcover_neighbours(rows: int, dim: int, budget: int, seed: int, threads: int | None,
                                path: str | None = None) -> None:
-    """ProbCover with exact against IVF neighbours, each in a fresh process: time, recall, δ, common picks."""
+    """ProbCover with exact against inverted-file neighbours, each in a fresh process: time, recall, δ, common
+    picks."""
     exact = run_probcover_neighbours(rows, dim, budget, "exact", seed, path, threads)
     ivf = run_probcover_neighbours(rows, dim, budget, "ivf", seed, path, threads)
     common = len(np.intersect1d(exact["picks"], ivf["picks"])) / budget
@@ -546,7 +548,7 @@ def bench_probcover_neighbours(rows: int, dim: int, budget: int, seed: int, thre
 
 
 def bench_probcover_imagenet(rows: int, budget: int, seed: int, threads: int | None) -> None:
-    """ProbCover with IVF neighbours at ImageNet scale, in a fresh process: time and peak memory."""
+    """ProbCover with inverted-file neighbours at ImageNet scale, in a fresh process: time and peak memory."""
     r = run_probcover_neighbours(rows, DIM, budget, "ivf", seed, None, threads)
     slow = r["seconds"] > 20 * 60 or r["peak"] > 2 * r["matrix"]
     print(f"imagenet probcover (ivf) {rows}x{DIM}, budget {budget}: (targets <= 20 min, <= 2 x matrix)"
@@ -562,7 +564,7 @@ def kmeans_many_size(args: argparse.Namespace) -> tuple[int, int, int]:
     return rows, clusters, niter
 
 
-IMAGENET_STEPS = ("coreset", "kmeans", "kmeans-many", "maxherding")
+IMAGENET_STEPS = ("coreset", "kmeans", "kmeans-many", "maxherding", "probcover")
 
 
 def parse_args() -> argparse.Namespace:
@@ -645,6 +647,8 @@ def main() -> None:
                                 args.seed, args.threads, target_s=180)
         elif step in ("kmeans", "maxherding"):
             bench_imagenet(step, args.imagenet_rows, 1000, args.seed, args.threads)
+        elif step == "probcover":
+            bench_probcover_imagenet(args.imagenet_rows, 1000, args.seed, args.threads)
         else:
             bench_kmeans_many(args.imagenet_rows, 13_000, 2, args.seed, args.threads)
 

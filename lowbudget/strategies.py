@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from lowbudget import faiss_ops
+from lowbudget import faiss_ops, ivf
 
 _NONE = np.iinfo(np.int64).max
 
@@ -424,51 +424,44 @@ def typiclust_select(feats: np.ndarray, labeled: np.ndarray, budget: int, knn: i
 
 @dataclass(frozen=True)
 class Neighbours:
-    """The k nearest rows of every row (exact, or as an approximate index found them): squared L2
+    """The k nearest rows of every row (exact, or as the inverted file found them): squared L2
     distances (ascending) and row indices."""
     sq_dist: np.ndarray  # N x k
-    index: np.ndarray  # N x k int64
+    index: np.ndarray  # N x k int64 (exact) or int32 (inverted file, below 2^31 rows)
 
 
-PROBCOVER_KNN = 64  # neighbours of ProbCover's k-NN pass; an approximate index is tuned to its recall@k
+PROBCOVER_KNN = 64  # neighbours of ProbCover's k-NN pass; the inverted file is tuned to its recall@k
 
 
 def probcover_index(feats: np.ndarray, method: str, k: int = PROBCOVER_KNN, seed: int = 0, gpu: bool = False
-                    ) -> faiss_ops.TunedIndex | None:
-    """The IVF index ProbCover searches when `method` ("auto", "exact", "ivf") asks for one (faiss_ops.uses_ivf),
+                    ) -> ivf.CellIndex | None:
+    """The inverted file ProbCover searches when `method` ("auto", "exact", "ivf") asks for one (ivf.uses_ivf),
     its probes tuned to recall@k >= 0.95 on a seeded sample; None for exact search."""
-    if not faiss_ops.uses_ivf(method, len(feats), gpu):
+    if not ivf.uses_ivf(method, len(feats), gpu):
         return None
-    return faiss_ops.tuned_ivf_index(feats, k, seed)
-
-
-_QUERY_BLOCK = 65536  # rows per approximate search call (float32 copy and progress)
+    return ivf.tuned_cell_index(feats, k, seed)
 
 
 def nearest_neighbours(feats: np.ndarray, k: int, gpu: bool = False,
-                       approximate: faiss_ops.TunedIndex | None = None) -> Neighbours:
+                       approximate: ivf.CellIndex | None = None) -> Neighbours:
     """k-NN of every row among all rows (the row itself included), O(N k) memory: faiss exact search,
-    or the `approximate` index's search (a row it finds fewer than k neighbours for is padded with
+    or the `approximate` inverted file's search (a row it finds fewer than k neighbours for is padded with
     itself at infinite distance)."""
     k = min(k, len(feats))
     if approximate is None:
         sq_dist, index = faiss_ops.flat_search(feats, feats, k, gpu)
         return Neighbours(np.maximum(sq_dist, 0), index)
-    sq_dist, index = np.empty((len(feats), k), np.float32), np.empty((len(feats), k), np.int64)
-    for start in tqdm(range(0, len(feats), _QUERY_BLOCK), desc="ivf k-NN", disable=len(feats) <= _QUERY_BLOCK):
-        block = slice(start, start + _QUERY_BLOCK)
-        sq_dist[block], index[block] = approximate.index.search(faiss_ops.as_float32(feats[block]), k)
+    sq_dist, index = ivf.search(feats, approximate, np.arange(len(feats)), k)
     missing = index < 0
     index[missing] = np.nonzero(missing)[0]
-    sq_dist[missing] = np.inf
-    return Neighbours(np.maximum(sq_dist, 0), index)
+    return Neighbours(sq_dist, index)
 
 
 def nearest_other_label(feats: np.ndarray, labels: np.ndarray, rows: np.ndarray, gpu: bool = False,
-                        approximate: faiss_ops.TunedIndex | None = None) -> np.ndarray:
+                        approximate: ivf.CellIndex | None = None) -> np.ndarray:
     """Distance from each of `rows` to the nearest row with another label (inf when there is none): per
-    label, one faiss search of its rows among all rows of other labels, exact, or in the `approximate`
-    index restricted to those rows (exact for the rows it finds none for in its probed lists)."""
+    label, one faiss search of its rows among all rows of other labels, exact, or among the probed cells
+    of the `approximate` inverted file (exact, a block of rows at a time, for the rows it finds none for)."""
     dist = np.full(len(rows), np.inf)
     for label in np.unique(labels[rows]):
         queries = np.flatnonzero(labels[rows] == label)
@@ -476,17 +469,19 @@ def nearest_other_label(feats: np.ndarray, labels: np.ndarray, rows: np.ndarray,
         if not others.any():
             continue
         if approximate is not None:
-            sq, found = faiss_ops.search_among(approximate.index, feats[rows[queries]], others, 1)
-            dist[queries] = np.where(found[:, 0] >= 0, np.sqrt(np.maximum(sq[:, 0], 0)), np.inf)
-            queries = queries[found[:, 0] < 0]
-        if len(queries):
+            sq, found = ivf.nearest_allowed(feats, approximate, rows[queries], others)
+            dist[queries] = np.sqrt(sq)
+            queries = queries[found < 0]
+            if len(queries):
+                dist[queries] = np.sqrt(ivf.exact_search(feats, feats[rows[queries]], 1, others)[0][:, 0])
+        elif len(queries):
             sq, _ = faiss_ops.flat_search(feats[others], feats[rows[queries]], 1, gpu)
             dist[queries] = np.sqrt(np.maximum(sq[:, 0], 0))
     return dist
 
 
 def purity_delta(feats: np.ndarray, pseudo_labels: np.ndarray, purity: float, neighbours: Neighbours,
-                 gpu: bool = False, approximate: faiss_ops.TunedIndex | None = None) -> float:
+                 gpu: bool = False, approximate: ivf.CellIndex | None = None) -> float:
     """The largest δ whose balls are pure for at least a `purity` share of the points (ProbCover's
     heuristic), computed exactly instead of on a grid.
 
@@ -496,7 +491,8 @@ def purity_delta(feats: np.ndarray, pseudo_labels: np.ndarray, purity: float, ne
     distance, and only the points for which that bound cannot settle the answer are searched in full.
     """
     n = len(feats)
-    other = pseudo_labels[neighbours.index] != pseudo_labels[:, None]
+    labels = pseudo_labels.astype(np.int32)  # the N x k gather below at half the memory
+    other = labels[neighbours.index] != labels[:, None]
     found = other.any(1)
     dist = np.full(n, np.inf)
     dist[found] = np.sqrt(neighbours.sq_dist[found, other[found].argmax(1)])
@@ -524,28 +520,36 @@ def _csr(n: int, rows: np.ndarray, cols: np.ndarray) -> CoverGraph:
     return CoverGraph(indptr.astype(np.int64), (keys % n).astype(np.int32 if n < 2 ** 31 else np.int64))
 
 
-def _range_edges(feats: np.ndarray, rows: np.ndarray, delta: float, max_edges: int, block: int = 4096,
-                 approximate: faiss_ops.TunedIndex | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """All (row, y) with |x_row - y| < δ, from faiss range searches over blocks of `rows` in an exact flat
-    index (CPU: faiss has no range search on GPU flat indexes), or in the `approximate` one's probed lists."""
-    if not len(rows):
-        return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    index = faiss_ops.flat_index(feats, gpu=False) if approximate is None else approximate.index
-    sources, targets, edges = [], [], 0
+def _range_blocks(feats: np.ndarray, rows: np.ndarray, delta: float, approximate: ivf.CellIndex | None,
+                  block: int = 4096) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(row, y) pairs with |x_row - y| < δ, a block at a time: faiss range searches of an exact flat index
+    (CPU: faiss has no range search on GPU flat indexes), or among the `approximate` inverted file's probed cells."""
+    if approximate is not None:
+        yield from ivf.range_pairs(feats, approximate, rows, delta * delta)
+        return
+    index = faiss_ops.flat_index(feats, gpu=False)
     for start in range(0, len(rows), block):
         queries = rows[start:start + block]
         lims, _, found = index.range_search(faiss_ops.as_float32(feats[queries]), delta * delta)
         limits = lims.astype(np.int64)  # uint64 from faiss, which repeat refuses
-        sources.append(np.repeat(queries, limits[1:] - limits[:-1]))
-        targets.append(found)
-        edges += len(found)
+        yield np.repeat(queries, limits[1:] - limits[:-1]), found
+
+
+def _range_edges(feats: np.ndarray, rows: np.ndarray, delta: float, max_edges: int,
+                 approximate: ivf.CellIndex | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """All (row, y) with |x_row - y| < δ for `rows` (_range_blocks); ValueError past `max_edges`."""
+    sources, targets, edges = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)], 0
+    for source, target in _range_blocks(feats, rows, delta, approximate) if len(rows) else []:
+        sources.append(source)
+        targets.append(target)
+        edges += len(target)
         if edges > max_edges:
             raise ValueError(f"δ = {delta:.4g} gives more than {max_edges} edges; choose a smaller δ")
     return np.concatenate(sources), np.concatenate(targets)
 
 
 def cover_graph(feats: np.ndarray, delta: float, neighbours: Neighbours, max_edges: int = 2 ** 29,
-                approximate: faiss_ops.TunedIndex | None = None) -> CoverGraph:
+                approximate: ivf.CellIndex | None = None) -> CoverGraph:
     """Edges x - y for |x - y| < δ, and x - x, as a sparse edge list: memory grows with the number
     of edges, never N x N. A ball smaller than the k precomputed neighbours is read off them; the
     rows whose k-th neighbour is still inside δ are range-searched in full (in the `approximate`
@@ -564,7 +568,7 @@ def cover_graph(feats: np.ndarray, delta: float, neighbours: Neighbours, max_edg
 
 def probcover_graph(feats: np.ndarray, delta: float | None = None, purity: float = 0.95,
                     pseudo_classes: int | None = 10, neighbours: int = PROBCOVER_KNN, seed: int = 0,
-                    gpu: bool = False, approximate: faiss_ops.TunedIndex | None = None) -> tuple[CoverGraph, float]:
+                    gpu: bool = False, approximate: ivf.CellIndex | None = None) -> tuple[CoverGraph, float]:
     """ProbCover's ball graph and its δ: the given one, or when None the purity heuristic under
     k-means pseudo-labels with `pseudo_classes` clusters (one faiss run, seeded). One k-NN pass with
     `neighbours` neighbours serves both the heuristic and the graph; every search is exact, or made in

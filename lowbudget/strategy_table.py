@@ -19,7 +19,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from lowbudget import cli, datasets, faiss_ops, strategies, vaal
+from lowbudget import cli, datasets, faiss_ops, ivf, strategies, vaal
 from lowbudget.cli import UsageError
 from lowbudget.strategies import Selection
 
@@ -137,10 +137,11 @@ PSEUDO_CLASSES = Option("--pseudo-classes", None, "probcover: clusters of the ps
                         "(default: the number of classes in the labels; required without labels)",
                         cli.int_at_least(2), metavar="K")
 NEIGHBOURS = Option("--neighbours", "auto", "probcover: nearest-neighbour search: exact (faiss flat, N^2 distances), "
-                    "ivf (approximate: an IVF index whose probed lists are raised until recall@64 on 1,000 sampled "
-                    f"rows reaches {faiss_ops.TARGET_RECALL}; printed and recorded), or auto: ivf from "
-                    f"{faiss_ops.APPROXIMATE_FROM_ROWS:,} rows on a CPU, exact below and on a GPU",
-                    choices=faiss_ops.NEIGHBOUR_SEARCHES)
+                    "ivf (approximate: an inverted file of 2 sqrt(N) cells searched by matrix products, its probed "
+                    f"cells raised until recall@64 on 1,000 sampled rows reaches {ivf.TARGET_RECALL}; printed and "
+                    f"recorded), or auto: ivf from {ivf.APPROXIMATE_FROM_ROWS:,} rows on a CPU, exact below "
+                    "and on a GPU",
+                    choices=ivf.NEIGHBOUR_SEARCHES)
 HERDING_BANDWIDTH = 0.5  # h measured best for MaxHerding (docs/strategies.md); also auto's while labels are few
 BANDWIDTH_HELP = ("h of the Gaussian kernel exp(-|x-y|^2 / h^2) on the L2-normalised features, exact over all "
                   "points (up to --herding-sample); auto: the smallest distance between two labelled points "
@@ -234,9 +235,9 @@ def _build_probcover(inputs: Inputs, options: Options) -> Step:
         raise UsageError(f"--pseudo-classes: {classes} clusters for {inputs.num_rows} points")
     approximate = strategies.probcover_index(inputs.feats, options["neighbours"], seed=inputs.seed, gpu=inputs.gpu)
     if approximate is not None:
-        inputs.log(f"=> probcover: approximate neighbours (IVF, {approximate.index.nlist} lists, "
-                   f"{approximate.index.nprobe} probed): recall@{approximate.k} {approximate.recall:.3f} on "
-                   f"{min(faiss_ops.RECALL_QUERIES, inputs.num_rows)} sampled rows (target {faiss_ops.TARGET_RECALL})")
+        inputs.log(f"=> probcover: approximate neighbours (IVF, {approximate.cells} cells, "
+                   f"{approximate.probes} probed): recall@{approximate.k} {approximate.recall:.3f} on "
+                   f"{min(ivf.RECALL_QUERIES, inputs.num_rows)} sampled rows (target {ivf.TARGET_RECALL})")
     try:
         graph, delta = strategies.probcover_graph(inputs.feats, delta, purity, classes, seed=inputs.seed,
                                                   gpu=inputs.gpu, approximate=approximate)
