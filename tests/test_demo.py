@@ -136,4 +136,4 @@ def test_methods_run_with_the_first_seed_only_pick_alike_for_every_seed():
         picks = [row.build(Inputs(feats, None, seed=seed, log=lambda line: None), row.defaults())(
             np.zeros(0, np.int64), 15).indices.tolist() for seed in (0, 1, 2)]
         assert picks[0] == picks[1] == picks[2], name
-    assert demo.SEED_FREE == {"maxherding"} and demo.FIRST_SEED_ONLY == {"vaal", "maxherding"}
+    assert demo.SEED_FREE == {"maxherding"} and demo.FIRST_SEED_ONLY == {"vaal", "uherding", "maxherding"}
