@@ -413,6 +413,13 @@ def mean_typicality(feats: np.ndarray, picks: np.ndarray, knn: int = 20) -> floa
     return float((1 / (np.maximum(sq_dist[:, 1:], 0).mean(1) + 1e-5)).mean())
 
 
+def pick_quality(feats: np.ndarray, labels: np.ndarray, picks: np.ndarray) -> dict[str, float]:
+    """Mixture components the picks cover, and the accuracy of labelling every row by its nearest pick."""
+    _, nearest = faiss_ops.flat_search(feats[picks], feats, 1)
+    accuracy = float((labels[picks][nearest[:, 0]] == labels).mean())
+    return {"classes": len(np.unique(labels[picks])), "accuracy": accuracy}
+
+
 def child_typiclust(rows: int, dim: int, budget: int, seed: int, kmeans: faiss_ops.KmeansSettings | None,
                     threads: int | None) -> dict[str, float]:
     """Body of a fresh child process: TypiClust from an empty pool on the labelled mixture, its time, its
@@ -423,12 +430,9 @@ def child_typiclust(rows: int, dim: int, budget: int, seed: int, kmeans: faiss_o
     selection, seconds = timed(strategies.typiclust_select, feats, np.zeros(0, np.int64), budget, seed=seed,
                                kmeans=kmeans)
     picks = selection.indices
-    _, nearest = faiss_ops.flat_search(feats[picks], feats, 1)
     return {"seconds": seconds, "objective": selection.params["kmeans_objective"],
-            "nredo": selection.params["nredo"],
-            "typicality": mean_typicality(feats, picks),
-            "classes": len(np.unique(labels[picks])),
-            "accuracy": float((labels[picks][nearest[:, 0]] == labels).mean())}
+            "nredo": selection.params["nredo"], "typicality": mean_typicality(feats, picks),
+            **pick_quality(feats, labels, picks)}
 
 
 def bench_typiclust(rows: int, dim: int, budget: int, seed: int, threads: int | None) -> None:
@@ -465,10 +469,7 @@ def child_skactiveml_typiclust(rows: int, dim: int, budget: int, seed: int, thre
     set_threads(threads)
     feats, labels = synthetic_mixture(rows, seed, dim)
     picks, seconds = timed(TypiClust(random_state=seed, k=20).query, feats, np.full(rows, np.nan), batch_size=budget)
-    picks = np.asarray(picks, dtype=np.int64)
-    _, nearest = faiss_ops.flat_search(feats[picks], feats, 1)
-    return {"seconds": seconds, "classes": len(np.unique(labels[picks])),
-            "accuracy": float((labels[picks][nearest[:, 0]] == labels).mean())}
+    return {"seconds": seconds, **pick_quality(feats, labels, np.asarray(picks, dtype=np.int64))}
 
 
 # ---------------------------------------------------------------- 6. k-means with many clusters
