@@ -21,11 +21,12 @@ What is printed:
    it, so the ratio cannot pass forward / (forward + decoding) however the work is spread: the bound
    printed (a forward pass that leaves cores idle leaves room above it).
 2. Precision, at 112 px: forward speed of float32, float32 channels-last, and bf16 and fp16 autocast with
-   channels-last (as `extract(precision=...)` runs them), on the CPU (and on CUDA when
-   present), each as a ratio to float32 on that device, with the agreement of its features with
-   float32: cosine per image (min, mean) and the share of k-means picks (`strategies.kmeans_select`)
-   that differ. The bar for a default: cosine >= 0.999 for every image and <= 2 % of picks differing.
-   fp16 on the CPU is slow (emulated) and is there for its agreement: what fp16 on CUDA would give.
+   channels-last (--precision fp32, fp32-cl, bf16, fp16, as `extract(precision=...)` runs them), on the
+   CPU (and on CUDA when present), each as a ratio to float32 on that device, with the agreement of its
+   features with float32: cosine per image (min, mean) and the share of k-means picks
+   (`strategies.kmeans_select`) that differ. The bar for a default: cosine >= 0.999 for every image and
+   <= 2 % of picks differing. fp16 on the CPU is slow (emulated) and is there for its agreement: what
+   fp16 on CUDA would give.
 
 Every ratio is against a reference measured in the same run; part 1's speeds are the best of --repeats
 passes (the runs compared interleaved), part 2's one pass each. About 4 minutes on 2 idle cores (far more
@@ -40,7 +41,6 @@ import os
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -53,7 +53,7 @@ from torchvision import transforms as T
 from lowbudget import datasets, strategies
 from lowbudget.backbones import build_backbone
 from lowbudget.features import extract
-from lowbudget.runtime import inference_autocast
+from lowbudget.runtime import for_inference, inference_autocast
 
 ARCHS = ("mobilenet_v2", "resnet18")
 SIZES = (64, 112)
@@ -63,16 +63,7 @@ COSINE_BAR, PICKS_BAR = 0.999, 0.02
 BATCH = 64
 
 
-@dataclass(frozen=True)
-class Variant:
-    """One way of running the forward pass: autocast precision and weight layout."""
-    name: str
-    precision: str  # 'fp32', 'bf16' or 'fp16' (runtime.inference_autocast)
-    channels_last: bool
-
-
-VARIANTS = (Variant("fp32", "fp32", False), Variant("fp32 channels_last", "fp32", True),
-            Variant("bf16 channels_last", "bf16", True), Variant("fp16 channels_last", "fp16", True))
+PRECISIONS = ("fp32", "fp32-cl", "bf16", "fp16")  # --precision's choices, as extract() runs them
 
 
 # ---------------------------------------------------------------- helpers
@@ -129,10 +120,9 @@ def forward(model: nn.Module, batches: list[torch.Tensor], device: torch.device,
     return F.normalize(torch.cat(out).float(), dim=1).cpu().numpy()
 
 
-def prepared(model: nn.Module, variant: Variant, device: torch.device) -> nn.Module:
-    """A copy of `model` on `device` in the variant's weight layout."""
-    model = copy.deepcopy(model).to(device)
-    return model.to(memory_format=torch.channels_last) if variant.channels_last else model
+def prepared(model: nn.Module, precision: str, device: torch.device) -> nn.Module:
+    """A copy of `model` on `device` in the weight layout `precision` runs with."""
+    return for_inference(copy.deepcopy(model), precision, device)
 
 
 def agreement(feats: np.ndarray, reference: np.ndarray, budget: int) -> tuple[float, float, float]:
@@ -227,16 +217,16 @@ def precision_effect(count: int, budget: int, device: torch.device) -> None:
     batches = decoded(synthetic_images(count, ARRAY_PX, seed=3), "cifar10", px)
     for arch in ARCHS:
         model = random_backbone(arch)
-        models = [prepared(model, variant, device) for variant in VARIANTS]
-        results = best_rates(1, count, *[lambda m=m, v=v: forward(m, batches, device, v.precision)
-                                               for m, v in zip(models, VARIANTS, strict=True)])
+        models = [prepared(model, precision, device) for precision in PRECISIONS]
+        results = best_rates(1, count, *[lambda m=m, p=p: forward(m, batches, device, p)
+                                               for m, p in zip(models, PRECISIONS, strict=True)])
         reference, reference_rate = results[0]
         assert isinstance(reference, np.ndarray)
-        for variant, (feats, rate) in zip(VARIANTS, results, strict=True):
+        for precision, (feats, rate) in zip(PRECISIONS, results, strict=True):
             assert isinstance(feats, np.ndarray)
             low, mean, differ = agreement(feats, reference, budget)
             passes = low >= COSINE_BAR and differ <= PICKS_BAR
-            print(f"  {arch:12s} {variant.name:19s}: {rate:7.1f} img/s = {rate / reference_rate:.2f}x fp32; "
+            print(f"  {arch:12s} {precision:8s}: {rate:7.1f} img/s = {rate / reference_rate:.2f}x fp32; "
                   f"cosine min {low:.6f} mean {mean:.6f}; picks differing {differ:.1%}"
                   f"{'' if passes else '  (fails the bar)'}")
 

@@ -11,7 +11,7 @@ from typing import NoReturn
 
 DATASET_NAMES = ("cifar10", "cifar100", "imagenet", "imagenet_lt", "fashion_mnist", "folder")
 BACKBONE_NAMES = ("compress", "moco", "torchvision", "random", "timm", "open_clip", "hf", "hub")
-PRECISION_NAMES = ("auto", "fp32", "bf16", "fp16")
+PRECISION_NAMES = ("auto", "fp32", "fp32-cl", "bf16", "fp16")
 FEATURE_DTYPES = ("float32", "float16")  # --feats-dtype: how features are held and cached
 
 
@@ -178,9 +178,10 @@ def add_backbone_args(parser: argparse.ArgumentParser, arch: str = "resnet50") -
 def add_precision_arg(parser: argparse.ArgumentParser) -> None:
     """--precision of the backbone's forward pass when it embeds images."""
     parser.add_argument("--precision", default="auto", choices=PRECISION_NAMES,
-                        help="backbone forward pass: fp32, or bf16/fp16 autocast with channels-last weights; auto "
-                             "= the fastest that agrees with fp32 on this device type: fp32 on CPU and CUDA, "
-                             "docs/speed.md (default: auto)")
+                        help="backbone forward pass: fp32 (plain float32), fp32-cl (float32 with channels-last "
+                             "weights), or bf16/fp16 autocast with channels-last weights; auto = the fastest that "
+                             "agrees with fp32 on this device type: fp32-cl on CPU, fp32 on CUDA, docs/speed.md "
+                             "(default: auto)")
 
 
 def add_val_feats_arg(parser: argparse.ArgumentParser) -> None:

@@ -95,8 +95,9 @@ def extract(model: nn.Module, images: datasets.Images, dataset: str, batch_size:
     """(L2-normalised features of every image in dataset order, {index: why} of the files that could not
     be decoded): each of those gets a zero row, or with `strict` is a UsageError at once. Images are
     transformed as the backbone's `preprocess` says (None: the dataset's protocol). `precision`:
-    'fp32', or 'bf16'/'fp16' autocast with channels-last weights (runtime.resolve_precision). The rows
-    are normalised in float32 and stored as `dtype` (float16: no float32 copy of all of them is made)."""
+    'fp32', 'fp32-cl', or 'bf16'/'fp16' autocast, the last three with channels-last weights
+    (runtime.resolve_precision). The rows are normalised in float32 and stored as `dtype` (float16: no
+    float32 copy of all of them is made)."""
     model = for_inference(model, precision, device)
     batches = datasets.decoded_batches(images, dataset, batch_size, workers, image_size, strict=strict,
                                        preprocess=preprocess, device=device)

@@ -36,8 +36,9 @@ def faiss_uses_gpu(device: torch.device) -> bool:
 
 
 # What --precision auto means per device type: measured by benchmarks/bench_embedding.py (docs/speed.md).
-AUTO_PRECISION = {"cpu": "fp32", "cuda": "fp32"}
+AUTO_PRECISION = {"cpu": "fp32-cl", "cuda": "fp32"}
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+CHANNELS_LAST = {"fp32-cl", *AUTOCAST_DTYPES}  # the precisions that run with channels-last weights
 
 
 def resolve_precision(name: str, device: torch.device) -> str:
@@ -46,17 +47,19 @@ def resolve_precision(name: str, device: torch.device) -> str:
 
 
 def inference_autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
-    """Plain float32 for 'fp32'; else autocast to bf16 or fp16 (float32 where torch keeps it, e.g. norms)."""
-    if precision == "fp32":
+    """Plain float32 for 'fp32' and 'fp32-cl'; else autocast to bf16 or fp16 (float32 where torch keeps it,
+    e.g. norms)."""
+    if precision not in AUTOCAST_DTYPES:
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=AUTOCAST_DTYPES[precision])
 
 
 def for_inference(model: nn.Module, precision: str, device: torch.device) -> nn.Module:
-    """`model` on `device` for `precision`: channels-last weights with reduced precision (the layout fast
-    bf16/fp16 convolutions use), untouched for fp32 so its output stays what it always was."""
+    """`model` on `device` for `precision`: channels-last weights (the layout the fast CPU convolutions and the
+    bf16/fp16 ones use; float32 sums in another order) except for 'fp32', whose output stays the plain
+    float32 forward pass's."""
     model = on_device(model.eval(), device)
-    return model if precision == "fp32" else model.to(memory_format=torch.channels_last)
+    return model.to(memory_format=torch.channels_last) if precision in CHANNELS_LAST else model
 
 
 def on_device(model: nn.Module, device: torch.device) -> nn.Module:

@@ -115,10 +115,11 @@ def test_demo_with_a_timm_backbone_from_a_file(tmp_path, fashion_root, capsys):
                                                     "--methods", "kmeans,random", "--budgets", "10,20",
                                                     "--seeds", "0"), capsys)
     assert status == 0, err
-    (path,) = out.glob("feats_train_300_resnet18_*_32px.npz")
+    (path,) = out.glob("feats_train_300_resnet18_*_32px_fp32-cl.npz")
     model, _, preprocess = load_backbone("resnet18", "timm", str(weights), 32)
     images = datasets.load_fashion_mnist(str(fashion_root), "train").subset(np.arange(300))
-    expected, _ = extract(model, images, "fashion_mnist", 100, 0, torch.device("cpu"), 32, preprocess=preprocess)
+    expected, _ = extract(model, images, "fashion_mnist", 100, 0, torch.device("cpu"), 32, precision="fp32-cl",
+                          preprocess=preprocess)
     assert preprocess.interpolation == "bicubic" and expected.shape == (300, 512)  # timm's, not the dataset's
     with np.load(path) as data:
         np.testing.assert_allclose(data["feats"], expected, atol=1e-5)

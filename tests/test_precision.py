@@ -1,5 +1,5 @@
-"""--precision: its choices, fp32 unchanged, bf16 on the CPU within the agreement bar, and the feature
-cache keyed by the precision it was computed in."""
+"""--precision: its choices, fp32 unchanged, channels-last fp32 (the CPU default) and bf16 on the CPU within
+the agreement bar, and the feature cache keyed by the precision it was computed in."""
 import subprocess
 import sys
 
@@ -33,16 +33,28 @@ def clustered_images(count: int, seed: int = 0) -> datasets.ArrayImages:
 def test_precision_flag_choices_and_default(capsys):
     parser = sampler.build_parser()
     assert parser.parse_args([]).precision == "auto"
-    for name in ("fp32", "bf16", "fp16"):
+    for name in ("fp32", "fp32-cl", "bf16", "fp16"):
         assert parser.parse_args(["--precision", name]).precision == name
     with pytest.raises(SystemExit) as exit_info:
         parser.parse_args(["--precision", "fp8"])
     assert exit_info.value.code == 2 and "--precision" in capsys.readouterr().err
 
 
-def test_auto_precision_is_fp32_on_cpu():
-    assert resolve_precision("auto", torch.device("cpu")) == "fp32"
+def test_auto_precision_is_channels_last_fp32_on_cpu_and_fp32_on_cuda():
+    assert resolve_precision("auto", torch.device("cpu")) == "fp32-cl"
+    assert resolve_precision("auto", torch.device("cuda")) == "fp32"
     assert resolve_precision("bf16", torch.device("cpu")) == "bf16"
+
+
+def test_channels_last_fp32_agrees_with_fp32(resnet18):
+    images, cpu = clustered_images(200), torch.device("cpu")
+    fp32, _ = features.extract(resnet18, images, "cifar10", 50, 0, cpu, desc="", precision="fp32")
+    channels_last, _ = features.extract(resnet18, images, "cifar10", 50, 0, cpu, desc="", precision="fp32-cl")
+    assert resnet18.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    resnet18.to(memory_format=torch.contiguous_format)  # the module is shared with the other tests
+    assert np.einsum("ij,ij->i", fp32, channels_last).min() >= 0.99999
+    picks = [strategies.kmeans_select(feats, 8, seed=0).indices for feats in (fp32, channels_last)]
+    assert np.array_equal(*picks)
 
 
 def test_fp32_features_are_the_plain_forward_pass(resnet18):

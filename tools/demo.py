@@ -41,7 +41,7 @@ from lowbudget.features import extract, file_name_part
 from lowbudget.fileio import atomic_write, text_digest
 from lowbudget.indices import index_path, read_indices, sidecar_path, write_indices
 from lowbudget.programs import load_program
-from lowbudget.runtime import resolve_device, seed_everything
+from lowbudget.runtime import resolve_device, resolve_precision, seed_everything
 from lowbudget.strategy_table import STRATEGIES, names
 
 PROGRAMS = {script: load_program(script)
@@ -88,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "--cached, and the head that active_sampler.py trains each round)")
     parser.add_argument("--vaal-epochs", default=VAAL_EPOCHS, type=cli.EPOCHS,
                         help="VAAL's training epochs per round (it runs with the first seed only)")
+    cli.add_precision_arg(parser)
     parser.add_argument("-b", "--batch-size", default=256, type=cli.int_at_least(1), help="inference batch size")
     parser.add_argument("-j", "--workers", default=2, type=cli.WORKERS, help="data-loading workers")
     return parser
@@ -148,18 +149,21 @@ def demo_weights(args: argparse.Namespace) -> str:
 
 def features_file(args: argparse.Namespace, split: str, count: int, weights: str, root: str, download: bool,
                   device: torch.device) -> str:
-    """An .npz of (feats, labels) for the first `count` images of `split`, made once per backbone and size."""
+    """An .npz of (feats, labels) for the first `count` images of `split`, made once per backbone, size and
+    precision."""
     random = args.backbone == "random"
     tag = f"random-seed{args.seeds.split(',')[0]}" if random else text_digest(
         f"{args.arch} {args.backbone} {weights_label(args.arch, args.backbone, weights)}")
-    path = os.path.join(args.out, f"feats_{split}_{count}_{file_name_part(args.arch)}_{tag}_{args.image_size}px.npz")
+    precision = resolve_precision(args.precision, device)
+    path = os.path.join(args.out, f"feats_{split}_{count}_{file_name_part(args.arch)}_{tag}_{args.image_size}px_"
+                                  f"{precision}.npz")
     if os.path.isfile(path):
         print(f"=> reusing {path}")
         return path
     images = load_split(root, split, download, count)
     model, _, preprocess = load_backbone(args.arch, args.backbone, weights, args.image_size)
     feats, _ = extract(model, images, "fashion_mnist", args.batch_size, args.workers, device, args.image_size,
-                       desc=f"{split} features", preprocess=preprocess)
+                       desc=f"{split} features", precision=precision, preprocess=preprocess)
     atomic_write(path, lambda f: np.savez(f, feats=feats, labels=images.labels))
     return path
 
