@@ -23,7 +23,14 @@ import numpy as np
 import torch
 
 from lowbudget import cli, datasets, distributed, engine, strategies
-from lowbudget.features import labelled_split, loaded_backbone, require_labels, train_features, val_features
+from lowbudget.features import (
+    check_same_width,
+    labelled_split,
+    loaded_backbone,
+    require_labels,
+    train_features,
+    val_features,
+)
 from lowbudget.indices import index_path, read_indices, write_indices
 from lowbudget.metrics import coverage
 from lowbudget.results import append_result, provenance
@@ -64,6 +71,7 @@ class RoundData:
             self.fingerprint = train.fingerprint
             self.strategy_feats = self.feats
             val = val_features(args, device)
+            check_same_width(train, val)
             self.val_feats, self.val_labels = val.feats, require_labels(val, "--val-feats")
         else:
             self.images, self.labels = labelled_split(args, "train")

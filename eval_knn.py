@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from lowbudget import cli, distributed, faiss_ops
-from lowbudget.features import require_labels, train_features, val_features
+from lowbudget.features import check_same_width, require_labels, train_features, val_features
 from lowbudget.indices import read_split_pools, split_files
 from lowbudget.metrics import class_mean_accuracy, coverage, majority_vote, top1
 from lowbudget.results import append_result, provenance
@@ -47,9 +47,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     train_labels, val_labels = require_labels(train, "--feats"), require_labels(val, "--val-feats")
     if not distributed.main_continues_alone():
         return
-    if train.feats.shape[1] != val.feats.shape[1]:
-        raise cli.UsageError(f"--val-feats: dimension {val.feats.shape[1]} differs from the train "
-                             f"features' {train.feats.shape[1]}")
+    check_same_width(train, val)
     pools = read_split_pools(paths, len(train.feats), args.dataset)
     gpu = faiss_uses_gpu(device)
     for split, pool in pools.items():

@@ -21,6 +21,7 @@ import torch
 
 from lowbudget import cli, datasets, distributed, engine
 from lowbudget.features import (
+    check_same_width,
     embedding_provenance,
     labelled_split,
     loaded_backbone,
@@ -73,6 +74,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     source: str | dict  # what the head sees: the train features' fingerprint, or embedded_images()
     if args.cached:
         train = train_features(args, device)
+        check_same_width(train, val)
         feats, labels, source = train.feats, require_labels(train, "--feats"), train.fingerprint
         if not distributed.main_continues_alone():
             return

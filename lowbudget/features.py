@@ -605,6 +605,14 @@ def val_features(args: argparse.Namespace, device: torch.device) -> Features:
     return backbone_features(args, "val", device)
 
 
+def check_same_width(train: Features, val: Features) -> None:
+    """A head or a neighbour search needs the evaluation rows in the train features' space: a UsageError
+    naming --val-feats when their widths differ."""
+    if train.feats.shape[1] != val.feats.shape[1]:
+        raise UsageError(f"--val-feats: dimension {val.feats.shape[1]} differs from the train features' "
+                         f"{train.feats.shape[1]}")
+
+
 def require_labels(features: Features, flag: str) -> np.ndarray:
     """Evaluation needs the oracle's labels: a UsageError naming `flag` (the --feats file) or the
     unlabelled data folder when the source has none."""

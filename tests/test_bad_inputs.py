@@ -230,6 +230,22 @@ def evaluator_on_replaced_index(tmp: Path, capsys) -> Built:
                            "--splits", "20", *places(tmp)]
 
 
+def val_feats_of_another_width(program: str) -> Callable[[Path, object], Built]:
+    """An evaluator, or entropy rounds on cached features, given evaluation features of 5 columns for train
+    features of 8."""
+    def build(tmp: Path, capsys) -> Built:
+        train, _ = feature_files(tmp)
+        select(tmp, capsys, train)
+        np.savez(tmp / "narrow.npz", feats=np.eye(30, 5, dtype=np.float32), labels=np.arange(30) % 3)
+        common = ["--feats", train, "--val-feats", tmp / "narrow.npz", "--dataset", "cifar10", *places(tmp)]
+        if program == "active_sampler.py":
+            return program, [*common, "--name", "entropy", "--cached", "--epochs", "2", "--splits", "5",
+                             "--resume-indices", tmp / "idx" / "random_cifar10_20.npy"]
+        return program, [*common, "--name", "random", "--splits", "20",
+                         *(["--cached", "--epochs", "2"] if program == "eval_lincls.py" else [])]
+    return build
+
+
 def resume_indices_of_another_dataset(tmp: Path, capsys) -> Built:
     train, _ = feature_files(tmp)
     write_indices(str(tmp / "pool.npy"), np.arange(5), {"strategy": "random", "dataset": "cifar100"})
@@ -383,6 +399,9 @@ CASES = [
          "random_cifar10_20.npy"),
     Case("knn-empty-index", evaluator_on_index_of_wrong_size("eval_knn.py", 0), "holds 0 indices"),
     Case("knn-index-replaced-under-its-sidecar", evaluator_on_replaced_index, "random_cifar10_20.npy"),
+    *(Case(f"{program.split('.')[0]}-val-feats-of-another-width", val_feats_of_another_width(program),
+           "--val-feats: dimension 5 differs from the train features' 8")
+      for program in ("eval_knn.py", "eval_lincls.py", "active_sampler.py")),
     Case("sampler-resume-indices-of-another-dataset", resume_indices_of_another_dataset, "cifar100"),
     Case("export-after-an-unselected-image-deleted", export_after_folder_changed("deleted"), "--data"),
     Case("export-after-an-image-added", export_after_folder_changed("added"), "--data"),

@@ -55,8 +55,8 @@ METHODS = tuple(name for name in (*names(model=False), *names(model=True)) if na
                 or not STRATEGIES[name].needs_model)
 BUDGETS = "10,20,50,100,200,500,1000"
 VAAL_EPOCHS = 1  # a VAAL round trains on every image (about 15 s an epoch here)
-# With the first seed only: the slowest methods apart from the paper's k-means baselines (VAAL about 60 s,
-# UHerding about 42 s a seed), which keeps `make demo` within 15 minutes on 2 CPU cores, and the methods
+# With the first seed only: the slowest methods apart from the paper's k-means baselines (VAAL about 40 s,
+# UHerding about 33 s a seed), which keeps `make demo` within 15 minutes on 2 CPU cores, and the methods
 # whose picks no seed changes (not randomised, from an empty pool: MaxHerding), whose other seeds would
 # repeat the first one's selection.
 SLOW = {"vaal", "uherding"}
