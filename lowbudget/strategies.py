@@ -868,22 +868,38 @@ CANDIDATES_PER_PICK = 25  # DropQuery widens its candidates until it has this ma
 _MASK64 = (1 << 64) - 1
 
 
+KEEP_BLOCK_ROWS = 256  # rows of dropout masks hashed at a time: the uint64 counters stay in cache
+
+
 def _splitmix64(x: np.ndarray) -> np.ndarray:
-    """SplitMix64's finaliser on uint64 (wrapping arithmetic): a well-mixed hash of a counter."""
-    x = x + np.uint64(0x9E3779B97F4A7C15)
-    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    return x ^ (x >> np.uint64(31))
+    """SplitMix64's finaliser on uint64 (wrapping arithmetic), in place: a well-mixed hash of a counter.
+    Returns `x`."""
+    x += np.uint64(0x9E3779B97F4A7C15)
+    x ^= x >> np.uint64(30)
+    x *= np.uint64(0xBF58476D1CE4E5B9)
+    x ^= x >> np.uint64(27)
+    x *= np.uint64(0x94D049BB133111EB)
+    x ^= x >> np.uint64(31)
+    return x
 
 
 def dropout_keep(rows: np.ndarray, dim: int, p: float, seed: int, draw: int) -> np.ndarray:
     """Which of the `dim` input features of each of `rows` survive dropout with probability `p` in pass
     `draw` (len(rows) x dim booleans). A hash of (seed, pass, row, feature), not a random stream, so a
-    row's mask is the same whatever batch, torchrun process or device scores it."""
+    row's mask is the same whatever batch, torchrun process or device scores it. A feature is kept when
+    its hash's top 53 bits u, as the uniform u / 2^53, are >= p: compared as integers, u >= ceil(p·2^53),
+    exactly the same test, KEEP_BLOCK_ROWS rows at a time."""
     key = _splitmix64(np.array([(seed * 1_000_003 + draw) & _MASK64], dtype=np.uint64))[0]
-    counters = np.asarray(rows, dtype=np.uint64)[:, None] * np.uint64(dim) + np.arange(dim, dtype=np.uint64)
-    uniform = (_splitmix64(counters ^ key) >> np.uint64(11)).astype(np.float64) / 2.0 ** 53
-    return uniform >= p
+    threshold = np.uint64(math.ceil(p * 2.0 ** 53))
+    rows, columns = np.asarray(rows, dtype=np.uint64), np.arange(dim, dtype=np.uint64)
+    keep = np.empty((len(rows), dim), dtype=bool)
+    for start in range(0, len(rows), KEEP_BLOCK_ROWS):
+        counters = rows[start:start + KEEP_BLOCK_ROWS, None] * np.uint64(dim) + columns
+        counters ^= key
+        hashed = _splitmix64(counters)
+        hashed >>= np.uint64(11)
+        np.greater_equal(hashed, threshold, out=keep[start:start + KEEP_BLOCK_ROWS])
+    return keep
 
 
 def dropout_disagreements(head: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, rows: np.ndarray, *,

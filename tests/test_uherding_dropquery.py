@@ -220,6 +220,27 @@ def test_dropout_masks_do_not_depend_on_the_batch():
     assert not np.array_equal(whole, S.dropout_keep(rows, 32, 0.75, seed=3, draw=2))
 
 
+def scalar_splitmix64(x: int) -> int:
+    """SplitMix64's finaliser in plain Python integers, the reference the vectorised masks must match."""
+    mask = (1 << 64) - 1
+    x = (x + 0x9E3779B97F4A7C15) & mask
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & mask
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & mask
+    return x ^ (x >> 31)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3, 0.75])
+def test_dropout_masks_follow_the_documented_hash(p):
+    rows, dim, seed, draw = np.array([0, 7, 300, 5000, 123_456]), 300, 11, 2
+    rows = np.concatenate([rows, np.arange(1000, 1300)])  # 305 rows: two blocks of KEEP_BLOCK_ROWS
+    keep = S.dropout_keep(rows, dim, p, seed, draw)
+    key = scalar_splitmix64((seed * 1_000_003 + draw) & ((1 << 64) - 1))
+    for i in (0, 1, 2, 3, 4, 200, 304):
+        for feature in (0, 1, 150, dim - 1):
+            uniform = (scalar_splitmix64((int(rows[i]) * dim + feature) ^ key) >> 11) / 2.0 ** 53
+            assert keep[i, feature] == (uniform >= p)
+
+
 def test_dropout_scales_the_kept_features_as_torch_dropout():
     seen = []
 
