@@ -866,8 +866,6 @@ def margin_uncertainty(logits: torch.Tensor, temperature: float = 1.0) -> torch.
 
 CANDIDATES_PER_PICK = 25  # DropQuery widens its candidates until it has this many per image to pick
 _MASK64 = (1 << 64) - 1
-
-
 KEEP_BLOCK_ROWS = 256  # rows of dropout masks hashed at a time: the uint64 counters stay in cache
 
 
