@@ -31,7 +31,7 @@ from lowbudget.features import (
     train_features,
     val_features,
 )
-from lowbudget.indices import index_path, read_indices, write_indices
+from lowbudget.indices import index_path, read_indices, require_files, write_indices
 from lowbudget.metrics import coverage
 from lowbudget.results import append_result, provenance
 from lowbudget.runtime import faiss_uses_gpu, on_device, resolve_device, seed_everything
@@ -50,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     cli.add_training_args(parser)
     parser.add_argument("--resume", default="", type=str, help="accepted, unused, as the original "
                         "(continue a run with --resume-indices)")
-    parser.add_argument("--resume-indices", default="", type=str, metavar="FILE", help="initial labelled pool (.npy)")
+    parser.add_argument("--resume-indices", default="", type=str, metavar="FILE",
+                        help="initial labelled pool (.npy)")
     parser.add_argument("--init-random", default=0, type=cli.int_at_least(0), metavar="N",
                         help="without --resume-indices: draw a seeded random pool of N images and write it "
                              "as random_{dataset}_{N}.npy")
@@ -201,6 +202,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     splits, milestones = cli.parse_splits(args.splits), cli.parse_milestones(args.lr_schedule)
     if not args.cached and not args.data:
         raise cli.UsageError("data: the default protocol trains on the images; give the dataset root or use --cached")
+    if args.resume_indices:  # before any feature is computed
+        require_files([args.resume_indices], "--resume-indices", args.dataset)
     seed_everything(args.seed)
     device = distributed.init_from_env(resolve_device(args.device))
     pool_data = RoundData(args, device, strategy.needs_features and not strategy.learns_from_images)

@@ -21,7 +21,7 @@ import torch
 from lowbudget import cli, datasets, distributed
 from lowbudget.cli import UsageError
 from lowbudget.features import rows_of, train_features, train_labels
-from lowbudget.indices import index_path, read_indices, write_indices
+from lowbudget.indices import index_path, read_indices, require_files, write_indices
 from lowbudget.metrics import coverage
 from lowbudget.results import append_result, provenance
 from lowbudget.runtime import faiss_uses_gpu, resolve_device, seed_everything
@@ -114,6 +114,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     strategy = lookup(args.name, model=False)
     splits = cli.parse_splits(args.splits)
+    if args.resume_indices:  # before any feature is computed
+        require_files([args.resume_indices], "--resume-indices", args.dataset)
     seed_everything(args.seed)
     device = resolve_device(args.device)
     if strategy.needs_features and not args.feats:

@@ -96,6 +96,33 @@ def positive_real(high: float = REAL_MAX) -> Number:
     return Number(0, high, low_open=True)
 
 
+def _file_in_the_way(path: str) -> str | None:
+    """The existing non-folder at `path` or above it, which would stop a folder being made there; else None."""
+    current = os.path.abspath(path)
+    while not os.path.isdir(current):
+        if os.path.lexists(current):
+            return current
+        current = os.path.dirname(current)
+    return None
+
+
+def output_folder(text: str) -> str:
+    """argparse type: a folder the script may create or write into (--save, --indices, --out), refused at
+    once when a file stands at it or above it, so no run fails after its work with half its files written."""
+    blocker = _file_in_the_way(text)
+    if blocker is not None:
+        raise argparse.ArgumentTypeError(f"{text!r} cannot be a folder: {blocker!r} is a file")
+    return text
+
+
+def output_file(text: str) -> str:
+    """argparse type: a file the script appends to (--results): not a folder, its folder makeable."""
+    if os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is a folder, not a file")
+    output_folder(os.path.dirname(text) or ".")
+    return text
+
+
 share = Number(0, 1, low_open=True)  # a fraction in (0, 1]
 auto_or_positive = Number(0, REAL_MAX, low_open=True, auto=True)  # 'auto' -> None, else a positive real
 SEED = int_at_least(0, SEED_MAX)
@@ -121,9 +148,9 @@ def add_data_args(parser: argparse.ArgumentParser, workers: int = 4, print_freq:
                         help=f"print frequency (default: {print_freq})")
     parser.add_argument("--start-epoch", default=0, type=int_at_least(0), metavar="N",
                         help="accepted for compatibility with the original scripts")
-    parser.add_argument("--save", default="./output", type=str,
+    parser.add_argument("--save", default="./output", type=output_folder,
                         help="folder for the feature cache and results (default: ./output)")
-    parser.add_argument("--indices", default="./indices", type=str,
+    parser.add_argument("--indices", default="./indices", type=output_folder,
                         help="folder of index files (default: ./indices)")
     parser.add_argument("--seed", default=0, type=SEED,
                         help="seed for Python, NumPy, torch and faiss (default: 0)")
@@ -136,7 +163,7 @@ def add_data_args(parser: argparse.ArgumentParser, workers: int = 4, print_freq:
     parser.add_argument("--image-size", default=None, type=IMAGE_SIZE, metavar="PX",
                         help="resize images to PX before the backbone (default: the dataset's own "
                              "protocol: 224 for ImageNet and folders, native 32/28 for CIFAR/Fashion-MNIST)")
-    parser.add_argument("--results", default=None, type=str,
+    parser.add_argument("--results", default=None, type=output_file,
                         help="JSON-lines file results are appended to (default: {save}/results.jsonl)")
     add_unlabeled_arg(parser)
 
@@ -239,12 +266,22 @@ def check_resume(args: argparse.Namespace, splits: Sequence[int]) -> None:
         raise UsageError(f"--resume: no checkpoint at {args.resume!r}")
 
 
-def parse_milestones(text: str) -> list[int]:
-    """'30,60' -> [30, 60]; a UsageError naming --lr_schedule otherwise (epochs are counted from 1)."""
+def comma_integers(text: str, flag: str) -> list[int]:
+    """'10, 20' -> [10, 20] (an empty text: []); an empty field or a non-integer is a UsageError naming `flag`."""
+    if not text.strip():
+        return []
+    parts = [part.strip() for part in text.split(",")]
     try:
-        milestones = [int(x) for x in text.split(",") if x.strip()]
+        if "" in parts:
+            raise ValueError("an empty field")
+        return [int(part) for part in parts]
     except ValueError:
-        raise UsageError(f"--lr_schedule: {text!r} is not a comma-separated list of epochs") from None
+        raise UsageError(f"{flag}: {text!r} is not a comma-separated list of integers") from None
+
+
+def parse_milestones(text: str) -> list[int]:
+    """'30,60' -> [30, 60] ('' for none); a UsageError naming --lr_schedule otherwise (epochs count from 1)."""
+    milestones = comma_integers(text, "--lr_schedule")
     if any(epoch not in EPOCHS for epoch in milestones):
         raise UsageError(f"--lr_schedule: epochs must be in {EPOCHS.bounds()}, got {text!r}")
     return milestones
@@ -252,13 +289,9 @@ def parse_milestones(text: str) -> list[int]:
 
 def parse_splits(text: str) -> list[int]:
     """'10,20' -> [10, 20]; anything but positive integers is a UsageError naming --splits."""
-    parts = [p.strip() for p in text.split(",") if p.strip()]
-    if not parts:
+    splits = comma_integers(text, "--splits")
+    if not splits:
         raise UsageError("--splits: give at least one budget, e.g. --splits 100,200")
-    try:
-        splits = [int(p) for p in parts]
-    except ValueError:
-        raise UsageError(f"--splits: {text!r} is not a comma-separated list of integers") from None
     if any(split not in BUDGET for split in splits):
         raise UsageError(f"--splits: budgets must be positive, at most {BUDGET.high}; got {text!r}")
     return splits

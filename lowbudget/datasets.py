@@ -252,16 +252,17 @@ def read_idx(path: str, shape: tuple[int, ...]) -> np.ndarray:
 
 
 def load_fashion_mnist(root: str, split: str, download: bool = False) -> ArrayImages:
-    """Fashion-MNIST from IDX files: torchvision layout, a flat folder, or Debian's dataset package."""
-    directories = [os.path.join(root, "FashionMNIST", "raw"), os.path.join(root, "raw"), root,
-                   DEBIAN_FASHION_DIR]
+    """Fashion-MNIST from IDX files under `root`: torchvision's layout or a flat folder (Debian's dataset
+    package installs one: DEBIAN_FASHION_DIR)."""
+    directories = [os.path.join(root, "FashionMNIST", "raw"), os.path.join(root, "raw"), root]
     image_name, label_name = FASHION_FILES[split]
     if _find_idx(directories, image_name) is None and download:
         tv_datasets.FashionMNIST(root, train=True, download=True)
     image_path, label_path = _find_idx(directories, image_name), _find_idx(directories, label_name)
     if image_path is None or label_path is None:
         raise UsageError(f"data: no Fashion-MNIST files under {root!r} (expected FashionMNIST/raw/"
-                         f"{image_name}[.gz]; apt-get install dataset-fashion-mnist or pass --download)")
+                         f"{image_name}[.gz]; apt-get install dataset-fashion-mnist and pass "
+                         f"{DEBIAN_FASHION_DIR}, or pass --download)")
     grey, labels = read_idx(image_path, (-1, 28, 28)), read_idx(label_path, (-1,))
     if len(grey) != len(labels):
         raise UsageError(f"data: {image_path!r} holds {len(grey)} images but {label_path!r} {len(labels)} labels")
@@ -350,22 +351,32 @@ def labels_required(root: str) -> UsageError:
                       "takes labels from train/<class>/ and val/<class>/ sub-folders)")
 
 
+def _text_lines(path: str, flag: str) -> list[str]:
+    """The lines of a UTF-8 text file; a file that is not UTF-8 is a UsageError naming `flag`."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.readlines()
+    except UnicodeDecodeError as err:
+        raise UsageError(f"{flag}: {path!r} is not UTF-8 text (byte {err.start})") from None
+
+
 def load_lt_list(root: str, list_file: str) -> FileImages:
     """ImageNet-LT: one `relative/path label` per line, joined to the ImageNet root; every listed file must
     exist (a missing one would be embedded as a blank image)."""
     if not os.path.isfile(list_file):
         raise UsageError(f"--lt-list: no ImageNet-LT list at {list_file!r}")
     paths, labels, lines = [], [], []
-    with open(list_file) as f:
-        for number, line in enumerate(f, 1):
-            parts = line.split()
-            if not parts:
-                continue
-            if len(parts) != 2 or not parts[1].isdigit():
-                raise UsageError(f"--lt-list: line {number} of {list_file!r} is not 'path label' (label >= 0)")
-            paths.append(os.path.join(root, parts[0]))
-            labels.append(int(parts[1]))
-            lines.append(number)
+    classes = DATASET_INFO["imagenet_lt"].num_classes or 0
+    for number, line in enumerate(_text_lines(list_file, "--lt-list"), 1):
+        parts = line.split()
+        if not parts:
+            continue
+        if len(parts) != 2 or not parts[1].isdigit() or int(parts[1]) >= classes:
+            raise UsageError(f"--lt-list: line {number} of {list_file!r} is not 'path label' "
+                             f"(label in 0..{classes - 1})")
+        paths.append(os.path.join(root, parts[0]))
+        labels.append(int(parts[1]))
+        lines.append(number)
     missing = missing_files(paths)
     if missing:
         first = missing[0]

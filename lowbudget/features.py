@@ -105,8 +105,8 @@ def extract(model: nn.Module, images: datasets.Images, dataset: str, batch_size:
     feats, start, skipped = None, 0, {}
     for x, unreadable in tqdm(batches, total=total, desc=desc, disable=distributed.quiet()):
         with inference_autocast(precision, device):
-            out = model(x)
-        out = l2_normalize(out.float()).cpu().numpy()
+            embedded = model(x) if feats is not None else first_forward(model, x)
+        out = l2_normalize(embedded.float()).cpu().numpy()
         if feats is None:  # filled in place: no list of batches concatenated at the end (2x memory)
             feats = np.empty((len(images), out.shape[1]), dtype=dtype)
         store_rows(feats[start:start + len(out)], out)
@@ -116,6 +116,19 @@ def extract(model: nn.Module, images: datasets.Images, dataset: str, batch_size:
             skipped[i] = why
     feats = feats if feats is not None else np.zeros((0, 0), dtype)
     return feats, skipped
+
+
+def first_forward(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The backbone on the first batch: an input it cannot take (images too small for its strides, or not the
+    size a ViT was built for) is a UsageError naming --image-size, not a traceback."""
+    try:
+        return model(x)
+    except torch.OutOfMemoryError:
+        raise
+    except (RuntimeError, AssertionError, ValueError) as err:
+        why = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UsageError(f"--image-size: the backbone cannot embed {x.shape[-2]}x{x.shape[-1]} px images "
+                         f"({why})") from None
 
 
 def gather_blocks(feats: np.ndarray, skipped: dict[int, str], n: int) -> tuple[np.ndarray, dict[int, str]]:
@@ -551,6 +564,9 @@ def _read_feature_arrays(path: str, flag: str) -> tuple[RowSource, np.ndarray | 
     raise UsageError(f"{flag}: {path!r} is not .npy, .npz, .pth or .pth.tar")
 
 
+MAX_FOLDER_CLASSES = 100_000  # --dataset folder: labels at or above this are a slip (a head that wide is GBs)
+
+
 def read_feats_file(path: str, dataset: str, flag: str = "--feats", split: str = "train",
                     dtype: str = "float32") -> Features:
     """User-supplied features; rows are the pool. Rows are L2-normalised as the cache's are and held as
@@ -574,6 +590,10 @@ def read_feats_file(path: str, dataset: str, flag: str = "--feats", split: str =
                              f"got {labels.shape} {labels.dtype}")
         if len(labels) and labels.min() < 0:
             raise UsageError(f"{flag}: {path!r} labels must be class indices 0, 1, …; found {labels.min()}")
+        classes = datasets.DATASET_INFO[dataset].num_classes or MAX_FOLDER_CLASSES
+        if len(labels) and labels.max() >= classes:
+            raise UsageError(f"{flag}: {path!r} has label {labels.max()}; --dataset {dataset} labels are "
+                             f"below {classes}")
         labels = labels.astype(np.int64)
     usual = datasets.DATASET_INFO[dataset].num_images if split == "train" else None
     if usual is not None and len(rows) != usual:

@@ -246,6 +246,65 @@ def val_feats_of_another_width(program: str) -> Callable[[Path, object], Built]:
     return build
 
 
+def evaluation_runs(tmp: Path, capsys) -> dict[str, list]:
+    """A random pool of 20 on small features and a run of each script that would use it (before its flags
+    that name where the output goes, which a case appends)."""
+    train, val = feature_files(tmp)
+    select(tmp, capsys, train)
+    common = ["--feats", train, "--val-feats", val, "--dataset", "cifar10", *places(tmp)]
+    return {"sampler.py": ["--feats", train, "--dataset", "cifar10", "--name", "kmeans", "--splits", "5",
+                           *places(tmp)],
+            "eval_knn.py": [*common, "--name", "random", "--splits", "20"],
+            "eval_lincls.py": [*common, "--name", "random", "--splits", "20", "--cached", "--epochs", "2"],
+            "active_sampler.py": [*common, "--name", "entropy", "--cached", "--epochs", "2", "--splits", "5",
+                                  "--resume-indices", tmp / "idx" / "random_cifar10_20.npy"]}
+
+
+def output_blocked(program: str, flag: str, place: str) -> Callable[[Path, object], Built]:
+    """`program` told to write through `flag` to `place` (under tmp), where a file or a folder stands in
+    the way: refused before any work, not after its first files are written."""
+    def build(tmp: Path, capsys) -> Built:
+        argv = evaluation_runs(tmp, capsys)[program]
+        (tmp / "a-file").write_text("not a folder")
+        (tmp / "a-folder").mkdir()
+        return program, [*argv, flag, tmp / place]
+    return build
+
+
+OUTPUTS_BLOCKED = [("sampler.py", "--indices", "a-file/idx"), ("sampler.py", "--save", "a-file"),
+                   ("sampler.py", "--results", "a-folder"), ("sampler.py", "--results", "a-file/r.jsonl"),
+                   ("eval_knn.py", "--results", "a-folder"), ("eval_lincls.py", "--save", "a-file/out"),
+                   ("eval_lincls.py", "--results", "a-folder"), ("active_sampler.py", "--indices", "a-file/x")]
+
+
+def too_small_for_the_backbone(tmp: Path, capsys) -> Built:
+    """Images of 8 px through AlexNet, whose strides need more."""
+    write_image_tree(tmp / "photos" / "train", {"c0": 2, "c1": 2}, size=16)
+    return "sampler.py", [tmp / "photos", "--dataset", "folder", "--name", "kmeans", "--splits", "2", "--arch",
+                          "alexnet", "--backbone", "random", "--image-size", "8", "-j", "0", *places(tmp)]
+
+
+def missing_pool_on_images(tmp: Path, capsys) -> Built:
+    """Rounds on images from an index file that does not exist: refused before the images are embedded
+    (no feature cache is written)."""
+    write_image_tree(tmp / "photos" / "train", {"c0": 2, "c1": 2}, size=16)
+    return "sampler.py", [tmp / "photos", "--dataset", "folder", "--name", "accu_kmeans", "--splits", "2",
+                          "--arch", "resnet18", "--backbone", "random", "--image-size", "16", "-j", "0",
+                          "--resume-indices", tmp / "gone.npy", *places(tmp)]
+
+
+def lt_list_not_utf8(tmp: Path, capsys) -> Built:
+    program, argv = lt_list_naming_missing_files(tmp, capsys)
+    (tmp / "lt.txt").write_bytes(b"train/c0/img_000.png 0\ntrain/c0/\xe9t\xe9.png 0\n")
+    return program, argv
+
+
+def fashion_mnist_root_missing(tmp: Path, capsys) -> Built:
+    """A Fashion-MNIST root that does not exist: refused, never another copy of the data used instead."""
+    return "sampler.py", [tmp / "no-such-root", "--dataset", "fashion_mnist", "--name", "random", "--splits", "3",
+                          *places(tmp)]
+
+
 def resume_indices_of_another_dataset(tmp: Path, capsys) -> Built:
     train, _ = feature_files(tmp)
     write_indices(str(tmp / "pool.npy"), np.arange(5), {"strategy": "random", "dataset": "cifar100"})
@@ -386,6 +445,21 @@ def feats_file_of(feats: np.ndarray, labels: np.ndarray) -> Callable[[Path, obje
 
 
 CASES = [
+    *(Case(f"{program.split('.')[0]}{flag}-{place.replace('/', '-')}", output_blocked(program, flag, place),
+           f"{flag}: ") for program, flag, place in OUTPUTS_BLOCKED),
+    Case("splits-with-an-empty-field", lambda tmp, capsys: ("sampler.py", [
+        *evaluation_runs(tmp, capsys)["sampler.py"], "--splits", "5,,10"]), "--splits: '5,,10'"),
+    Case("lr-schedule-with-an-empty-field", lambda tmp, capsys: ("eval_lincls.py", [
+        *evaluation_runs(tmp, capsys)["eval_lincls.py"], "--lr_schedule", "1,,2"]), "--lr_schedule: '1,,2'"),
+    Case("feats-label-beyond-the-datasets-classes",
+         feats_file_of(np.eye(50, 8, dtype=np.float32), np.arange(50) % 11), "label 10; --dataset cifar10"),
+    Case("feats-label-of-a-trillion",  # the linear head would have asked for 32 TB
+         feats_file_of(np.eye(50, 8, dtype=np.float32), np.where(np.arange(50) == 7, 10**12, np.arange(50) % 5)),
+         "label 1000000000000"),
+    Case("image-size-too-small-for-the-arch", too_small_for_the_backbone, "--image-size: the backbone cannot"),
+    Case("imagenet-lt-list-not-utf8", lt_list_not_utf8, "is not UTF-8 text"),
+    Case("resume-indices-missing-before-embedding", missing_pool_on_images, "--resume-indices"),
+    Case("fashion-mnist-root-missing", fashion_mnist_root_missing, "no-such-root"),
     Case("feats-without-columns", feats_file_of(np.zeros((50, 0), np.float32), np.arange(50) % 5),
          "2-D float array (rows x feature columns), got shape (50, 0)"),  # faiss died of SIGFPE on it
     Case("feats-with-negative-labels", feats_file_of(np.eye(50, 8, dtype=np.float32), np.arange(50) % 5 - 2),

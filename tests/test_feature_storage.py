@@ -132,7 +132,7 @@ def test_npz_members_are_mapped_where_numpy_stores_them(tmp_path):
         for name in ("feats", "labels", "other"):
             stored = stored_npz_member(str(tmp_path / "f.npz"), name)
             assert stored.shape == data[name].shape and np.array_equal(stored.memmap(), data[name])
-    pool = read_feats_file(str(tmp_path / "f.npz"), "cifar10")
+    pool = read_feats_file(str(tmp_path / "f.npz"), "folder")
     assert is_file_map(pool.feats) and np.array_equal(pool.feats, feats) and pool.labels.tolist() == labels.tolist()
 
 
@@ -146,7 +146,7 @@ def test_compressed_npz_fortran_npy_and_pth_are_loaded(tmp_path, dtype):
     assert stored_npz_member(str(tmp_path / "c.npz"), "feats") is None
     assert features.stored_npy(str(tmp_path / "fortran.npy")) is None
     for name in ("c.npz", "fortran.npy", "t.pth"):
-        feats = read_feats_file(str(tmp_path / name), "cifar10", dtype=dtype).feats
+        feats = read_feats_file(str(tmp_path / name), "folder", dtype=dtype).feats
         assert feats.dtype == dtype and feats.flags.c_contiguous and not isinstance(feats, np.memmap)
         np.testing.assert_allclose(feats.astype(np.float32), expected.astype(np.float32), atol=1e-6)
 

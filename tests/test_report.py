@@ -207,6 +207,8 @@ def error_line(err: str) -> str:
     (json.dumps(rec("eval_lincls", "kmeans", 10, "lincls_top5", 90.0, 0)) + "\n",
      "{path}: no coverage, lincls_top1 or knn_top1 records to tabulate"),
     ("", "{path}: no coverage, lincls_top1 or knn_top1 records to tabulate"),
+    ("{}\n", "{path}:1: 'metric' must be a string, got None"),
+    ('{"metric": ["coverage"]}\n', "{path}:1: 'metric' must be a string, got ['coverage']"),
 ])
 def test_bad_results_file_is_one_line_naming_it_and_writes_nothing(tmp_path, capsys, content, message):
     good = write_jsonl(tmp_path / "good.jsonl", demo_records())
@@ -231,6 +233,15 @@ def test_missing_results_file_and_out_that_is_a_file(tmp_path, capsys):
     assert sorted(os.listdir(tmp_path)) == ["file", "results.jsonl"]
     status, _, err = run_report([], capsys)
     assert status == 2 and "RESULTS.jsonl" in error_line(err)
+
+
+def test_an_output_that_cannot_be_written_leaves_no_other_output(tmp_path, capsys):
+    results = write_jsonl(tmp_path / "results.jsonl", demo_records())
+    (tmp_path / "out" / "report.md").mkdir(parents=True)
+    status, _, err = run_report([results, "--out", tmp_path / "out"], capsys)
+    assert status == 2
+    assert f"error: --out: cannot write '{tmp_path / 'out' / 'report.md'}': it is a folder" in error_line(err)
+    assert os.listdir(tmp_path / "out") == ["report.md"] and not os.listdir(tmp_path / "out" / "report.md")
 
 
 @pytest.mark.slow

@@ -69,7 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = cli.Parser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default=None, metavar="DIR",
                         help="Fashion-MNIST folder (default: Debian's files, or {out}/data for a download)")
-    parser.add_argument("--out", default="output/demo", help="features, index files, results, report")
+    parser.add_argument("--out", default="output/demo", type=cli.output_folder,
+                        help="features, index files, results, report")
     parser.add_argument("--pool", default=10_000, type=cli.int_at_least(1),
                         help="the first N training images are the pool")
     parser.add_argument("--test", default=5_000, type=cli.int_at_least(1),
@@ -206,11 +207,8 @@ def run_quietly(run: Run, log: str) -> None:
 
 def int_list(text: str, flag: str, minimum: int) -> list[int]:
     """'10,20' -> [10, 20], ascending and at least `minimum`; a UsageError naming `flag` otherwise."""
-    try:
-        values = [int(part) for part in text.split(",")]
-    except ValueError:
-        raise UsageError(f"{flag}: {text!r} is not a comma-separated list of integers") from None
-    if min(values) < minimum or values != sorted(set(values)):
+    values = cli.comma_integers(text, flag)
+    if not values or min(values) < minimum or values != sorted(set(values)):
         raise UsageError(f"{flag}: {text!r} must be distinct, ascending and at least {minimum}")
     return values
 

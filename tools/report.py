@@ -18,6 +18,7 @@ table (CompRess ResNet-18 features, as in the original README), so the two patte
 """
 from __future__ import annotations
 
+import functools
 import io
 import json
 import math
@@ -25,6 +26,7 @@ import os
 import re
 from collections import Counter, defaultdict
 from collections.abc import Sequence
+from typing import BinaryIO
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -33,7 +35,7 @@ from matplotlib.ticker import NullFormatter, NullLocator
 
 from lowbudget import cli
 from lowbudget.cli import UsageError
-from lowbudget.fileio import atomic_write_bytes
+from lowbudget.fileio import atomic_write_files
 from lowbudget.strategy_table import STRATEGIES
 
 # Tabulated metric -> the record fields that split it into separate tables.
@@ -92,7 +94,9 @@ def record_problem(record: object) -> str | None:
     """Why a parsed line cannot be tabulated, or None when it can (records of other metrics are fine)."""
     if not isinstance(record, dict):
         return "not a JSON object"
-    if record.get("metric") not in TABLE_METRICS:
+    if not isinstance(record.get("metric"), str):
+        return f"'metric' must be a string, got {record.get('metric')!r}"
+    if record["metric"] not in TABLE_METRICS:
         return None
     for field, kind in REQUIRED_FIELDS.items():
         if type(record.get(field)) is not kind:
@@ -328,14 +332,19 @@ def build_report(groups: dict[Group, dict[TableKey, Values]], sources: Sequence[
 
 
 def write_outputs(out: str, markdown: str, plots: dict[str, bytes]) -> None:
-    """Each plot, then report.md, written atomically into `out`."""
-    files = {**plots, "report.md": markdown.encode("utf-8")}
-    for name, data in files.items():
-        path = os.path.join(out, name)
-        try:
-            atomic_write_bytes(path, data)
-        except OSError as err:
-            raise UsageError(f"--out: cannot write {path!r} ({err.strerror or err})") from None
+    """The plots and report.md, written into `out` all or none (a folder where a file goes is refused first)."""
+    files = {os.path.join(out, name): data for name, data in {**plots, "report.md": markdown.encode("utf-8")}.items()}
+    for path in files:
+        if os.path.isdir(path):
+            raise UsageError(f"--out: cannot write {path!r}: it is a folder")
+    try:
+        atomic_write_files([(path, functools.partial(_write_bytes, data=data)) for path, data in files.items()])
+    except OSError as err:
+        raise UsageError(f"--out: cannot write in {out!r} ({err.strerror or err})") from None
+
+
+def _write_bytes(f: BinaryIO, data: bytes) -> None:
+    f.write(data)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
