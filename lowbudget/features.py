@@ -126,9 +126,8 @@ def first_forward(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     except torch.OutOfMemoryError:
         raise
     except (RuntimeError, AssertionError, ValueError) as err:
-        why = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UsageError(f"--image-size: the backbone cannot embed {x.shape[-2]}x{x.shape[-1]} px images "
-                         f"({why})") from None
+                         f"({families.first_line(err)})") from None
 
 
 def gather_blocks(feats: np.ndarray, skipped: dict[int, str], n: int) -> tuple[np.ndarray, dict[int, str]]:

@@ -8,6 +8,7 @@ runs, or (another host's, or an older version's `.tmp-{random}{target}`) not mod
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import hashlib
 import json
@@ -105,7 +106,11 @@ def _write_temporary(path: str, write: Writer) -> str:
 
 def atomic_write_files(writes: Sequence[tuple[str, Writer]]) -> None:
     """Write every (path, write) to a temporary file; only once all of them are complete, rename them into
-    place in the given order. A failure while writing leaves every target as it was and no temporary file."""
+    place in the given order. A failure while writing leaves every target as it was and no temporary file;
+    a target that is a folder (which no rename could replace) is refused before anything is written."""
+    for path, _ in writes:
+        if os.path.isdir(path):
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path)
     temporary: list[str] = []
     try:
         for path, write in writes:
@@ -124,9 +129,14 @@ def atomic_write(path: str, write: Writer) -> None:
     atomic_write_files([(path, write)])
 
 
+def bytes_writer(data: bytes) -> Writer:
+    """A Writer of `data`, for atomic_write_files()."""
+    return lambda f: f.write(data)
+
+
 def atomic_write_bytes(path: str, data: bytes) -> None:
     """atomic_write() of `data`."""
-    atomic_write(path, lambda f: f.write(data))
+    atomic_write(path, bytes_writer(data))
 
 
 def _plain(value: Any) -> Any:

@@ -17,7 +17,7 @@ import numpy as np
 
 from lowbudget import distributed
 from lowbudget.cli import UsageError, parse_splits
-from lowbudget.fileio import atomic_write_files, bytes_digest, json_text
+from lowbudget.fileio import atomic_write_files, bytes_digest, bytes_writer, json_text
 
 FORMAT_VERSION = 1
 
@@ -47,7 +47,7 @@ def write_indices(path: str, indices: np.ndarray, meta: dict) -> None:
               "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **meta}
     record.update(size=int(len(indices)), digest=pool_digest(indices))  # what readers check: never from `meta`
     sidecar = (json_text(record, indent=2) + "\n").encode()
-    atomic_write_files([(path, lambda f: np.save(f, indices)), (sidecar_path(path), lambda f: f.write(sidecar))])
+    atomic_write_files([(path, lambda f: np.save(f, indices)), (sidecar_path(path), bytes_writer(sidecar))])
 
 
 def read_sidecar(path: str, flag: str) -> dict[str, Any]:

@@ -134,6 +134,17 @@ def test_a_failed_sidecar_write_leaves_the_previous_pair(tmp_path, monkeypatch):
     assert read_indices(path, 10).tolist() == [1, 2, 3]
 
 
+def test_a_folder_where_the_sidecar_goes_leaves_the_previous_pair(tmp_path):
+    path = str(tmp_path / "random_cifar10_3.npy")
+    write_indices(path, np.array([1, 2, 3]), {"seed": 0})
+    os.remove(sidecar_path(path))
+    os.mkdir(sidecar_path(path))  # no rename can replace it: refused before the index file is replaced
+    with pytest.raises(IsADirectoryError):
+        write_indices(path, np.array([4, 5, 6]), {"seed": 1})
+    assert np.load(path).tolist() == [1, 2, 3] and sorted(p.name for p in tmp_path.iterdir()) == [
+        "random_cifar10_3.json", "random_cifar10_3.npy"]
+
+
 def dead_pid() -> int:
     child = subprocess.Popen([sys.executable, "-c", "pass"])
     child.wait()

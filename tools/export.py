@@ -37,10 +37,9 @@ import io
 import json
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
 from urllib.parse import quote
 
 import numpy as np
@@ -49,7 +48,7 @@ from tqdm import tqdm
 
 from lowbudget import cli, datasets
 from lowbudget.cli import UsageError
-from lowbudget.fileio import atomic_write_files
+from lowbudget.fileio import atomic_write_files, bytes_writer
 from lowbudget.indices import read_indices, read_sidecar
 
 GAP = 4  # pixels around every thumbnail
@@ -264,11 +263,9 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 def write_outputs(folder: str, outputs: dict[str, bytes]) -> None:
     """All the files or none: a folder that cannot be written (read-only, full) is a UsageError naming --out."""
-    def writer(content: bytes) -> Callable[[BinaryIO], object]:
-        return lambda f: f.write(content)
     paths = {os.path.join(folder, name): content for name, content in outputs.items()}
     try:
-        atomic_write_files([(path, writer(content)) for path, content in paths.items()])
+        atomic_write_files([(path, bytes_writer(content)) for path, content in paths.items()])
     except OSError as err:
         raise UsageError(f"--out: cannot write into {folder!r} ({err.strerror or err})") from None
     for path in paths:

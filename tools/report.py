@@ -18,7 +18,6 @@ table (CompRess ResNet-18 features, as in the original README), so the two patte
 """
 from __future__ import annotations
 
-import functools
 import io
 import json
 import math
@@ -26,7 +25,6 @@ import os
 import re
 from collections import Counter, defaultdict
 from collections.abc import Sequence
-from typing import BinaryIO
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -35,7 +33,7 @@ from matplotlib.ticker import NullFormatter, NullLocator
 
 from lowbudget import cli
 from lowbudget.cli import UsageError
-from lowbudget.fileio import atomic_write_files
+from lowbudget.fileio import atomic_write_files, bytes_writer
 from lowbudget.strategy_table import STRATEGIES
 
 # Tabulated metric -> the record fields that split it into separate tables.
@@ -332,19 +330,14 @@ def build_report(groups: dict[Group, dict[TableKey, Values]], sources: Sequence[
 
 
 def write_outputs(out: str, markdown: str, plots: dict[str, bytes]) -> None:
-    """The plots and report.md, written into `out` all or none (a folder where a file goes is refused first)."""
-    files = {os.path.join(out, name): data for name, data in {**plots, "report.md": markdown.encode("utf-8")}.items()}
-    for path in files:
-        if os.path.isdir(path):
-            raise UsageError(f"--out: cannot write {path!r}: it is a folder")
+    """The plots and report.md, written into `out` all or none."""
+    files = {**plots, "report.md": markdown.encode("utf-8")}
     try:
-        atomic_write_files([(path, functools.partial(_write_bytes, data=data)) for path, data in files.items()])
+        atomic_write_files([(os.path.join(out, name), bytes_writer(data)) for name, data in files.items()])
+    except IsADirectoryError as err:
+        raise UsageError(f"--out: cannot write {err.filename!r}: it is a folder") from None
     except OSError as err:
         raise UsageError(f"--out: cannot write in {out!r} ({err.strerror or err})") from None
-
-
-def _write_bytes(f: BinaryIO, data: bytes) -> None:
-    f.write(data)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
