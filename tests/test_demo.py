@@ -1,13 +1,16 @@
 """tools/demo.py end to end on a tiny Fashion-MNIST (random backbone): every strategy, seed and budget,
-features reused on a second run, the report and its plots."""
+features reused on a second run, the report and its plots; steps in worker processes alike."""
+import functools
 import json
+import os
 
 import numpy as np
 import pytest
 import torch
 
-from lowbudget import datasets
+from lowbudget import cli, datasets
 from lowbudget.backbone_families import load_backbone
+from lowbudget.cli import UsageError
 from lowbudget.features import extract
 from lowbudget.strategy_table import STRATEGIES, Inputs
 from tests.conftest import call_main, unit_rows
@@ -34,13 +37,13 @@ def fashion_root(tmp_path):
 def demo_args(root, out, *extra):
     return ["--data", root, "--out", out, "--pool", 300, "--test", 100, "--image-size", 32, "--arch", "resnet18",
             "--backbone", "random", "--budgets", "10,20,50", "--seeds", "0,1", "--epochs", 2, "-j", 0, "-b", 100,
-            *extra]
+            "--jobs", 1, *extra]
 
 
 @pytest.mark.slow
 def test_demo_end_to_end_then_reuses_features(tmp_path, fashion_root, capsys, monkeypatch):
     out = tmp_path / "demo"
-    status, stdout, err = call_main(demo.main, demo_args(fashion_root, out), capsys)
+    status, stdout, err = call_main(demo.main, demo_args(fashion_root, out, "--jobs", 2), capsys)
     assert status == 0, err
     for seed in (0, 1):
         folder = out / "indices" / f"seed{seed}"
@@ -138,3 +141,52 @@ def test_methods_run_with_the_first_seed_only_pick_alike_for_every_seed():
             np.zeros(0, np.int64), 15).indices.tolist() for seed in (0, 1, 2)]
         assert picks[0] == picks[1] == picks[2], name
     assert demo.SEED_FREE == {"maxherding"} and demo.FIRST_SEED_ONLY == {"vaal", "uherding", "maxherding"}
+
+
+def results_without_times(path):
+    return sorted(json.dumps({key: value for key, value in json.loads(line).items() if key != "time"}, sort_keys=True)
+                  for line in path.read_text().splitlines())
+
+
+@pytest.mark.slow
+def test_demo_in_worker_processes_equals_one_after_another(tmp_path, fashion_root, capsys, monkeypatch):
+    """Two worker processes (one thread each, as on a 2-core machine) give the same pools and results as the
+    steps one after another in this process, rounds waiting for the pool they start from."""
+    monkeypatch.setattr(demo, "available_cores", lambda: 2)
+    outs = {jobs: tmp_path / f"jobs{jobs}" for jobs in (1, 2)}
+    for jobs, out in outs.items():
+        status, _, err = call_main(demo.main, demo_args(fashion_root, out, "--methods", "dropquery,coreset,kmeans",
+                                                        "--jobs", jobs), capsys)
+        assert status == 0, err
+    files = sorted(path.relative_to(outs[1]) for path in (outs[1] / "indices").rglob("*.npy"))
+    assert len(files) == 2 * 3 * 3 + 2  # and random's pools of 10, which core-set starts from
+    for name in files:
+        assert np.array_equal(np.load(outs[1] / name), np.load(outs[2] / name)), name
+    assert results_without_times(outs[1] / "results.jsonl") == results_without_times(outs[2] / "results.jsonl")
+    log = (outs[2] / "logs" / "coreset_seed_1.log").read_text()
+    assert log.index("$ cp ") < log.index("$ sampler.py") and "$ eval_lincls.py" in log
+
+
+def test_worker_steps_wait_for_the_step_they_read_from(tmp_path):
+    """Steps from the standard library, so that the workers import nothing of the tests: the rename fails
+    unless the folder it renames was made first."""
+    first, second, third = (str(tmp_path / name) for name in ("first", "second", "third"))
+    runs = [demo.Run("b seed 0: rounds", functools.partial(os.rename, first, second), f"mv {first} {second}",
+                     after="a seed 0: select"),
+            demo.Run("c seed 0: select", functools.partial(os.mkdir, third), f"mkdir {third}"),
+            demo.Run("a seed 0: select", functools.partial(os.mkdir, first), f"mkdir {first}")]
+    demo.run_all(runs, str(tmp_path), jobs=2)
+    assert os.path.isdir(second) and os.path.isdir(third) and not os.path.exists(first)
+    assert (tmp_path / "b_seed_0.log").read_text() == f"$ mv {first} {second}\n\n"
+
+
+def test_a_failing_worker_step_ends_the_demo_with_its_error(tmp_path):
+    never = str(tmp_path / "never")
+    runs = [demo.Run("a seed 0: select", functools.partial(cli.comma_integers, "10,,20", "--splits"), "sampler.py"),
+            demo.Run("b seed 0: rounds", functools.partial(os.mkdir, never), f"mkdir {never}",
+                     after="a seed 0: select")]
+    with pytest.raises(UsageError, match="--splits: '10,,20'"):
+        demo.run_all(runs, str(tmp_path), jobs=2)
+    assert not os.path.exists(never)
+    with pytest.raises(RuntimeError, match="'b seed 0: rounds' waits for a step that is not planned"):
+        demo.run_all(runs[1:], str(tmp_path), jobs=2)

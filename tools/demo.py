@@ -24,12 +24,15 @@ import contextlib
 import functools
 import io
 import json
+import multiprocessing
 import os
 import shutil
 import subprocess
 from collections.abc import Callable, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from typing import NamedTuple
 
+import faiss
 import numpy as np
 import torch
 from tqdm import tqdm
@@ -92,7 +95,20 @@ def build_parser() -> argparse.ArgumentParser:
     cli.add_precision_arg(parser)
     parser.add_argument("-b", "--batch-size", default=256, type=cli.int_at_least(1), help="inference batch size")
     parser.add_argument("-j", "--workers", default=2, type=cli.WORKERS, help="data-loading workers")
+    parser.add_argument("--jobs", default=default_jobs(), type=cli.int_at_least(1),
+                        help="steps run at once, each in its own process with cores/JOBS threads; 1 runs them one "
+                             "after another in this process (default: the cores, at most 4)")
     return parser
+
+
+def available_cores() -> int:
+    """The CPU cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def default_jobs() -> int:
+    """One step per core, at most 4 at once (each process holds its own interpreter, torch and faiss)."""
+    return min(available_cores(), 4)
 
 
 # ---------------------------------------------------------------- data and weights
@@ -181,28 +197,82 @@ def joined(values: Sequence[int]) -> str:
 
 
 class Run(NamedTuple):
-    """One step of the demo: what the progress and log files call it, the call, the command it stands for."""
+    """One step of the demo: what the progress and log files call it, the call, the command it stands for and
+    the label of the step whose files it reads (None: it can start at once)."""
 
     label: str
     call: Callable[[], None]
     command: str
+    after: str | None = None
 
 
-def script_run(label: str, script: str, argv: Sequence[object]) -> Run:
+def run_program(script: str, words: list[str]) -> None:
+    """One of the project's scripts, called in this process (a plain function, so that a step can be sent to
+    another process)."""
+    PROGRAMS[script].main(words)
+
+
+def script_run(label: str, script: str, argv: Sequence[object], after: str | None = None) -> Run:
     """A call of one of the project's scripts (sampler.py, …) with `argv`."""
     words = [str(word) for word in argv]
-    return Run(label, functools.partial(PROGRAMS[script].main, words), " ".join([script, *words]))
+    return Run(label, functools.partial(run_program, script, words), " ".join([script, *words]), after)
 
 
 def run_quietly(run: Run, log: str) -> None:
-    """Run a step with its output appended to `log`; its one-line error when it fails."""
+    """Run a step with its output (progress bars included) appended to `log`; its one-line error when it fails."""
     buffer = io.StringIO()
     try:
-        with contextlib.redirect_stdout(buffer):
+        with contextlib.redirect_stdout(buffer), contextlib.redirect_stderr(buffer):
             run.call()
     finally:
         with open(log, "a") as f:
             f.write(f"$ {run.command}\n{buffer.getvalue()}\n")
+
+
+def log_file(logs: str, run: Run) -> str:
+    """A method's and seed's log: every step of it, selection and evaluations, in one file."""
+    return os.path.join(logs, f"{run.label.split(':')[0].replace(' ', '_')}.log")
+
+
+def use_threads(threads: int) -> None:
+    """A worker process's thread count, for torch and faiss alike."""
+    torch.set_num_threads(threads)
+    faiss.omp_set_num_threads(threads)
+
+
+def run_all(runs: list[Run], logs: str, jobs: int) -> None:
+    """Run every step, each after the step it reads from: one after another in this process (jobs 1), else up to
+    `jobs` at once in worker processes."""
+    with tqdm(total=len(runs), desc="demo runs", disable=None) as bar:
+        if jobs == 1:
+            for run in runs:
+                run_quietly(run, log_file(logs, run))
+                bar.update()
+        else:
+            run_in_workers(runs, logs, jobs, bar)
+
+
+def run_in_workers(runs: list[Run], logs: str, jobs: int, bar: tqdm) -> None:
+    """Up to `jobs` steps at once, each worker process with an equal share of the cores; ready steps start in
+    list order. Separate processes with one thread each keep both cores of a 2-core machine busy through the
+    many small steps (linear probes, MLP training) where two threads of one process mostly wait on each other."""
+    waiting, running, done = list(runs), dict[Future, Run](), set[str]()
+    threads = max(1, available_cores() // jobs)
+    context = multiprocessing.get_context("spawn")  # torch's and faiss' thread pools do not survive a fork
+    with ProcessPoolExecutor(jobs, mp_context=context, initializer=use_threads, initargs=(threads,)) as pool:
+        while waiting or running:
+            ready = [run for run in waiting if run.after is None or run.after in done][:jobs - len(running)]
+            if not ready and not running:
+                raise RuntimeError(f"demo step {waiting[0].label!r} waits for a step that is not planned")
+            for run in ready:
+                waiting.remove(run)
+                running[pool.submit(run_quietly, run, log_file(logs, run))] = run
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in finished:
+                run = running.pop(future)
+                future.result()  # a failed step ends the demo with its error, as in this process
+                done.add(run.label)
+                bar.update()
 
 
 def int_list(text: str, flag: str, minimum: int) -> list[int]:
@@ -229,14 +299,15 @@ def method_runs(args: argparse.Namespace, name: str, budgets: list[int], seed: i
     start, first = ROUNDS_FROM[name], budgets[0]
     start_file = index_path(indices, start, "fashion_mnist", first)
     own_file = index_path(indices, name, "fashion_mnist", first)
-    runs = [Run(f"{label}: {start} pool of {first}",
-                functools.partial(start_pool, start_file, name, own_file, args.pool), f"cp {start_file} {own_file}")]
+    runs = [Run(f"{label}: {start} pool of {first}", functools.partial(start_pool, start_file, name, own_file,
+                                                                       args.pool),
+                f"cp {start_file} {own_file}", after=f"{start} seed {seed}: select")]
     if len(budgets) > 1:
         script, extra = ("active_sampler.py", ["--val-feats", test, "--cached", "--epochs", args.epochs,
                                                *vaal_flags(args, name)]) if row.needs_model else ("sampler.py", [])
         runs.append(script_run(f"{label}: rounds", script, [
             "--feats", train, "--name", name, "--resume-indices", own_file,
-            "--splits", joined(increments(budgets)[1:]), *extra, *common]))
+            "--splits", joined(increments(budgets)[1:]), *extra, *common], after=runs[0].label))
     return runs
 
 
@@ -258,7 +329,8 @@ def start_pool(start_file: str, name: str, path: str, num_images: int) -> None:
 
 def planned_runs(args: argparse.Namespace, methods: list[str], budgets: list[int], seeds: list[int], train: str,
                  test: str) -> list[Run]:
-    """(label, call) of every selection and evaluation, in order: the pools that rounds start from first."""
+    """Every selection and evaluation, in order (the pools that rounds start from first), each naming the step
+    whose files it reads."""
     starts = {ROUNDS_FROM[name] for name in methods if name in ROUNDS_FROM}
     runs: list[Run] = []
     for seed in seeds:
@@ -270,12 +342,13 @@ def planned_runs(args: argparse.Namespace, methods: list[str], budgets: list[int
             common = ["--dataset", "fashion_mnist", "--seed", seed, "--indices",
                       os.path.join(args.out, "indices", f"seed{seed}"), "--results",
                       os.path.join(args.out, "results.jsonl"), "--name", name, "--splits", joined(budgets)]
-            runs += method_runs(args, name, budgets, seed, train, test) + [
+            selection = method_runs(args, name, budgets, seed, train, test)
+            runs += selection + [
                 script_run(f"{name} seed {seed}: 1-NN", "eval_knn.py",
-                           ["--feats", train, "--val-feats", test, *common]),
+                           ["--feats", train, "--val-feats", test, *common], after=selection[-1].label),
                 script_run(f"{name} seed {seed}: linear", "eval_lincls.py", [
                     "--feats", train, "--val-feats", test, "--cached", "--epochs", args.epochs,
-                    "--save", os.path.join(args.out, "checkpoints"), *common]),
+                    "--save", os.path.join(args.out, "checkpoints"), *common], after=selection[-1].label),
             ]
     return runs
 
@@ -299,8 +372,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     results = os.path.join(args.out, "results.jsonl")
     if os.path.exists(results):
         os.remove(results)  # a fresh table: results of earlier demo runs would be mixed in
-    for run in tqdm(planned_runs(args, methods, budgets, seeds, train, test), desc="demo runs", disable=None):
-        run_quietly(run, os.path.join(args.out, "logs", f"{run.label.split(':')[0].replace(' ', '_')}.log"))
+    run_all(planned_runs(args, methods, budgets, seeds, train, test), os.path.join(args.out, "logs"), args.jobs)
     report.main([results, "--out", args.out, "--paper", "--note", protocol_note(methods, budgets[0])])
 
 
