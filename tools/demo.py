@@ -14,8 +14,9 @@ Usage, from the repository root (`make demo` runs it with the defaults):
    (a second run reuses them).
 4. Runs every strategy at every budget for every seed with sampler.py, evaluates each index file
    with eval_knn.py (1-NN) and eval_lincls.py --cached, all into {out}/results.jsonl, and writes
-   {out}/report.md and the plots with tools/report.py. Each script's own output goes to {out}/logs/,
-   linear-probe checkpoints to {out}/checkpoints/.
+   {out}/report.md and the plots with tools/report.py. --jobs steps run at once, each in a worker
+   process with its share of the cores, each once the pool it reads is written. Each script's own
+   output goes to {out}/logs/, linear-probe checkpoints to {out}/checkpoints/.
 """
 from __future__ import annotations
 
@@ -58,14 +59,15 @@ METHODS = tuple(name for name in (*names(model=False), *names(model=True)) if na
                 or not STRATEGIES[name].needs_model)
 BUDGETS = "10,20,50,100,200,500,1000"
 VAAL_EPOCHS = 1  # a VAAL round trains on every image (about 15 s an epoch here)
-# With the first seed only: the slowest methods apart from the paper's k-means baselines (VAAL about 40 s,
-# UHerding about 33 s a seed), which keeps `make demo` within 15 minutes on 2 CPU cores, and the methods
+# With the first seed only: the slowest methods apart from the paper's k-means baselines (VAAL about 90 s,
+# UHerding about 70 s a seed on one thread), which keeps `make demo` within 15 minutes on 2 CPU cores, and the methods
 # whose picks no seed changes (not randomised, from an empty pool: MaxHerding), whose other seeds would
 # repeat the first one's selection.
 SLOW = {"vaal", "uherding"}
 SEED_FREE = {name for name in METHODS if not STRATEGIES[name].randomised and name not in ROUNDS_FROM}
 FIRST_SEED_ONLY = {*SLOW, *SEED_FREE}
 DEMO_WEIGHTS = "mobilenet_v2_imagenet.pth"
+MAX_JOBS = 32  # each worker process holds its own interpreter, torch and faiss (about 0.7 GB)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -95,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli.add_precision_arg(parser)
     parser.add_argument("-b", "--batch-size", default=256, type=cli.int_at_least(1), help="inference batch size")
     parser.add_argument("-j", "--workers", default=2, type=cli.WORKERS, help="data-loading workers")
-    parser.add_argument("--jobs", default=default_jobs(), type=cli.int_at_least(1),
+    parser.add_argument("--jobs", default=default_jobs(), type=cli.int_at_least(1, MAX_JOBS),
                         help="steps run at once, each in its own process with cores/JOBS threads; 1 runs them one "
                              "after another in this process (default: the cores, at most 4)")
     return parser
