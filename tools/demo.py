@@ -67,7 +67,7 @@ SLOW = {"vaal", "uherding"}
 SEED_FREE = {name for name in METHODS if not STRATEGIES[name].randomised and name not in ROUNDS_FROM}
 FIRST_SEED_ONLY = {*SLOW, *SEED_FREE}
 DEMO_WEIGHTS = "mobilenet_v2_imagenet.pth"
-MAX_JOBS = 32  # each worker process holds its own interpreter, torch and faiss (about 0.7 GB)
+MAX_JOBS = 32  # every job is a process with its own interpreter, torch and faiss: a bound on what a slip starts
 
 
 def build_parser() -> argparse.ArgumentParser:
