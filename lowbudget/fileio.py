@@ -134,6 +134,13 @@ def bytes_writer(data: bytes) -> Writer:
     return lambda f: f.write(data)
 
 
+def atomic_write_folder(folder: str, files: dict[str, bytes]) -> list[str]:
+    """Each named file's bytes written into `folder`, all or none (atomic_write_files()); their paths."""
+    paths = [os.path.join(folder, name) for name in files]
+    atomic_write_files([(path, bytes_writer(data)) for path, data in zip(paths, files.values(), strict=True)])
+    return paths
+
+
 def atomic_write_bytes(path: str, data: bytes) -> None:
     """atomic_write() of `data`."""
     atomic_write(path, bytes_writer(data))

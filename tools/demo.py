@@ -231,6 +231,11 @@ def run_quietly(run: Run, log: str) -> None:
             f.write(f"$ {run.command}\n{buffer.getvalue()}\n")
 
 
+def step_label(name: str, seed: int, step: str) -> str:
+    """What the progress, the logs and the steps that wait for it call a step of one method and seed."""
+    return f"{name} seed {seed}: {step}"
+
+
 def log_file(logs: str, run: Run) -> str:
     """A method's and seed's log: every step of it, selection and evaluations, in one file."""
     return os.path.join(logs, f"{run.label.split(':')[0].replace(' ', '_')}.log")
@@ -292,22 +297,21 @@ def method_runs(args: argparse.Namespace, name: str, budgets: list[int], seed: i
     indices = os.path.join(args.out, "indices", f"seed{seed}")
     common = ["--dataset", "fashion_mnist", "--seed", seed, "--indices", indices,
               "--save", os.path.join(args.out, "checkpoints"), "--results", os.path.join(args.out, "results.jsonl")]
-    label = f"{name} seed {seed}"
     row = STRATEGIES[name]
     if name not in ROUNDS_FROM:
         splits = increments(budgets) if row.incremental else budgets
-        return [script_run(f"{label}: select", "sampler.py",
+        return [script_run(step_label(name, seed, "select"), "sampler.py",
                            ["--feats", train, "--name", name, "--splits", joined(splits), *common])]
     start, first = ROUNDS_FROM[name], budgets[0]
     start_file = index_path(indices, start, "fashion_mnist", first)
     own_file = index_path(indices, name, "fashion_mnist", first)
-    runs = [Run(f"{label}: {start} pool of {first}", functools.partial(start_pool, start_file, name, own_file,
-                                                                       args.pool),
-                f"cp {start_file} {own_file}", after=f"{start} seed {seed}: select")]
+    runs = [Run(step_label(name, seed, f"{start} pool of {first}"),
+                functools.partial(start_pool, start_file, name, own_file, args.pool), f"cp {start_file} {own_file}",
+                after=step_label(start, seed, "select"))]
     if len(budgets) > 1:
         script, extra = ("active_sampler.py", ["--val-feats", test, "--cached", "--epochs", args.epochs,
                                                *vaal_flags(args, name)]) if row.needs_model else ("sampler.py", [])
-        runs.append(script_run(f"{label}: rounds", script, [
+        runs.append(script_run(step_label(name, seed, "rounds"), script, [
             "--feats", train, "--name", name, "--resume-indices", own_file,
             "--splits", joined(increments(budgets)[1:]), *extra, *common], after=runs[0].label))
     return runs
@@ -346,9 +350,9 @@ def planned_runs(args: argparse.Namespace, methods: list[str], budgets: list[int
                       os.path.join(args.out, "results.jsonl"), "--name", name, "--splits", joined(budgets)]
             selection = method_runs(args, name, budgets, seed, train, test)
             runs += selection + [
-                script_run(f"{name} seed {seed}: 1-NN", "eval_knn.py",
+                script_run(step_label(name, seed, "1-NN"), "eval_knn.py",
                            ["--feats", train, "--val-feats", test, *common], after=selection[-1].label),
-                script_run(f"{name} seed {seed}: linear", "eval_lincls.py", [
+                script_run(step_label(name, seed, "linear"), "eval_lincls.py", [
                     "--feats", train, "--val-feats", test, "--cached", "--epochs", args.epochs,
                     "--save", os.path.join(args.out, "checkpoints"), *common], after=selection[-1].label),
             ]

@@ -48,7 +48,7 @@ from tqdm import tqdm
 
 from lowbudget import cli, datasets
 from lowbudget.cli import UsageError
-from lowbudget.fileio import atomic_write_files, bytes_writer
+from lowbudget.fileio import atomic_write_folder
 from lowbudget.indices import read_indices, read_sidecar
 
 GAP = 4  # pixels around every thumbnail
@@ -263,9 +263,8 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 def write_outputs(folder: str, outputs: dict[str, bytes]) -> None:
     """All the files or none: a folder that cannot be written (read-only, full) is a UsageError naming --out."""
-    paths = {os.path.join(folder, name): content for name, content in outputs.items()}
     try:
-        atomic_write_files([(path, bytes_writer(content)) for path, content in paths.items()])
+        paths = atomic_write_folder(folder, outputs)
     except OSError as err:
         raise UsageError(f"--out: cannot write into {folder!r} ({err.strerror or err})") from None
     for path in paths:

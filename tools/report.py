@@ -33,7 +33,7 @@ from matplotlib.ticker import NullFormatter, NullLocator
 
 from lowbudget import cli
 from lowbudget.cli import UsageError
-from lowbudget.fileio import atomic_write_files, bytes_writer
+from lowbudget.fileio import atomic_write_folder
 from lowbudget.strategy_table import STRATEGIES
 
 # Tabulated metric -> the record fields that split it into separate tables.
@@ -331,9 +331,8 @@ def build_report(groups: dict[Group, dict[TableKey, Values]], sources: Sequence[
 
 def write_outputs(out: str, markdown: str, plots: dict[str, bytes]) -> None:
     """The plots and report.md, written into `out` all or none."""
-    files = {**plots, "report.md": markdown.encode("utf-8")}
     try:
-        atomic_write_files([(os.path.join(out, name), bytes_writer(data)) for name, data in files.items()])
+        atomic_write_folder(out, {**plots, "report.md": markdown.encode("utf-8")})
     except IsADirectoryError as err:
         raise UsageError(f"--out: cannot write {err.filename!r}: it is a folder") from None
     except OSError as err:
