@@ -22,20 +22,15 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 import torch
 
-from lowbudget import cli, datasets, distributed, engine, strategies
-from lowbudget.features import (
-    check_same_width,
-    labelled_split,
-    loaded_backbone,
-    require_labels,
-    train_features,
-    val_features,
-)
+import strategies
+from lowbudget import cli, datasets, distributed, engine
+from lowbudget.feature_files import check_same_width, require_labels
+from lowbudget.features import labelled_split, loaded_backbone, provenance, train_features, val_features
 from lowbudget.indices import index_path, read_indices, require_files, write_indices
 from lowbudget.metrics import coverage
-from lowbudget.results import append_result, provenance
+from lowbudget.results import append_result
 from lowbudget.runtime import faiss_uses_gpu, on_device, resolve_device, seed_everything
-from lowbudget.strategies import Selection
+from lowbudget.selection import Selection
 from lowbudget.strategy_table import STRATEGIES, HeadScore, Inputs, ModelScores, Strategy, add_options, lookup, names
 
 MODEL_ROWS = [STRATEGIES[name] for name in names(model=True)]

@@ -12,10 +12,11 @@ from collections.abc import Sequence
 import numpy as np
 
 from lowbudget import cli, distributed, faiss_ops
-from lowbudget.features import check_same_width, require_labels, train_features, val_features
+from lowbudget.feature_files import check_same_width, require_labels
+from lowbudget.features import provenance, train_features, val_features
 from lowbudget.indices import read_split_pools, split_files
 from lowbudget.metrics import class_mean_accuracy, coverage, majority_vote, top1
-from lowbudget.results import append_result, provenance
+from lowbudget.results import append_result
 from lowbudget.runtime import faiss_uses_gpu, resolve_device, seed_everything
 
 

@@ -20,18 +20,18 @@ from collections.abc import Sequence
 import torch
 
 from lowbudget import cli, datasets, distributed, engine
+from lowbudget.feature_files import check_same_width, require_labels
 from lowbudget.features import (
-    check_same_width,
     embedding_provenance,
     labelled_split,
     loaded_backbone,
-    require_labels,
+    provenance,
     train_features,
     val_features,
 )
 from lowbudget.indices import read_split_pools, split_files
 from lowbudget.metrics import coverage
-from lowbudget.results import append_result, provenance
+from lowbudget.results import append_result
 from lowbudget.runtime import on_device, resolve_device, seed_everything
 
 

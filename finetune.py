@@ -15,9 +15,9 @@ import torch
 from torch import nn
 
 from lowbudget import cli, datasets, engine, supervised
-from lowbudget.backbone_families import trainable, uses_pretrained_name
-from lowbudget.backbones import build_backbone
 from lowbudget.features import loaded_backbone
+from models.checkpoints import build_backbone
+from models.families import trainable, uses_pretrained_name
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -20,10 +20,11 @@ import torch
 
 from lowbudget import cli, datasets, distributed
 from lowbudget.cli import UsageError
-from lowbudget.features import rows_of, train_features, train_labels
+from lowbudget.feature_files import rows_of
+from lowbudget.features import provenance, train_features, train_labels
 from lowbudget.indices import index_path, read_indices, require_files, write_indices
 from lowbudget.metrics import coverage
-from lowbudget.results import append_result, provenance
+from lowbudget.results import append_result
 from lowbudget.runtime import faiss_uses_gpu, resolve_device, seed_everything
 from lowbudget.strategy_table import STRATEGIES, Inputs, Step, Strategy, add_options, lookup, names
 

@@ -50,10 +50,11 @@ from torch import nn
 from torch.utils.data import DataLoader
 from torchvision import transforms as T
 
-from lowbudget import datasets, strategies
-from lowbudget.backbones import build_backbone
+import strategies
+from lowbudget import datasets
 from lowbudget.features import extract
 from lowbudget.runtime import for_inference, inference_autocast
+from models.checkpoints import build_backbone
 
 ARCHS = ("mobilenet_v2", "resnet18")
 SIZES = (64, 112)

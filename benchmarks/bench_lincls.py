@@ -26,10 +26,9 @@ from pathlib import Path
 
 import numpy as np
 
+import eval_lincls
+import sampler
 from lowbudget import datasets
-from lowbudget.programs import load_program
-
-eval_lincls, sampler = load_program("eval_lincls.py"), load_program("sampler.py")
 
 
 def quiet(main, args: list) -> float:

@@ -78,7 +78,8 @@ import faiss
 import numpy as np
 import torch
 
-from lowbudget import faiss_ops, strategies
+import strategies
+from lowbudget import faiss_ops
 from lowbudget.strategy_table import STRATEGIES, Inputs
 
 DIM = 512

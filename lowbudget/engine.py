@@ -25,11 +25,11 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
 from lowbudget import datasets, distributed
-from lowbudget.backbones import strip_module_prefix
 from lowbudget.cli import UsageError
 from lowbudget.fileio import atomic_write, atomic_write_bytes, text_digest
 from lowbudget.indices import pool_digest
 from lowbudget.metrics import class_mean_accuracy
+from models.checkpoints import strip_module_prefix
 
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
 EpochBatches = Callable[[int], Batches]  # an epoch's batches, from that epoch's seed

@@ -19,9 +19,10 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from lowbudget import cli, datasets, faiss_ops, ivf, strategies, vaal
+import strategies
+from lowbudget import cli, cover, datasets, faiss_ops, ivf, vaal
 from lowbudget.cli import UsageError
-from lowbudget.strategies import Selection
+from lowbudget.selection import Selection, most_uncertain
 
 Step = Callable[[np.ndarray, int], Selection]
 Options = Mapping[str, Any]
@@ -142,11 +143,11 @@ NEIGHBOURS = Option("--neighbours", "auto", "probcover: nearest-neighbour search
                     f"recorded), or auto: ivf from {ivf.APPROXIMATE_FROM_ROWS:,} rows on a CPU, exact below "
                     "and on a GPU",
                     choices=ivf.NEIGHBOUR_SEARCHES)
-HERDING_BANDWIDTH = 0.5  # h measured best for MaxHerding (docs/strategies.md); also auto's while labels are few
 BANDWIDTH_HELP = ("h of the Gaussian kernel exp(-|x-y|^2 / h^2) on the L2-normalised features, exact over all "
                   "points (up to --herding-sample); auto: the smallest distance between two labelled points "
-                  f"({HERDING_BANDWIDTH} while fewer than two)")
-BANDWIDTH = Option("--bandwidth", HERDING_BANDWIDTH, f"maxherding: {BANDWIDTH_HELP} (default {HERDING_BANDWIDTH})",
+                  f"({strategies.HERDING_BANDWIDTH} while fewer than two)")
+BANDWIDTH = Option("--bandwidth", strategies.HERDING_BANDWIDTH,
+                   f"maxherding: {BANDWIDTH_HELP} (default {strategies.HERDING_BANDWIDTH})",
                    cli.auto_or_positive, metavar="auto|H")
 UHERDING_BANDWIDTH = Option("--bandwidth", None, f"uherding: {BANDWIDTH_HELP} (default auto)", cli.auto_or_positive,
                             metavar="auto|H")
@@ -233,13 +234,13 @@ def _build_probcover(inputs: Inputs, options: Options) -> Step:
         raise UsageError("--pseudo-classes: --delta auto needs the class count, and the features have no labels")
     if delta is None and classes is not None and classes > inputs.num_rows:
         raise UsageError(f"--pseudo-classes: {classes} clusters for {inputs.num_rows} points")
-    approximate = strategies.probcover_index(inputs.feats, options["neighbours"], seed=inputs.seed, gpu=inputs.gpu)
+    approximate = cover.probcover_index(inputs.feats, options["neighbours"], seed=inputs.seed, gpu=inputs.gpu)
     if approximate is not None:
         inputs.log(f"=> probcover: approximate neighbours (IVF, {approximate.cells} cells, "
                    f"{approximate.probes} probed): recall@{approximate.k} {approximate.recall:.3f} on "
                    f"{min(ivf.RECALL_QUERIES, inputs.num_rows)} sampled rows (target {ivf.TARGET_RECALL})")
     try:
-        graph, delta = strategies.probcover_graph(inputs.feats, delta, purity, classes, seed=inputs.seed,
+        graph, delta = cover.probcover_graph(inputs.feats, delta, purity, classes, seed=inputs.seed,
                                                   gpu=inputs.gpu, approximate=approximate)
     except ValueError as err:
         raise UsageError(f"--delta: {err}") from None
@@ -259,62 +260,30 @@ def _build_probcover(inputs: Inputs, options: Options) -> Step:
     return step
 
 
-def _herding_rows(inputs: Inputs, options: Options, name: str) -> Callable[[np.ndarray, int], np.ndarray]:
-    """rows(labelled, budget): the rows, ascending, that MaxHerding and UHerding cover and pick from in a round:
-    every row up to --herding-sample of them; else a seeded random sample of that many, drawn once per run,
-    with the round's labelled pool added (a UsageError when it has fewer than `budget` rows to pick)."""
-    size, n = options["herding_sample"], inputs.num_rows
-    if size == 0 or n <= size:
-        return lambda labelled, budget: np.arange(n)
-    sample = np.sort(np.random.default_rng(inputs.seed).choice(n, size, replace=False))
-    inputs.log(f"=> {name}: a seeded sample of {size:,} of the {n:,} rows, and the labelled pool (--herding-sample)")
-
-    def rows(labelled: np.ndarray, budget: int) -> np.ndarray:
-        sampled = np.union1d(sample, labelled)
-        if budget > len(sampled) - len(labelled):
-            raise UsageError(f"--herding-sample: {budget} picks asked of a sample with {len(sampled) - len(labelled)} "
-                             "unlabelled images; raise it, or 0 for every image")
-        return sampled
-    return rows
+def _log_sample(inputs: Inputs, sample: np.ndarray | None, name: str) -> None:
+    """Say when --herding-sample's rows stand for the pool."""
+    if sample is not None:
+        inputs.log(f"=> {name}: a seeded sample of {len(sample):,} of the {inputs.num_rows:,} rows, and the "
+                   "labelled pool (--herding-sample)")
 
 
-def _bandwidth(inputs: Inputs, options: Options, labelled: np.ndarray, name: str) -> float:
-    """This round's kernel bandwidth: --bandwidth h, or with auto the smallest distance between two labelled
-    points (HERDING_BANDWIDTH while there are fewer than two)."""
-    bandwidth = options["bandwidth"]
-    if bandwidth is None:
-        bandwidth = strategies.labelled_bandwidth(inputs.feats, labelled, inputs.gpu) or HERDING_BANDWIDTH
-    inputs.log(f"=> {name}: Gaussian kernel exp(-|x-y|^2 / h^2), h = {bandwidth:.4f}")
-    return bandwidth
-
-
-def _herding_kernel(inputs: Inputs, rows: np.ndarray, bandwidth: float) -> strategies.HerdingKernel:
-    """The kernel of bandwidth h over `rows` (every row: the features themselves, no copy)."""
-    feats = inputs.feats if len(rows) == inputs.num_rows else inputs.feats[rows]
-    return strategies.herding_kernel(feats, bandwidth, inputs.device)
-
-
-def _in_pool(selection: Selection, rows: np.ndarray, num_rows: int) -> Selection:
-    """A selection made among `rows` (positions) as row indices, with the sample's size when it is one."""
-    sampled = {"herding_sample": len(rows)} if len(rows) < num_rows else {}
-    return Selection(rows[selection.indices], selection.filled, {**selection.params, **sampled})
+def _herding_round(name: str, inputs: Inputs, select: Callable[[], Selection]) -> Selection:
+    """One MaxHerding or UHerding round: --herding-sample's refusal as a UsageError, the kernel's h logged."""
+    try:
+        selection = select()
+    except ValueError as err:
+        if "sample" not in str(err):
+            raise
+        raise UsageError(f"--herding-sample: {err}; raise it, or 0 for every image") from None
+    inputs.log(f"=> {name}: Gaussian kernel exp(-|x-y|^2 / h^2), h = {selection.params['bandwidth']:.4f}")
+    return selection
 
 
 def _build_maxherding(inputs: Inputs, options: Options) -> Step:
-    """Herding with every weight 1. A round that starts where the last one ended (sampler.py's rounds, with
-    the same h and rows) continues its greedy instead of computing every gain again: one pass for all."""
-    rows_of = _herding_rows(inputs, options, "maxherding")
-    last: list[tuple[np.ndarray, strategies.HerdingGreedy]] = []
-
-    def step(labelled: np.ndarray, budget: int) -> Selection:
-        rows = rows_of(labelled, budget)
-        local = np.searchsorted(rows, labelled)
-        bandwidth = _bandwidth(inputs, options, labelled, "maxherding")
-        if not (last and np.array_equal(last[0][0], rows) and last[0][1].continues(bandwidth, local)):
-            kernel = _herding_kernel(inputs, rows, bandwidth)
-            last[:] = [(rows, strategies.HerdingGreedy(kernel, local, progress=inputs.verbose))]
-        return _in_pool(last[0][1].take(budget, seed=inputs.seed), rows, inputs.num_rows)
-    return step
+    rounds = strategies.MaxHerding(inputs.feats, bandwidth=options["bandwidth"], sample=options["herding_sample"],
+                                   seed=inputs.seed, device=inputs.device, gpu=inputs.gpu, progress=inputs.verbose)
+    _log_sample(inputs, rounds.sample, "maxherding")
+    return lambda labelled, budget: _herding_round("maxherding", inputs, lambda: rounds(labelled, budget))
 
 
 def _uncertainty_builder(name: str) -> Callable[[Inputs, Options], Step]:
@@ -324,7 +293,7 @@ def _uncertainty_builder(name: str) -> Callable[[Inputs, Options], Step]:
             candidates = np.setdiff1d(np.arange(inputs.num_rows), labelled)
             inputs.log(f"Current unlabeled indices is {len(candidates)}.")
             scores = inputs.model_scores(candidates, lambda head, x, rows: strategies.uncertainty(head(x), name))
-            return Selection(strategies.most_uncertain(scores, candidates, budget))
+            return Selection(most_uncertain(scores, candidates, budget))
         return step
     return build
 
@@ -335,40 +304,29 @@ def _unlabelled(inputs: Inputs, labelled: np.ndarray) -> np.ndarray:
     return candidates
 
 
-def _temperature(inputs: Inputs, labelled: np.ndarray, holdout: float) -> float:
-    """UHerding's softmax temperature: the ECE-optimal one on a seeded held-out share of the labelled pool,
-    for a head trained on the rest (1.0 when either part would be empty)."""
-    split = strategies.holdout_split(labelled, holdout, inputs.seed)
-    if split is None or inputs.labels is None:
-        return 1.0
-    train, held = split
-    logits = inputs.model_scores(held, lambda head, x, rows: head(x), trained_on=train)
-    temperature = strategies.calibrated_temperature(torch.from_numpy(logits), inputs.labels[held])
-    inputs.log(f"=> uherding: temperature {temperature:.1f}, the smallest ECE on {len(held)} held-out labelled "
-               f"images of a head trained on the other {len(train)}")
-    return temperature
-
-
 def _build_uherding(inputs: Inputs, options: Options) -> Step:
-    """MaxHerding's coverage weighted by the head's calibrated margin uncertainty (1 everywhere without labels)."""
-    holdout = options["calibration_holdout"]
-    rows_of = _herding_rows(inputs, options, "uherding")
+    labels = inputs.labels
+    if labels is None:
+        raise ValueError("uherding needs labels")
+    sample = strategies.herding_sample(inputs.num_rows, options["herding_sample"], inputs.seed)
+    _log_sample(inputs, sample, "uherding")
+
+    def margins(rows: np.ndarray, temperature: float) -> np.ndarray:
+        return inputs.model_scores(rows, lambda head, x, batch: strategies.margin_uncertainty(head(x), temperature))
+
+    def probe_logits(train: np.ndarray, held: np.ndarray) -> np.ndarray:
+        inputs.log(f"=> uherding: calibrating on {len(held)} held-out labelled images of a head trained on the "
+                   f"other {len(train)}")
+        return inputs.model_scores(held, lambda head, x, batch: head(x), trained_on=train)
 
     def step(labelled: np.ndarray, budget: int) -> Selection:
-        rows = rows_of(labelled, budget)
-        candidates = np.intersect1d(_unlabelled(inputs, labelled), rows, assume_unique=True)
-        weights = np.ones(len(rows))
-        temperature = 1.0
-        if len(labelled):
-            temperature = _temperature(inputs, labelled, holdout)
-            weights[np.searchsorted(rows, candidates)] = inputs.model_scores(
-                candidates, lambda head, x, batch_rows: strategies.margin_uncertainty(head(x), temperature))
-        kernel = _herding_kernel(inputs, rows, _bandwidth(inputs, options, labelled, "uherding"))
-        selection = strategies.uherding_select(kernel, np.searchsorted(rows, labelled), budget, weights,
-                                               seed=inputs.seed, progress=inputs.verbose)
-        return _in_pool(Selection(selection.indices, selection.filled,
-                                  {**selection.params, "temperature": temperature, "calibration_holdout": holdout}),
-                        rows, inputs.num_rows)
+        _unlabelled(inputs, labelled)
+        selection = _herding_round("uherding", inputs, lambda: strategies.uherding_select(
+            inputs.feats, labelled, budget, labels=labels, margins=margins, probe_logits=probe_logits,
+            bandwidth=options["bandwidth"], holdout=options["calibration_holdout"], sample=sample, seed=inputs.seed,
+            device=inputs.device, gpu=inputs.gpu, progress=inputs.verbose))
+        inputs.log(f"=> uherding: temperature {selection.params['temperature']:.1f}, the smallest ECE")
+        return selection
     return step
 
 

@@ -15,10 +15,10 @@ import torch
 from torch import nn
 
 from lowbudget import cli, datasets, distributed, engine
-from lowbudget.features import labelled_split
+from lowbudget.features import labelled_split, provenance
 from lowbudget.indices import read_split_pools, split_files
 from lowbudget.metrics import coverage
-from lowbudget.results import append_result, provenance
+from lowbudget.results import append_result
 from lowbudget.runtime import on_device, resolve_device, seed_everything
 
 ModelBuilder = Callable[[int], tuple[nn.Module, Callable[[nn.Module], torch.optim.Optimizer]]]

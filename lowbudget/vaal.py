@@ -19,7 +19,6 @@ from its checkpoint (written at the end of every epoch) gives exactly the uninte
 """
 from __future__ import annotations
 
-import itertools
 import math
 import os
 from collections.abc import Callable, Iterable, Sequence
@@ -32,13 +31,13 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from lowbudget import datasets, engine, strategies
+from lowbudget import datasets, engine
 from lowbudget.cli import UsageError
 from lowbudget.fileio import bytes_digest, json_text, text_digest
-from lowbudget.strategies import Selection
+from lowbudget.selection import Selection, check_budget, most_uncertain
+from models.vaal import Vae, conv_vae, discriminator, mlp_vae
 
 IMAGE_SIZES = (32, 64)
-HIDDEN = 512  # width of the discriminator's hidden layers (and of the feature VAE's)
 PIXEL_STATS = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))  # the authors' Normalize: pixels in [-1, 1]
 
 
@@ -67,80 +66,6 @@ class VaalSettings:
     def iterations_per_epoch(self, num_rows: int) -> int:
         """floor(N / batch), at least 1: the authors' count of iterations per epoch."""
         return max(1, num_rows // self.batch_size)
-
-
-# ---------------------------------------------------------------- networks
-
-def kaiming_init(module: nn.Module) -> None:
-    """The authors' initialisation: Kaiming-normal weights and zero biases for the linear and convolution
-    layers of their Sequential blocks (the μ / log σ² heads and transposed convolutions keep PyTorch's)."""
-    for layer in module.modules():
-        if isinstance(layer, (nn.Linear, nn.Conv2d)):
-            nn.init.kaiming_normal_(layer.weight)
-            if layer.bias is not None:
-                nn.init.zeros_(layer.bias)
-
-
-class Vae(nn.Module):
-    """encoder -> (μ, log σ²) heads; decoder from a reparameterised sample."""
-
-    def __init__(self, encoder: nn.Module, decoder: nn.Module, encoded: int, latent_dim: int):
-        super().__init__()
-        self.encoder, self.decoder = encoder, decoder
-        kaiming_init(self.encoder)
-        kaiming_init(self.decoder)
-        self.fc_mu = nn.Linear(encoded, latent_dim)
-        self.fc_logvar = nn.Linear(encoded, latent_dim)
-
-    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(μ, log σ²) of each row."""
-        h = self.encoder(x)
-        return self.fc_mu(h), self.fc_logvar(h)
-
-    def forward(self, x: torch.Tensor, noise: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(reconstruction, μ, log σ²), the latent sample drawn with `noise`."""
-        mu, logvar = self.encode(x)
-        eps = torch.randn(mu.shape, generator=noise, device=mu.device, dtype=mu.dtype)
-        return self.decoder(mu + eps * (0.5 * logvar).exp()), mu, logvar
-
-
-def _conv_block(conv: nn.Module, channels: int) -> list[nn.Module]:
-    return [conv, nn.BatchNorm2d(channels), nn.ReLU(inplace=True)]
-
-
-def conv_vae(image_size: int, latent_dim: int, width: int = 128) -> Vae:
-    """The authors' VAE: 4 stride-2 convolutions (3 -> w -> 2w -> 4w -> 8w, kernel 4, BN, ReLU), μ and
-    log σ² heads on the flattened 8w x (s/16)² code; decoder linear z -> 8w x (s/8)², 3 transposed
-    convolutions back to w channels, a 1x1 transposed convolution to 3. w = 128 is the authors'."""
-    channels = [3, width, 2 * width, 4 * width, 8 * width]
-    encoder: list[nn.Module] = []
-    for c_in, c_out in itertools.pairwise(channels):
-        encoder += _conv_block(nn.Conv2d(c_in, c_out, 4, 2, 1, bias=False), c_out)
-    encoded, start = 8 * width * (image_size // 16) ** 2, image_size // 8
-    decoder: list[nn.Module] = [nn.Linear(latent_dim, 8 * width * start * start),
-                                nn.Unflatten(1, (8 * width, start, start))]
-    for c_in, c_out in zip(channels[:1:-1], channels[-2:0:-1], strict=True):
-        decoder += _conv_block(nn.ConvTranspose2d(c_in, c_out, 4, 2, 1, bias=False), c_out)
-    decoder.append(nn.ConvTranspose2d(width, 3, 1))
-    return Vae(nn.Sequential(*encoder, nn.Flatten()), nn.Sequential(*decoder), encoded, latent_dim)
-
-
-def mlp_vae(dim: int, latent_dim: int) -> Vae:
-    """This project's VAE on feature vectors: dim -> 512 -> 512 -> (μ, log σ²); z -> 512 -> 512 -> dim."""
-    encoder = nn.Sequential(nn.Linear(dim, HIDDEN), nn.ReLU(inplace=True), nn.Linear(HIDDEN, HIDDEN),
-                            nn.ReLU(inplace=True))
-    decoder = nn.Sequential(nn.Linear(latent_dim, HIDDEN), nn.ReLU(inplace=True), nn.Linear(HIDDEN, HIDDEN),
-                            nn.ReLU(inplace=True), nn.Linear(HIDDEN, dim))
-    return Vae(encoder, decoder, HIDDEN, latent_dim)
-
-
-def discriminator(latent_dim: int) -> nn.Sequential:
-    """z -> 512 -> 512 -> 1 with ReLU; it outputs the logit (the authors' sigmoid is folded into the loss,
-    and ranking by the logit is ranking by the sigmoid without its float32 saturation ties)."""
-    net = nn.Sequential(nn.Linear(latent_dim, HIDDEN), nn.ReLU(inplace=True), nn.Linear(HIDDEN, HIDDEN),
-                        nn.ReLU(inplace=True), nn.Linear(HIDDEN, 1), nn.Flatten(0))
-    kaiming_init(net)
-    return net
 
 
 # ---------------------------------------------------------------- data
@@ -385,10 +310,10 @@ def vaal_select(source: Source, labelled: np.ndarray, budget: int, settings: Vaa
     if not len(labelled):
         raise ValueError("vaal needs a labelled pool: its discriminator learns labelled from unlabelled")
     unlabelled = np.setdiff1d(np.arange(len(source), dtype=np.int64), labelled)
-    strategies._check_budget(budget, len(unlabelled))
+    check_budget(budget, len(unlabelled))
     nets = train(source, labelled, unlabelled, settings, seed=seed, device=device, checkpoint=checkpoint,
                  progress=progress, log=log)
     scores = discriminator_scores(nets, source, unlabelled, settings, device)
-    picks = strategies.most_uncertain(-scores, unlabelled, budget)
+    picks = most_uncertain(-scores, unlabelled, budget)
     iterations = settings.iterations_per_epoch(len(source)) * settings.epochs
     return Selection(picks, 0, {**asdict(settings), "iterations": iterations, "mode": source.mode})

@@ -6,10 +6,9 @@ import pytest
 import torch
 
 import active_sampler
-from lowbudget import strategies
-from tests.conftest import call_main, write_cifar
-from tests.test_distributed import torchrun
-from tests.test_evaluators import write_feats
+import strategies
+from lowbudget.selection import most_uncertain
+from tests.helpers import args_for, call_main, torchrun, write_cifar, write_feats
 
 
 def softmax(z):
@@ -37,18 +36,13 @@ def test_selection_equals_brute_force_ranking(name):
     assert np.all(np.isfinite(scores))
     np.testing.assert_allclose(scores, brute_force_scores(logits, name), atol=1e-12)
     candidates = np.arange(1000, 1200)
-    picked = strategies.most_uncertain(scores, candidates, 15)
+    picked = most_uncertain(scores, candidates, 15)
     assert picked.tolist() == candidates[np.argsort(-brute_force_scores(logits, name), kind="stable")[:15]].tolist()
 
 
 def test_most_uncertain_budget_beyond_candidates():
     with pytest.raises(ValueError):
-        strategies.most_uncertain(np.zeros(3), np.arange(3), 4)
-
-
-def args_for(tmp_path, train, val, *extra):
-    return ["--feats", train, "--val-feats", val, "--dataset", "cifar10", "--cached", "--epochs", "3", "-p", "1",
-            "-b", "16", "--indices", tmp_path / "idx", "--save", tmp_path / "out", *extra]
+        most_uncertain(np.zeros(3), np.arange(3), 4)
 
 
 def test_rounds_grow_by_the_split_without_duplicates(tmp_path, capsys):

@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 
 import sampler
+import strategies as S
+from lowbudget import cover as C
 from lowbudget import ivf
-from lowbudget import strategies as S
-from tests.conftest import call_main
+from tests.helpers import call_main
 
 EMPTY = np.zeros(0, dtype=np.int64)
 
@@ -130,20 +131,20 @@ def clustered():
 
 @pytest.fixture(scope="module")
 def tuned(clustered):
-    return S.probcover_index(clustered, "ivf", seed=0)
+    return C.probcover_index(clustered, "ivf", seed=0)
 
 
 @pytest.mark.slow
 def test_tuned_index_reaches_the_target_recall_on_clustered_data(clustered, tuned):
-    assert tuned.cells == 283 and tuned.k == S.PROBCOVER_KNN
+    assert tuned.cells == 283 and tuned.k == C.PROBCOVER_KNN
     assert ivf.FIRST_PROBES <= tuned.probes <= ivf.MAX_PROBES
     assert tuned.recall >= ivf.TARGET_RECALL
-    held_out = ivf.RecallProbe.sample(clustered, S.PROBCOVER_KNN, seed=7).recall(clustered, tuned)  # another sample
+    held_out = ivf.RecallProbe.sample(clustered, C.PROBCOVER_KNN, seed=7).recall(clustered, tuned)  # another sample
     assert held_out >= ivf.TARGET_RECALL - 0.02
     fewer = replace(tuned, probes=tuned.probes // 2)
     assert tuned.probes == ivf.FIRST_PROBES or ivf.RecallProbe.sample(
-        clustered, S.PROBCOVER_KNN, seed=0).recall(clustered, fewer) < ivf.TARGET_RECALL  # the fewest that reach it
-    again = S.probcover_index(clustered, "ivf", seed=0)
+        clustered, C.PROBCOVER_KNN, seed=0).recall(clustered, fewer) < ivf.TARGET_RECALL  # the fewest that reach it
+    again = C.probcover_index(clustered, "ivf", seed=0)
     assert (again.probes, again.recall) == (tuned.probes, tuned.recall)
     assert np.array_equal(again.cell, tuned.cell)
 
@@ -152,8 +153,8 @@ def test_tuned_index_reaches_the_target_recall_on_clustered_data(clustered, tune
 
 def test_short_lists_pad_the_neighbours_with_the_row_itself_at_infinity():
     x = two_far_clusters()
-    near = S.nearest_neighbours(x, 15, approximate=cells(x, 2, 1))
-    exact = S.nearest_neighbours(x, 10)
+    near = C.nearest_neighbours(x, 15, approximate=cells(x, 2, 1))
+    exact = C.nearest_neighbours(x, 10)
     assert np.array_equal(np.sort(near.index[:, :10], 1), np.sort(exact.index, 1))  # each list holds its cluster
     assert np.array_equal(near.index[:, 10:], np.repeat(np.arange(20)[:, None], 5, 1))
     assert np.isinf(near.sq_dist[:, 10:]).all() and np.isfinite(near.sq_dist[:, :10]).all()
@@ -163,19 +164,19 @@ def test_nearest_other_label_through_the_index_equals_exact_and_falls_back_when_
     x, component = mixture(600, 8, centres=6, noise=0.1, seed=2)
     labels = component % 3
     rows = np.arange(0, 600, 7)
-    exact = S.nearest_other_label(x, labels, rows)
-    assert np.allclose(S.nearest_other_label(x, labels, rows, approximate=cells(x, 6, 6)), exact, rtol=1e-5)
+    exact = C.nearest_other_label(x, labels, rows)
+    assert np.allclose(C.nearest_other_label(x, labels, rows, approximate=cells(x, 6, 6)), exact, rtol=1e-5)
     far, halves = two_far_clusters(), np.repeat([0, 1], 10)
     one_cell = cells(far, 2, 1)  # a row's own cell holds no other label
-    assert np.allclose(S.nearest_other_label(far, halves, np.arange(20), approximate=one_cell),
-                       S.nearest_other_label(far, halves, np.arange(20)), rtol=1e-5)
+    assert np.allclose(C.nearest_other_label(far, halves, np.arange(20), approximate=one_cell),
+                       C.nearest_other_label(far, halves, np.arange(20)), rtol=1e-5)
 
 
 @pytest.mark.slow
 def test_probcover_with_ivf_shares_picks_and_delta_with_exact(clustered, tuned):
     pool = np.arange(0, 20_000, 400, dtype=np.int64)  # 50 labelled rows
-    exact_graph, exact_delta = S.probcover_graph(clustered, None, pseudo_classes=10)
-    ivf_graph, ivf_delta = S.probcover_graph(clustered, None, pseudo_classes=10, approximate=tuned)
+    exact_graph, exact_delta = C.probcover_graph(clustered, None, pseudo_classes=10)
+    ivf_graph, ivf_delta = C.probcover_graph(clustered, None, pseudo_classes=10, approximate=tuned)
     assert ivf_delta == pytest.approx(exact_delta, rel=0.03)
     exact_picks = S.probcover_select(exact_graph, pool, 100)[0].indices
     selection, covered = S.probcover_select(ivf_graph, pool, 100)
@@ -189,20 +190,20 @@ def test_probcover_with_ivf_shares_picks_and_delta_with_exact(clustered, tuned):
 def test_probcover_graph_probing_every_cell_equals_the_exact_graph():
     x = mixture(1500, 8, centres=20, noise=0.1, seed=3)[0]
     index = cells(x, 10, 10)
-    exact_graph, exact_delta = S.probcover_graph(x, None, pseudo_classes=5, neighbours=8)
-    assert S.probcover_graph(x, None, pseudo_classes=5, neighbours=8, approximate=index)[1] == pytest.approx(
+    exact_graph, exact_delta = C.probcover_graph(x, None, pseudo_classes=5, neighbours=8)
+    assert C.probcover_graph(x, None, pseudo_classes=5, neighbours=8, approximate=index)[1] == pytest.approx(
         exact_delta, rel=1e-5)
-    exact_graph, _ = S.probcover_graph(x, 0.3, neighbours=8)  # balls past 8 neighbours: range searches
-    graph, _ = S.probcover_graph(x, 0.3, neighbours=8, approximate=index)
+    exact_graph, _ = C.probcover_graph(x, 0.3, neighbours=8)  # balls past 8 neighbours: range searches
+    graph, _ = C.probcover_graph(x, 0.3, neighbours=8, approximate=index)
     assert np.diff(exact_graph.indptr).max() > 8
     assert np.array_equal(graph.indptr, exact_graph.indptr) and np.array_equal(graph.indices, exact_graph.indices)
 
 
 def test_auto_below_the_threshold_is_exact_search():
     x = mixture(2_000, 16)[0]
-    assert S.probcover_index(x, "auto") is None and S.probcover_index(x, "exact") is None
-    auto = S.probcover_graph(x, None, pseudo_classes=5, approximate=S.probcover_index(x, "auto"))
-    exact = S.probcover_graph(x, None, pseudo_classes=5)
+    assert C.probcover_index(x, "auto") is None and C.probcover_index(x, "exact") is None
+    auto = C.probcover_graph(x, None, pseudo_classes=5, approximate=C.probcover_index(x, "auto"))
+    exact = C.probcover_graph(x, None, pseudo_classes=5)
     assert auto[1] == exact[1] and np.array_equal(auto[0].indices, exact[0].indices)
 
 

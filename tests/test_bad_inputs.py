@@ -18,13 +18,12 @@ import torch
 
 from lowbudget import cli, faiss_ops
 from lowbudget.indices import write_indices
-from lowbudget.programs import REPOSITORY, load_program
-from tests.conftest import call_main, write_cifar, write_image_tree, write_photo_folder
+from tests.helpers import REPO, call_main, load_program, write_cifar, write_image_tree, write_photo_folder
 
 # ---------------------------------------------------------------- every numeric flag of every script
 
-PROGRAMS = sorted(path for path in (*(p.name for p in REPOSITORY.glob("*.py")),
-                                    *(f"tools/{p.name}" for p in (REPOSITORY / "tools").glob("*.py")))
+PROGRAMS = sorted(path for path in (*(p.name for p in REPO.glob("*.py")),
+                                    *(f"tools/{p.name}" for p in (REPO / "tools").glob("*.py")))
                   if hasattr(load_program(path), "build_parser"))
 HUGE = str(10**30)
 CANDIDATES = ("0", "-1", "nan", "inf", "-inf", HUGE)

@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
-from lowbudget.backbones import build_backbone
 from lowbudget.fileio import file_digest
-from tests.conftest import REPO, call_main
+from models.checkpoints import build_backbone
+from tests.helpers import REPO, call_main
 from tools.convert_weights import main
 
 

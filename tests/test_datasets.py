@@ -1,5 +1,4 @@
 """Dataset readers: index = position as in the original code, labels without decoding, batch transforms."""
-import gzip
 import os
 import pickle
 import warnings
@@ -13,7 +12,7 @@ from torchvision import transforms as T
 
 from lowbudget import datasets
 from lowbudget.cli import UsageError
-from tests.conftest import write_cifar, write_image_tree, write_photo_folder
+from tests.helpers import write_cifar, write_idx, write_image_tree, write_photo_folder
 
 
 def test_cifar10_reader_keeps_torchvision_order(cifar10_root):
@@ -46,12 +45,6 @@ def test_array_batches_equal_torchvision_pil_transform(cifar10_root):
     for i in range(8):
         pil = Image.fromarray(images.images[i].transpose(1, 2, 0))
         assert torch.allclose(batch[i], reference(pil), atol=1e-6)
-
-
-def write_idx(path, array, magic):
-    header = magic.to_bytes(4, "big") + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
-    with gzip.open(path, "wb") as f:
-        f.write(header + array.astype(np.uint8).tobytes())
 
 
 def test_fashion_mnist_idx_gz_in_torchvision_layout(tmp_path):

@@ -9,13 +9,11 @@ import pytest
 import torch
 
 from lowbudget import cli, datasets
-from lowbudget.backbone_families import load_backbone
 from lowbudget.cli import UsageError
 from lowbudget.features import extract
 from lowbudget.strategy_table import STRATEGIES, Inputs
-from tests.conftest import call_main, unit_rows
-from tests.test_backbone_families import save_timm_resnet18
-from tests.test_datasets import write_idx
+from models.families import load_backbone
+from tests.helpers import call_main, save_timm_resnet18, unit_rows, write_idx
 from tools import demo
 
 METHODS = demo.METHODS

@@ -2,8 +2,6 @@
 linear head, a trained network; rank 0 alone writes; errors stop every process; the CUDA choices."""
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -15,15 +13,7 @@ import eval_lincls
 import sampler
 import trainer_DP
 from lowbudget import datasets, distributed, engine, runtime
-from tests.conftest import REPO, call_main, write_cifar, write_photo_folder
-
-
-def torchrun(script, *args):
-    """`torchrun --standalone --nproc_per_node 2 script args` on CPU, one thread per process."""
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(REPO / script), *map(str, args)], env=env, capture_output=True, text=True, timeout=300,
-                          check=False)
+from tests.helpers import call_main, torchrun, write_cifar, write_photo_folder
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ import sampler
 from lowbudget import engine
 from lowbudget.fileio import file_digest
 from lowbudget.metrics import majority_vote
-from tests.conftest import call_main, unit_rows
+from tests.helpers import call_main, unit_rows, write_feats
 
 
 def brute_force_knn(train, train_labels, queries, k):
@@ -38,21 +38,6 @@ def test_knn_equals_brute_force(k):
 def test_vote_tie_goes_to_nearest_tied_class():
     rows = np.array([[3, 1, 1, 3, 2], [2, 2, 1, 1, 1], [4, 5, 6, 7, 8]])
     assert majority_vote(rows).tolist() == [3, 1, 4]
-
-
-def write_feats(tmp_path, n_train=400, n_val=200, classes=4, seed=0, separable=True):
-    """Feature files whose class decides a block of coordinates: linearly separable."""
-    rng = np.random.default_rng(seed)
-    def make(n):
-        labels = rng.integers(0, classes, n)
-        feats = rng.standard_normal((n, 16)).astype(np.float32) * 0.3
-        if separable:
-            feats[np.arange(n), labels] += 3
-        return feats, labels
-    (tf, tl), (vf, vl) = make(n_train), make(n_val)
-    np.savez(tmp_path / "train.npz", feats=tf, labels=tl)
-    np.savez(tmp_path / "val.npz", feats=vf, labels=vl)
-    return tmp_path / "train.npz", tmp_path / "val.npz"
 
 
 def feats_args(tmp_path, train, val, name, splits, *extra):

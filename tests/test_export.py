@@ -12,7 +12,7 @@ import eval_knn
 import sampler
 import trainer_DP
 from lowbudget import datasets, fileio
-from tests.conftest import call_main, write_photo_folder
+from tests.helpers import call_main, write_photo_folder
 from tools import export
 
 

@@ -13,12 +13,12 @@ import torch
 import active_sampler
 import eval_lincls
 import sampler
-from lowbudget import features
+from lowbudget import feature_files, features
 from lowbudget.cli import UsageError
-from lowbudget.features import read_cache, read_feats_file, stored_npz_member, write_cache
+from lowbudget.feature_files import read_feats_file, stored_npz_member
+from lowbudget.features import read_cache, write_cache
 from lowbudget.indices import read_indices, read_sidecar
-from tests.conftest import call_main, write_cifar
-from tests.test_active_sampler import args_for, write_feats
+from tests.helpers import args_for, call_main, write_cifar, write_feats
 
 META = {"version": features.CACHE_VERSION, "dataset": "cifar10", "split": "train", "num_images": 300}
 
@@ -144,7 +144,7 @@ def test_compressed_npz_fortran_npy_and_pth_are_loaded(tmp_path, dtype):
     np.save(tmp_path / "fortran.npy", np.asfortranarray(x))
     torch.save((torch.from_numpy(x), torch.arange(200)), tmp_path / "t.pth")
     assert stored_npz_member(str(tmp_path / "c.npz"), "feats") is None
-    assert features.stored_npy(str(tmp_path / "fortran.npy")) is None
+    assert feature_files.stored_npy(str(tmp_path / "fortran.npy")) is None
     for name in ("c.npz", "fortran.npy", "t.pth"):
         feats = read_feats_file(str(tmp_path / name), "folder", dtype=dtype).feats
         assert feats.dtype == dtype and feats.flags.c_contiguous and not isinstance(feats, np.memmap)
@@ -164,7 +164,7 @@ def test_unit_rows_are_mapped_not_copied_and_other_rows_copied_once(tmp_path, mo
     feats[7] = 0  # an unreadable image's row: normalising leaves it zero
     np.save(tmp_path / "unit.npy", feats)
     np.save(tmp_path / "raw.npy", feats * 3)
-    monkeypatch.setattr(features, "BLOCK_BYTES", 1 << 20)
+    monkeypatch.setattr(feature_files, "BLOCK_BYTES", 1 << 20)
     tracemalloc.start()
     try:
         kept = read_feats_file(str(tmp_path / "unit.npy"), "cifar10").feats
@@ -200,7 +200,7 @@ def test_nan_in_a_later_block_is_found(tmp_path, monkeypatch, name, dtype):
     feats = unit_rows(4000, 16) * (1 if name == "unit" else 2)
     feats[-1, 3] = np.nan
     np.save(tmp_path / f"{name}.npy", feats)
-    monkeypatch.setattr(features, "BLOCK_BYTES", 4096)
+    monkeypatch.setattr(feature_files, "BLOCK_BYTES", 4096)
     with pytest.raises(UsageError, match=r"^--val-feats: .* contains NaN or infinite values$"):
         read_feats_file(str(tmp_path / f"{name}.npy"), "cifar10", flag="--val-feats", split="val", dtype=dtype)
 

@@ -10,10 +10,10 @@ from torchvision import transforms as T
 import eval_knn
 import sampler
 from lowbudget import datasets, features
-from lowbudget.backbones import build_backbone
 from lowbudget.cli import UsageError
-from lowbudget.features import Features, read_feats_file, require_labels, rows_of
-from tests.conftest import call_main, compress_checkpoint, resnet_backbone_state, write_cifar, write_photo_folder
+from lowbudget.feature_files import Features, read_feats_file, require_labels, rows_of
+from models.checkpoints import build_backbone
+from tests.helpers import call_main, compress_checkpoint, resnet_backbone_state, write_cifar, write_photo_folder
 
 
 @pytest.fixture

@@ -6,9 +6,10 @@ import pytest
 import torch
 
 import sampler
-from lowbudget import faiss_ops, strategies
+import strategies
+from lowbudget import faiss_ops
 from lowbudget.runtime import faiss_uses_gpu, resolve_device
-from tests.conftest import call_main, unit_rows
+from tests.helpers import call_main, unit_rows
 
 
 @pytest.fixture

@@ -8,9 +8,10 @@ import pytest
 import torch
 
 import sampler
-from lowbudget import strategies as S
-from tests.conftest import call_main, unit_rows
-from tests.test_strategies import assert_valid
+import strategies as S
+from lowbudget import cover as C
+from lowbudget import herding as H
+from tests.helpers import assert_valid, brute_force_herding, call_main, herding, small_blocks, unit_rows
 
 EMPTY = np.zeros(0, dtype=np.int64)
 
@@ -41,7 +42,7 @@ STAR_BIG_CENTRE, STAR_SMALL_CENTRE = 7, 12  # loners at 0, 4 and 11
 
 def test_probcover_takes_the_centre_of_the_densest_ball_first():
     x = star_points()
-    graph = S.cover_graph(x, 0.11, S.nearest_neighbours(x, 3))
+    graph = C.cover_graph(x, 0.11, C.nearest_neighbours(x, 3))
     assert np.diff(graph.indptr)[[STAR_BIG_CENTRE, STAR_SMALL_CENTRE, 0]].tolist() == [6, 4, 1]
     selection, covered = S.probcover_select(graph, EMPTY, 5)
     assert selection.indices.tolist() == [STAR_BIG_CENTRE, STAR_SMALL_CENTRE, 0, 4, 11]
@@ -50,10 +51,10 @@ def test_probcover_takes_the_centre_of_the_densest_ball_first():
 
 def test_probcover_counts_the_initial_pool_as_covered_and_fills_when_all_is_covered():
     x = star_points()
-    graph = S.cover_graph(x, 0.11, S.nearest_neighbours(x, 13))
+    graph = C.cover_graph(x, 0.11, C.nearest_neighbours(x, 13))
     selection, covered = S.probcover_select(graph, np.array([STAR_BIG_CENTRE]), 4, seed=3)
     assert selection.indices[:3].tolist() == [STAR_SMALL_CENTRE, 0, 4] and selection.filled == 0
-    assert S.ball_coverage(graph, [STAR_BIG_CENTRE]) == pytest.approx(6 / 13)
+    assert S.probcover_select(graph, EMPTY, 1)[1] == pytest.approx(6 / 13)
     all_covered, covered = S.probcover_select(graph, EMPTY, 9, seed=3)
     assert all_covered.filled == 4 and covered == 1.0
     assert_valid(all_covered.indices, 9, len(x))
@@ -79,7 +80,7 @@ def brute_force_probcover(x, delta, labeled, budget):
 def test_probcover_equals_brute_force_greedy(k):
     x = unit_rows(120, 3, seed=1)
     labeled = np.array([5, 17])
-    selection, _ = S.probcover_select(S.cover_graph(x, 0.5, S.nearest_neighbours(x, k)), labeled, 10)
+    selection, _ = S.probcover_select(C.cover_graph(x, 0.5, C.nearest_neighbours(x, k)), labeled, 10)
     expected = brute_force_probcover(x, 0.5, labeled, 10)
     assert selection.indices[:len(expected)].tolist() == expected
     assert_valid(selection.indices, 10, 120, exclude=labeled)
@@ -94,7 +95,7 @@ def brute_force_purity(x, labels, delta):
 def test_purity_delta_is_the_largest_radius_meeting_the_target(k):
     x = unit_rows(150, 3, seed=2)
     labels = (x[:, 0] > 0).astype(int) + 2 * (x[:, 1] > 0.3)
-    delta = S.purity_delta(x, labels, 0.9, S.nearest_neighbours(x, k))
+    delta = C.purity_delta(x, labels, 0.9, C.nearest_neighbours(x, k))
     assert brute_force_purity(x, labels, delta - 1e-6) >= 0.9  # at δ itself: float32 vs float64 distances
     assert brute_force_purity(x, labels, delta + 1e-4) < 0.9
 
@@ -102,13 +103,13 @@ def test_purity_delta_is_the_largest_radius_meeting_the_target(k):
 def test_purity_delta_needs_two_pseudo_labels():
     x = unit_rows(20, 3)
     with pytest.raises(ValueError, match="at least two clusters"):
-        S.purity_delta(x, np.zeros(20, dtype=int), 0.95, S.nearest_neighbours(x, 5))
+        C.purity_delta(x, np.zeros(20, dtype=int), 0.95, C.nearest_neighbours(x, 5))
 
 
 def test_cover_graph_refuses_too_many_edges():
     x = unit_rows(50, 3)
     with pytest.raises(ValueError, match="choose a smaller δ"):
-        S.cover_graph(x, 3.0, S.nearest_neighbours(x, 5), max_edges=100)
+        C.cover_graph(x, 3.0, C.nearest_neighbours(x, 5), max_edges=100)
 
 
 # ---------------------------------------------------------------- TypiClust
@@ -159,35 +160,12 @@ def test_typicality_squared_and_plain_distances():
 
 # ---------------------------------------------------------------- MaxHerding
 
-def brute_force_herding(x, bandwidth, labeled, budget, weights=None):
-    """Dense greedy kernel herding with k(a, b) = exp(-|a - b|^2 / h^2): the N x N kernel in float64."""
-    x = x.astype(np.float64)
-    kernel = np.exp(-((x[:, None, :] - x[None, :, :]) ** 2).sum(-1) / bandwidth ** 2)
-    u = np.ones(len(x)) if weights is None else np.array(weights, dtype=np.float64)
-    u[labeled] = 0
-    cover = kernel[:, labeled].max(1) if len(labeled) else np.zeros(len(x))
-    eligible = np.ones(len(x), dtype=bool)
-    eligible[labeled] = False
-    picks = []
-    for _ in range(budget):
-        gain = np.where(eligible, (np.maximum(kernel - cover[None, :], 0) * u[None, :]).sum(1), -np.inf)
-        pick = int(np.argmax(gain))
-        picks.append(pick)
-        eligible[pick] = False
-        cover = np.maximum(cover, kernel[pick])
-    return picks
-
-
-def small_blocks(kernel, rows=7):
-    """The same kernel computed `rows` kernel rows at a time: the blocked gains and updates both exercised."""
-    return dataclasses.replace(kernel, block_elements=rows * kernel.num_rows)
-
 
 @pytest.mark.parametrize("bandwidth, labeled", [(1.0, []), (1.0, [3, 50, 120]), (0.3, []), (0.3, [7, 8])])
 def test_maxherding_equals_brute_force_dense_greedy(bandwidth, labeled):
     x = unit_rows(200, 4, seed=5)
     labeled = np.asarray(labeled, dtype=np.int64)
-    selection = S.maxherding_select(small_blocks(S.herding_kernel(x, bandwidth)), labeled, 40)
+    selection = herding(small_blocks(H.herding_kernel(x, bandwidth)), labeled, 40)
     assert selection.indices.tolist() == brute_force_herding(x, bandwidth, labeled, 40)
     assert selection.params == {"bandwidth": bandwidth} and selection.filled == 0
     assert_valid(selection.indices, 40, 200, exclude=labeled)
@@ -195,8 +173,8 @@ def test_maxherding_equals_brute_force_dense_greedy(bandwidth, labeled):
 
 def test_maxherding_blocks_do_not_change_the_picks():
     x = unit_rows(300, 8, seed=2)
-    kernel = S.herding_kernel(x, 0.5)
-    picks = [S.maxherding_select(dataclasses.replace(kernel, block_elements=rows * 300), EMPTY, 25).indices
+    kernel = H.herding_kernel(x, 0.5)
+    picks = [herding(dataclasses.replace(kernel, block_elements=rows * 300), EMPTY, 25).indices
              for rows in (1, 13, 300)]
     assert picks[0].tolist() == picks[1].tolist() == picks[2].tolist()
 
@@ -211,11 +189,11 @@ class CountingKernel(S.HerdingKernel):
 
 def test_herding_updates_equal_recomputed_gains_and_read_only_the_rows_a_pick_covers_better():
     x = unit_rows(300, 6, seed=3)
-    plain = S.herding_kernel(x, 0.4)
+    plain = H.herding_kernel(x, 0.4)
     kernel = CountingKernel(plain.feats, plain.sq_norms, 0.4, block_elements=11 * 300)
     object.__setattr__(kernel, "counts", [])
     weights = torch.from_numpy(np.random.default_rng(1).uniform(0.1, 1, 300)).float()
-    state = S._Herding(kernel, weights, np.array([4, 90]), progress=False)
+    state = H.HerdingState(kernel, weights, np.array([4, 90]), progress=False)
     gains = state.gains(torch.arange(300))
     for pick in (17, 250, 5, 133):
         raised = int((plain.rows(torch.tensor([pick]))[0] > state.cover).sum())
@@ -227,17 +205,17 @@ def test_herding_updates_equal_recomputed_gains_and_read_only_the_rows_a_pick_co
 
 def test_maxherding_rounds_continue_one_greedy_with_the_picks_of_rounds_started_again():
     x = unit_rows(250, 6, seed=8)
-    plain = S.herding_kernel(x, 0.5)
+    plain = H.herding_kernel(x, 0.5)
     continued_reads, restarted_reads = [], []
     kernels = []
     for counts in (continued_reads, restarted_reads):
         kernels.append(CountingKernel(plain.feats, plain.sq_norms, 0.5, block_elements=7 * 250))
         object.__setattr__(kernels[-1], "counts", counts)
-    greedy, pool, restarted, continued = S.HerdingGreedy(kernels[0], np.array([9, 40])), np.array([9, 40]), [], []
+    greedy, pool, restarted, continued = H.HerdingGreedy(kernels[0], np.array([9, 40])), np.array([9, 40]), [], []
     for increment in (3, 7, 20):
         assert greedy.continues(0.5, pool)
         continued.append(greedy.take(increment).indices)
-        restarted.append(S.maxherding_select(kernels[1], pool, increment).indices)
+        restarted.append(herding(kernels[1], pool, increment).indices)
         pool = np.concatenate([pool, restarted[-1]])
     assert [c.tolist() for c in continued] == [r.tolist() for r in restarted]
     assert np.concatenate(continued).tolist() == brute_force_herding(x, 0.5, np.array([9, 40]), 30)
@@ -248,14 +226,14 @@ def test_maxherding_rounds_continue_one_greedy_with_the_picks_of_rounds_started_
 
 def test_maxherding_does_not_continue_past_a_fill():
     x = np.repeat(unit_rows(3, 4), 4, axis=0)
-    greedy = S.HerdingGreedy(S.herding_kernel(x, 1.0), EMPTY)
+    greedy = H.HerdingGreedy(H.herding_kernel(x, 1.0), EMPTY)
     first = greedy.take(5, seed=1)
     assert first.filled == 2 and not greedy.continues(1.0, first.indices)
 
 
 def test_maxherding_fills_once_nothing_adds_coverage():
     x = np.repeat(unit_rows(3, 4), 4, axis=0)  # three points, four copies each
-    selection = S.maxherding_select(S.herding_kernel(x, 1.0), EMPTY, 6, seed=1)
+    selection = herding(H.herding_kernel(x, 1.0), EMPTY, 6, seed=1)
     assert_valid(selection.indices, 6, 12)
     assert len({tuple(x[i]) for i in selection.indices[:3]}) == 3 and selection.filled == 3
 
@@ -270,8 +248,8 @@ def test_labelled_bandwidth_is_the_smallest_distance_between_labelled_points():
 
 @pytest.mark.parametrize("select", [
     lambda x, pool, b: S.typiclust_select(x, pool, b),
-    lambda x, pool, b: S.probcover_select(S.cover_graph(x, 0.3, S.nearest_neighbours(x, 8)), pool, b)[0],
-    lambda x, pool, b: S.maxherding_select(S.herding_kernel(x, 0.5), pool, b),
+    lambda x, pool, b: S.probcover_select(C.cover_graph(x, 0.3, C.nearest_neighbours(x, 8)), pool, b)[0],
+    lambda x, pool, b: herding(H.herding_kernel(x, 0.5), pool, b),
 ])
 def test_exact_budget_unique_disjoint_and_budget_checked(select):
     x = unit_rows(300, 8, seed=4)

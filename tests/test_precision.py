@@ -9,10 +9,11 @@ import torch
 import torch.nn.functional as F
 
 import sampler
-from lowbudget import datasets, features, strategies
-from lowbudget.backbones import build_backbone
+import strategies
+from lowbudget import datasets, features
 from lowbudget.runtime import resolve_precision
-from tests.conftest import REPO, call_main, write_cifar
+from models.checkpoints import build_backbone
+from tests.helpers import REPO, call_main, write_cifar
 
 
 @pytest.fixture(scope="module")

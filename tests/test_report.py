@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from tests.conftest import REPO, call_main
+from tests.helpers import REPO, call_main
 from tools import report
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

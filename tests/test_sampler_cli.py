@@ -8,7 +8,7 @@ import torch
 
 import sampler
 from lowbudget import features
-from tests.conftest import call_main, compress_checkpoint, resnet_backbone_state
+from tests.helpers import call_main, compress_checkpoint, resnet_backbone_state
 
 
 def base_args(tmp_path, root, name, splits, *extra):

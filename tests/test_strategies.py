@@ -3,18 +3,9 @@ import faiss
 import numpy as np
 import pytest
 
-from lowbudget import faiss_ops
-from lowbudget import strategies as S
-from tests.conftest import unit_rows
-
-
-def assert_valid(indices, budget, n, exclude=()):
-    assert indices.dtype == np.int64 and indices.ndim == 1
-    assert len(indices) == budget
-    assert len(np.unique(indices)) == budget
-    assert indices.min() >= 0 and indices.max() < n
-    assert not np.intersect1d(indices, np.asarray(exclude, dtype=np.int64)).size
-
+import strategies as S
+from lowbudget import faiss_ops, kcenter
+from tests.helpers import assert_valid, unit_rows
 
 # ---------------------------------------------------------------- random / uniform
 
@@ -213,10 +204,10 @@ def frontier_rows(request, monkeypatch):
     the reserve runs out, ties straddle a frontier's edge, and stale rows are brought up to date in
     several groups and blocks."""
     if request.param < 1024:
-        monkeypatch.setattr(S, "_FRONTIER_ROWS", request.param)
-        monkeypatch.setattr(S, "_RESERVE_FRONTIERS", 3)
-        monkeypatch.setattr(S, "_ROW_BLOCK", 7)
-        monkeypatch.setattr(S, "_CENTRE_BLOCK", 5)
+        monkeypatch.setattr(kcenter, "_FRONTIER_ROWS", request.param)
+        monkeypatch.setattr(kcenter, "_RESERVE_FRONTIERS", 3)
+        monkeypatch.setattr(kcenter, "_ROW_BLOCK", 7)
+        monkeypatch.setattr(kcenter, "_CENTRE_BLOCK", 5)
     return request.param
 
 

@@ -12,8 +12,7 @@ import torch
 import active_sampler
 import sampler
 from lowbudget.strategy_table import STRATEGIES, Inputs, Strategy
-from tests.conftest import call_main, unit_rows
-from tests.test_evaluators import write_feats
+from tests.helpers import call_main, unit_rows, write_feats
 
 N, CLASSES, BUDGET = 150, 6, 12
 ROWS = list(STRATEGIES.values())

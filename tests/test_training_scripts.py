@@ -8,7 +8,7 @@ import torch
 
 import finetune
 import trainer_DP
-from tests.conftest import call_main
+from tests.helpers import call_main
 
 
 @pytest.fixture

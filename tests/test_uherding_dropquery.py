@@ -4,12 +4,11 @@ import numpy as np
 import pytest
 import torch
 
-from lowbudget import strategies as S
+import strategies as S
+from lowbudget import herding as H
 from lowbudget.cli import UsageError
 from lowbudget.strategy_table import STRATEGIES, Inputs
-from tests.conftest import unit_rows
-from tests.test_low_budget import brute_force_herding, small_blocks
-from tests.test_strategies import assert_valid
+from tests.helpers import assert_valid, brute_force_herding, herding, small_blocks, unit_rows
 
 EMPTY = np.zeros(0, dtype=np.int64)
 
@@ -23,10 +22,10 @@ def softmax(z):
 
 @pytest.mark.parametrize("bandwidth", [1.0, 0.35])
 def test_uherding_without_labels_is_maxherding(bandwidth):
-    kernel = small_blocks(S.herding_kernel(unit_rows(250, 6, seed=1), bandwidth))
+    kernel = small_blocks(H.herding_kernel(unit_rows(250, 6, seed=1), bandwidth))
     ones = np.ones(250)
-    assert S.uherding_select(kernel, EMPTY, 30, ones).indices.tolist() == \
-        S.maxherding_select(kernel, EMPTY, 30).indices.tolist()
+    assert herding(kernel, EMPTY, 30, ones).indices.tolist() == \
+        herding(kernel, EMPTY, 30).indices.tolist()
 
 
 @pytest.mark.parametrize("bandwidth, labeled", [(1.0, [4, 90, 200]), (0.4, list(range(0, 300, 30)))])
@@ -34,7 +33,7 @@ def test_uherding_equals_brute_force_dense_greedy(bandwidth, labeled):
     x = unit_rows(300, 5, seed=3)
     labeled = np.asarray(labeled, dtype=np.int64)
     weights = np.random.default_rng(4).random(300)
-    selection = S.uherding_select(small_blocks(S.herding_kernel(x, bandwidth)), labeled, 35, weights)
+    selection = herding(small_blocks(H.herding_kernel(x, bandwidth)), labeled, 35, weights)
     assert selection.indices.tolist() == brute_force_herding(x, bandwidth, labeled, 35, weights)
     assert_valid(selection.indices, 35, 300, exclude=labeled)
     assert weights.min() > 0  # the caller's weights are not changed (labelled rows weigh 0 inside only)
@@ -46,7 +45,7 @@ def test_uherding_ignores_points_the_model_is_sure_about():
     x = (np.array([[[1, 0]], [[-1, 0]]]) + 0.05 * rng.standard_normal((2, 40, 2))).reshape(80, 2)
     x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
     weights = np.r_[np.zeros(40), np.ones(40)]
-    picks = S.uherding_select(S.herding_kernel(x, 0.3), np.array([0]), 5, weights).indices
+    picks = herding(H.herding_kernel(x, 0.3), np.array([0]), 5, weights).indices
     assert (picks >= 40).all()
 
 

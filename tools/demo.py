@@ -38,19 +38,21 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+import active_sampler
+import eval_knn
+import eval_lincls
+import sampler
 from lowbudget import cli, datasets
-from lowbudget.backbone_families import load_backbone, uses_pretrained_name, weights_label
 from lowbudget.cli import UsageError
 from lowbudget.features import extract, file_name_part
 from lowbudget.fileio import atomic_write, text_digest
 from lowbudget.indices import index_path, read_indices, sidecar_path, write_indices
-from lowbudget.programs import load_program
 from lowbudget.runtime import resolve_device, resolve_precision, seed_everything
 from lowbudget.strategy_table import STRATEGIES, names
+from models.families import load_backbone, uses_pretrained_name, weights_label
+from tools import convert_weights, report
 
-PROGRAMS = {script: load_program(script)
-            for script in ("sampler.py", "active_sampler.py", "eval_knn.py", "eval_lincls.py")}
-convert_weights, report = load_program("tools/convert_weights.py"), load_program("tools/report.py")
+PROGRAMS = {f"{program.__name__}.py": program for program in (sampler, active_sampler, eval_knn, eval_lincls)}
 # Rounds that start from another method's pool of the smallest budget: the paper's active methods from
 # Random's (that is why its first column equals Random's), the label-using newer methods from K-means'.
 ROUNDS_FROM = {"entropy": "random", "coreset": "random", "vaal": "random", "uherding": "kmeans",

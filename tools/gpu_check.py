@@ -21,12 +21,11 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a script from anywhere
-
-from lowbudget import datasets, engine, faiss_ops, strategies
-from lowbudget.backbones import build_backbone
+import strategies
+from lowbudget import datasets, engine, faiss_ops
 from lowbudget.features import extract
 from lowbudget.runtime import faiss_uses_gpu, resolve_precision
+from models.checkpoints import build_backbone
 
 CUDA, CPU = torch.device("cuda"), torch.device("cpu")
 NCCL_SCRIPT = """import torch, torch.distributed as dist

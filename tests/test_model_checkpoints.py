@@ -5,9 +5,9 @@ import pytest
 import torch
 from torch import nn
 
-from lowbudget.backbones import build_architecture, build_backbone
 from lowbudget.cli import UsageError
-from tests.conftest import compress_checkpoint, moco_checkpoint, resnet_backbone_state
+from models.checkpoints import build_architecture, build_backbone
+from tests.helpers import compress_checkpoint, moco_checkpoint, resnet_backbone_state
 
 
 def assert_loaded(model: nn.Module, state: dict) -> None:

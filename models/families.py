@@ -27,7 +27,10 @@ import torch
 import torchvision
 from torch import nn
 
-from lowbudget.backbones import (
+from lowbudget.cli import UsageError
+from lowbudget.datasets import IMAGENET_STATS, Preprocess
+from lowbudget.fileio import file_digest, text_digest
+from models.checkpoints import (
     build_backbone,
     frozen,
     read_checkpoint,
@@ -35,9 +38,6 @@ from lowbudget.backbones import (
     select_state_dict,
     strip_module_prefix,
 )
-from lowbudget.cli import UsageError
-from lowbudget.datasets import IMAGENET_STATS, Preprocess
-from lowbudget.fileio import file_digest, text_digest
 
 NAMED_FAMILIES = ("timm", "open_clip", "hf", "hub")
 PACKAGES = {"timm": ("timm", "timm"), "open_clip": ("open_clip", "open-clip-torch"),
@@ -263,7 +263,7 @@ class Backbone(NamedTuple):
 
 
 def load_backbone(arch: str, backbone: str, weights: str = "", image_size: int | None = None) -> Backbone:
-    """Any --backbone: a checkpoint file or random weights (lowbudget.backbones, the dataset's
+    """Any --backbone: a checkpoint file or random weights (models.checkpoints, the dataset's
     preprocessing), or a model by name with its own preprocessing."""
     if not uses_pretrained_name(backbone, weights):
         return Backbone(*build_backbone(arch, backbone, weights), None)
@@ -309,7 +309,7 @@ def pretrained_model(arch: str, backbone: str, weights: str, image_size: int | N
     if backbone == "hub":
         return hub_model(arch)
     enum = torchvision_weights(arch, weights)
-    assert enum is not None, "torchvision weights files are loaded by lowbudget.backbones"
+    assert enum is not None, "torchvision weights files are loaded by models.checkpoints"
     return torchvision_pretrained(arch, enum)
 
 
@@ -326,7 +326,7 @@ def pooled_dim(model: nn.Module, size: int, arch: str) -> int:
 
 def uses_pretrained_name(backbone: str, weights: str) -> bool:
     """Whether this backbone is loaded here (a named family, or a torchvision weights enum name) rather
-    than from a checkpoint file by lowbudget.backbones."""
+    than from a checkpoint file by models.checkpoints."""
     return backbone in NAMED_FAMILIES or (backbone == "torchvision" and bool(weights) and not os.path.isfile(weights))
 
 

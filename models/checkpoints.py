@@ -3,7 +3,7 @@
 Checkpoint formats (--backbone):
   compress     CompRess: {'model': DataParallel state dict, 'opt': Namespace, ...}, maybe a projection head
   moco         MoCo v2: {'state_dict': {'module.encoder_q.*', 'module.encoder_k.*', ...}}
-  torchvision  a plain state dict (a torchvision weights enum name instead: lowbudget.backbone_families)
+  torchvision  a plain state dict (a torchvision weights enum name instead: models.families)
   random       no weights: the architecture's random initialisation (seeded)
 Any of the three files may hold its weights under 'model', 'state_dict' or at the top level, with or
 without 'module.' prefixes; any classifier or projection head is dropped whatever its size; missing

@@ -22,11 +22,10 @@ from torchvision import transforms as T
 import finetune
 import sampler
 from lowbudget import datasets
-from lowbudget.backbone_families import load_backbone
 from lowbudget.features import extract
 from lowbudget.fileio import file_digest
-from tests.conftest import call_main, write_cifar
-from tests.test_distributed import torchrun
+from models.families import load_backbone
+from tests.helpers import call_main, save_timm_resnet18, torchrun, write_cifar
 
 HUBCONF = """import torch
 from torch import nn
@@ -100,13 +99,6 @@ def sidecar(tmp_path) -> dict:
 
 def nothing_written(tmp_path) -> bool:
     return not (tmp_path / "idx").exists() and not list((tmp_path / "out").glob("feats_*"))
-
-
-def save_timm_resnet18(path, seed: int = 0):
-    """A state dict of timm's resnet18 with seeded random weights, saved at `path`."""
-    torch.manual_seed(seed)
-    torch.save(timm.create_model("resnet18", pretrained=False).state_dict(), path)
-    return path
 
 
 @pytest.fixture

@@ -1,0 +1,1 @@
+"""Programs a user runs beside the scripts: demo, report, export, convert_weights, gpu_check."""
