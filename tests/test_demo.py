@@ -188,3 +188,17 @@ def test_a_failing_worker_step_ends_the_demo_with_its_error(tmp_path):
     assert not os.path.exists(never)
     with pytest.raises(RuntimeError, match="'b seed 0: rounds' waits for a step that is not planned"):
         demo.run_all(runs[1:], str(tmp_path), jobs=2)
+
+
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_steps_output_goes_to_their_logs_and_a_line_per_step_to_the_terminal(tmp_path, capfd, jobs):
+    """What a step writes, a C library's warnings on file descriptor 2 included (faiss writes its own that
+    way), lands in its log; the terminal shows one line per finished step."""
+    runs = [demo.Run("a seed 0: select", functools.partial(os.write, 2, b"WARNING clustering 3 points\n"), "faiss"),
+            demo.Run("b seed 0: select", functools.partial(print, "a step's own line"), "print")]
+    demo.run_all(runs, str(tmp_path), jobs=jobs)
+    out, err = capfd.readouterr()
+    assert "WARNING" not in out + err and "a step's own line" not in out + err
+    assert "[1/2] " in err and "[2/2] " in err and "a seed 0: select (0 s)" in err
+    assert (tmp_path / "a_seed_0.log").read_text() == "$ faiss\nWARNING clustering 3 points\n\n"
+    assert (tmp_path / "b_seed_0.log").read_text() == "$ print\na step's own line\n\n"

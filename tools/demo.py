@@ -15,23 +15,27 @@ Usage, from the repository root (`make demo` runs it with the defaults):
 4. Runs every strategy at every budget for every seed with sampler.py, evaluates each index file
    with eval_knn.py (1-NN) and eval_lincls.py --cached, all into {out}/results.jsonl, and writes
    {out}/report.md and the plots with tools/report.py. --jobs steps run at once, each in a worker
-   process with its share of the cores, each once the pool it reads is written. Each script's own
-   output goes to {out}/logs/, linear-probe checkpoints to {out}/checkpoints/.
+   process with its share of the cores, each once the pool it reads is written. The terminal shows a
+   line per finished step, then the tables; each script's own output (faiss' warnings included) goes to
+   {out}/logs/, linear-probe checkpoints to {out}/checkpoints/.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import functools
-import io
+import itertools
 import json
 import multiprocessing
 import os
 import shutil
 import subprocess
-from collections.abc import Callable, Sequence
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
-from typing import NamedTuple
+from typing import IO, NamedTuple
 
 import faiss
 import numpy as np
@@ -222,15 +226,38 @@ def script_run(label: str, script: str, argv: Sequence[object], after: str | Non
     return Run(label, functools.partial(run_program, script, words), " ".join([script, *words]), after)
 
 
-def run_quietly(run: Run, log: str) -> None:
-    """Run a step with its output (progress bars included) appended to `log`; its one-line error when it fails."""
-    buffer = io.StringIO()
+@contextlib.contextmanager
+def output_captured(into: IO[bytes]) -> Iterator[None]:
+    """Everything this process writes to its stdout and stderr meanwhile, Python's and C's alike (faiss' warnings
+    are written by C++ straight to file descriptor 2), written to the file `into`."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    text = open(into.fileno(), "w", buffering=1, closefd=False)  # Python's writes, whatever sys.stdout is
     try:
-        with contextlib.redirect_stdout(buffer), contextlib.redirect_stderr(buffer):
-            run.call()
+        os.dup2(into.fileno(), 1)
+        os.dup2(into.fileno(), 2)
+        with text, contextlib.redirect_stdout(text), contextlib.redirect_stderr(text):
+            yield
     finally:
-        with open(log, "a") as f:
-            f.write(f"$ {run.command}\n{buffer.getvalue()}\n")
+        for fd, original in zip((1, 2), saved, strict=True):
+            os.dup2(original, fd)
+            os.close(original)
+
+
+def run_quietly(run: Run, log: str) -> float:
+    """Run a step with all its output (progress bars and faiss' warnings included) appended to `log` in one
+    block; its one-line error when it fails. Returns the step's seconds."""
+    start = time.perf_counter()
+    with tempfile.TemporaryFile() as captured:
+        try:
+            with output_captured(captured):
+                run.call()
+        finally:
+            captured.seek(0)
+            with open(log, "ab") as f:
+                f.write(f"$ {run.command}\n".encode() + captured.read() + b"\n")
+    return time.perf_counter() - start
 
 
 def step_label(name: str, seed: int, step: str) -> str:
@@ -251,17 +278,22 @@ def use_threads(threads: int) -> None:
 
 def run_all(runs: list[Run], logs: str, jobs: int) -> None:
     """Run every step, each after the step it reads from: one after another in this process (jobs 1), else up to
-    `jobs` at once in worker processes."""
-    with tqdm(total=len(runs), desc="demo runs", disable=None) as bar:
+    `jobs` at once in worker processes. A line per finished step and a bar go to the terminal, whatever the
+    steps write goes to their logs."""
+    terminal = os.fdopen(os.dup(2), "w")  # stays the terminal while a step in this process has fd 2 captured
+    count = itertools.count(1)
+    with terminal, tqdm(total=len(runs), desc="demo", file=terminal, disable=None) as bar:
+        def finished(run: Run, seconds: float) -> None:
+            bar.write(f"[{next(count)}/{len(runs)}] {run.label} ({seconds:.0f} s)", file=terminal)
+            bar.update()
         if jobs == 1:
             for run in runs:
-                run_quietly(run, log_file(logs, run))
-                bar.update()
+                finished(run, run_quietly(run, log_file(logs, run)))
         else:
-            run_in_workers(runs, logs, jobs, bar)
+            run_in_workers(runs, logs, jobs, finished)
 
 
-def run_in_workers(runs: list[Run], logs: str, jobs: int, bar: tqdm) -> None:
+def run_in_workers(runs: list[Run], logs: str, jobs: int, finished: Callable[[Run, float], None]) -> None:
     """Up to `jobs` steps at once, each worker process with an equal share of the cores; ready steps start in
     list order. Separate processes with one thread each keep both cores of a 2-core machine busy through the
     many small steps (linear probes, MLP training) where two threads of one process mostly wait on each other."""
@@ -276,12 +308,12 @@ def run_in_workers(runs: list[Run], logs: str, jobs: int, bar: tqdm) -> None:
             for run in ready:
                 waiting.remove(run)
                 running[pool.submit(run_quietly, run, log_file(logs, run))] = run
-            finished, _ = wait(running, return_when=FIRST_COMPLETED)
-            for future in finished:
+            completed, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in completed:
                 run = running.pop(future)
-                future.result()  # a failed step ends the demo with its error, as in this process
+                seconds = future.result()  # a failed step ends the demo with its error, as in this process
                 done.add(run.label)
-                bar.update()
+                finished(run, seconds)
 
 
 def int_list(text: str, flag: str, minimum: int) -> list[int]:
