@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -138,6 +139,22 @@ def train_epoch(model: nn.Module, batches: Batches, *, optimizer: torch.optim.Op
         total, count = total + loss.item() * len(y), count + len(y)
     loss_sum, images = distributed.sum_over_processes(total, count)
     return loss_sum / max(images, 1)
+
+
+def finite_weights(model: nn.Module) -> bool:
+    """Whether every floating-point weight and buffer of `model` is finite (one reduction per tensor)."""
+    return all(bool(torch.isfinite(t).all()) for t in unwrap(model).state_dict().values() if t.is_floating_point())
+
+
+def check_diverged(model: nn.Module, loss: float, epoch: int) -> None:
+    """Training stops, in one line, after an epoch whose loss or weights are NaN or infinite (weights that
+    held NaN from the start, or a learning rate too high): every later epoch, checkpoint and result would
+    be meaningless. Every torchrun process sees the same summed loss and weights, so all stop alike."""
+    if math.isfinite(loss) and finite_weights(model):
+        return
+    what = f"the loss is {loss}" if not math.isfinite(loss) else "the weights are NaN or infinite"
+    raise UsageError(f"training diverged in epoch {epoch}: {what}; nothing of it was written (starting "
+                     "weights that hold NaN, as a --weights checkpoint may, or too high a learning rate)")
 
 
 def feature_logits(head: nn.Module, feats: np.ndarray, device: torch.device, batch_size: int = 4096
@@ -303,7 +320,8 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, *, epoch_batches: Ep
         amp: bool = False, trained_on: dict[str, str] | None = None) -> dict[str, float]:
     """Train `model` (already on `device`) for the schedule, validating (`validate()`: accuracy now) as
     the original; the latest state is checkpointed (LatestCheckpoint: at most every CHECKPOINT_EVERY_S, after
-    the last epoch and when interrupted), the best validated weights apart, as soon as they are. Each
+    the last epoch and when interrupted), the best validated weights apart, as soon as they are. An epoch
+    whose loss or weights are not finite stops training (check_diverged) before it is validated or saved. Each
     epoch's batches come from epoch_seed(seed, epoch), which also seeds torch's global generator.
     `trained_on` (e.g. {'pool': digest, 'features': fingerprint}) is recorded in the checkpoint, and a
     resumed checkpoint must record the same (check_resumable).
@@ -335,6 +353,7 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, *, epoch_batches: Ep
             loss = train_epoch(model, epoch_batches(this_seed), optimizer=optimizer, device=device, scaler=scaler,
                                embed=embed)
             print(f"Epoch: [{epoch}]\tLoss {loss:.4f}")
+            check_diverged(model, loss, epoch)
             if schedule.validates_at(epoch):
                 validation = validate()
                 print(f" * Acc@1 {validation['top1']:.3f} Acc@5 {validation['top5']:.3f}")

@@ -295,6 +295,8 @@ def train(source: Source, labelled: np.ndarray, unlabelled: np.ndarray, settings
             vae_loss, critic_loss = train_epoch(nets, source, labelled, unlabelled, settings=settings,
                                                 seed=engine.epoch_seed(seed, epoch), device=device, progress=bar)
             bar.set_postfix(vae=f"{vae_loss:.4f}", discriminator=f"{critic_loss:.4f}")
+            engine.check_diverged(nets.vae, vae_loss, epoch)
+            engine.check_diverged(nets.discriminator, critic_loss, epoch)
             if checkpoint is not None:
                 state = nets.weights() if epoch + 1 == settings.epochs else nets.state()
                 engine.save_checkpoint(checkpoint, {"key": key, "epoch": epoch + 1, **state})
