@@ -27,6 +27,13 @@ class HerdingKernel:
     def num_rows(self) -> int:
         return len(self.feats)
 
+    @property
+    def rounding(self) -> float:
+        """The relative float32 error of one kernel entry, whichever block shape computed it: the squared
+        distance |a|^2 + |b|^2 - 2 a.b of unit rows is off by a few float32 steps of its terms (at most 4)
+        plus the D-term dot product's rounding (about sqrt(D) steps), which the Gaussian divides by h^2."""
+        return float(np.finfo(np.float32).eps) * (1 + (8 + math.sqrt(self.feats.shape[1])) / self.bandwidth ** 2)
+
     def rows(self, rows: torch.Tensor) -> torch.Tensor:
         """k(x_r, x_j) for r in `rows` (a block) and every row j: len(rows) x N."""
         sq_dist = torch.addmm(self.sq_norms[rows, None] + self.sq_norms[None, :], self.feats[rows], self.feats.T,
@@ -49,8 +56,9 @@ def herding_kernel(feats: np.ndarray, bandwidth: float, device: str | torch.devi
 class HerdingState:
     """Greedy state of weighted kernel herding: each row's coverage m_j = max over the chosen rows of
     k(x_j, x), its weight u_j, and the gain of a candidate x, sum_j u_j max(0, k(x, x_j) - m_j). Terms are
-    taken in float64 from the float32 kernel, so an updated gain equals a recomputed one up to the order
-    of the float64 sums."""
+    summed in float64, but their kernel entries are float32 and differ in their last bits between matrix
+    products of different shapes, so an updated gain equals a recomputed one within the kernel's rounding
+    times the candidate's weighted kernel mass sum_j u_j k(x, x_j), not to float64 precision."""
 
     def __init__(self, kernel: HerdingKernel, weights: torch.Tensor, labeled: np.ndarray, progress: bool):
         self.kernel, self.weights, self.progress = kernel, weights.double(), progress
@@ -58,12 +66,16 @@ class HerdingState:
         for block in kernel.blocks(torch.as_tensor(labeled, device=kernel.feats.device), progress, "labelled"):
             torch.maximum(self.cover, kernel.rows(block).amax(0), out=self.cover)
 
-    def gains(self, rows: torch.Tensor, desc: str = "gains") -> torch.Tensor:
-        """Exact gains of `rows` (float64), block by block."""
+    def gains(self, rows: torch.Tensor, desc: str = "gains") -> tuple[torch.Tensor, torch.Tensor]:
+        """The gains of `rows` (float64), block by block, and each one's slack: how far float32 rounding
+        of its kernel entries may move it (the kernel's rounding times its weighted kernel mass)."""
         cover = self.cover.double()
-        out = [self.kernel.rows(block).double().sub_(cover).clamp_(min=0).mul_(self.weights).sum(1)
-               for block in self.kernel.blocks(rows, self.progress and len(rows) > 1024, desc)]
-        return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64, device=rows.device)
+        gains, masses = [rows.new_zeros(0, dtype=torch.float64)], [rows.new_zeros(0, dtype=torch.float64)]
+        for block in self.kernel.blocks(rows, self.progress and len(rows) > 1024, desc):
+            k = self.kernel.rows(block).double()
+            masses.append(k @ self.weights)
+            gains.append(k.sub_(cover).clamp_(min=0).mul_(self.weights).sum(1))
+        return torch.cat(gains), torch.cat(masses).mul_(self.kernel.rounding)
 
     def add(self, pick: int) -> torch.Tensor:
         """Cover with `pick`; every row's gain falls by the returned amount (float64, N). Only the rows
@@ -91,22 +103,23 @@ def _offsets(blocks: Iterable[torch.Tensor]) -> Iterator[tuple[int, torch.Tensor
         start += len(block)
 
 
-_TIE = 1e-12  # gains within this share of the largest are equal: float64 sums taken in another order
-
-
-def _best(gains: torch.Tensor) -> tuple[int, float]:
-    """The row of largest gain (ties: lowest index) and its gain."""
-    best = float(gains.max())
-    return int((gains >= best - _TIE * max(abs(best), 1.0)).nonzero()[0, 0]), best
+def _best(gains: torch.Tensor, slack: torch.Tensor) -> int | None:
+    """The row of largest gain, a gain within the largest one's slack (its float32 rounding) counting as
+    equal (ties: lowest index); None when the largest gain is within its slack of zero: no row adds
+    coverage that rounding could not account for (a copy of a chosen row, say)."""
+    top = int(gains.argmax())
+    best, tie = float(gains[top]), float(slack[top])
+    return None if best <= tie else int((gains >= best - tie).nonzero()[0, 0])
 
 
 class HerdingGreedy:
     """Greedy weighted kernel herding from a labelled pool: each pick is argmax_x sum_j u_j max(0, k(x, x_j) - m_j)
-    over the unlabelled rows x, m_j being the coverage of x_j by the labelled rows and the picks so far (ties:
-    lowest index); u = `weights` (None: all 1, MaxHerding). Exact for the full kernel: one blocked pass
-    computes every gain, then each pick lowers every gain by exactly what it took away, reading only the
-    kernel rows of the points it covers better than before. take() may be called again: it goes on from the
-    pool and every pick so far with the gains carried over, so the rounds of one run cost one blocked pass."""
+    over the unlabelled rows x, m_j being the coverage of x_j by the labelled rows and the picks so far (gains
+    within float32 rounding of the largest are ties: lowest index); u = `weights` (None: all 1, MaxHerding).
+    Exact for the full kernel: one blocked pass computes every gain, then each pick lowers every gain by
+    what it took away, reading only the kernel rows of the points it covers better than before. take() may
+    be called again: it goes on from the pool and every pick so far with the gains carried over, so the
+    rounds of one run cost one blocked pass."""
 
     def __init__(self, kernel: HerdingKernel, labeled: np.ndarray, weights: np.ndarray | None = None,
                  progress: bool = False):
@@ -120,8 +133,8 @@ class HerdingGreedy:
         self.state = HerdingState(kernel, u, labeled, progress)
         candidates = torch.as_tensor(np.flatnonzero(self.eligible), device=device)
         self.gains = torch.full((kernel.num_rows,), -math.inf, dtype=torch.float64, device=device)
-        self.gains[candidates] = self.state.gains(candidates, "herding gains")
-        self.exhausted = _TIE * max(float(self.gains.max()), 1.0) if len(candidates) else 0.0
+        self.slack = torch.zeros_like(self.gains)
+        self.gains[candidates], self.slack[candidates] = self.state.gains(candidates, "herding gains")
 
     def continues(self, bandwidth: float, labeled: np.ndarray) -> bool:
         """Whether a round on `labeled` with this bandwidth is where this greedy stands (no fill taken)."""
@@ -133,8 +146,8 @@ class HerdingGreedy:
         check_budget(budget, int(self.eligible.sum()))
         picks: list[int] = []
         for _ in tqdm(range(budget), desc="herding", leave=False, disable=not self.progress or None):
-            pick, gain = _best(self.gains)
-            if gain <= self.exhausted:
+            pick = _best(self.gains, self.slack)
+            if pick is None:
                 break
             self.gains -= self.state.add(pick)
             self.gains[pick] = -math.inf

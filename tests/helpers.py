@@ -20,7 +20,7 @@ import torch
 import torchvision
 from PIL import Image
 
-from lowbudget.herding import HerdingGreedy, HerdingKernel
+from lowbudget.herding import HerdingGreedy, HerdingKernel, herding_kernel
 from lowbudget.selection import Selection
 
 
@@ -217,23 +217,47 @@ def assert_valid(indices, budget, n, exclude=()):
     assert not np.intersect1d(indices, np.asarray(exclude, dtype=np.int64)).size
 
 
-def brute_force_herding(x, bandwidth, labeled, budget, weights=None):
-    """Dense greedy kernel herding with k(a, b) = exp(-|a - b|^2 / h^2): the N x N kernel in float64."""
-    x = x.astype(np.float64)
-    kernel = np.exp(-((x[:, None, :] - x[None, :, :]) ** 2).sum(-1) / bandwidth ** 2)
+def dense_herding_gains(x, bandwidth, labeled, picks, weights=None):
+    """The dense herding greedy in float64 (the N x N kernel k(a, b) = exp(-|a - b|^2 / h^2)) replaying
+    `picks`: before each pick and after the last, every row's gain (-inf where not a candidate) and its
+    slack, the float32 rounding that lowbudget.herding allows a gain of the kernel it computes."""
+    x64 = x.astype(np.float64)
+    kernel = np.exp(-((x64[:, None, :] - x64[None, :, :]) ** 2).sum(-1) / bandwidth ** 2)
     u = np.ones(len(x)) if weights is None else np.array(weights, dtype=np.float64)
     u[labeled] = 0
+    slack = herding_kernel(x, bandwidth).rounding * (kernel @ u)
     cover = kernel[:, labeled].max(1) if len(labeled) else np.zeros(len(x))
     eligible = np.ones(len(x), dtype=bool)
     eligible[labeled] = False
-    picks = []
-    for _ in range(budget):
-        gain = np.where(eligible, (np.maximum(kernel - cover[None, :], 0) * u[None, :]).sum(1), -np.inf)
-        pick = int(np.argmax(gain))
-        picks.append(pick)
-        eligible[pick] = False
-        cover = np.maximum(cover, kernel[pick])
-    return picks
+    for pick in [*picks, None]:
+        yield np.where(eligible, (np.maximum(kernel - cover[None, :], 0) * u[None, :]).sum(1), -np.inf), slack
+        if pick is not None:
+            eligible[pick] = False
+            cover = np.maximum(cover, kernel[pick])
+
+
+def assert_herding_greedy(x, bandwidth, labeled, selection: Selection, weights=None) -> None:
+    """Each greedy pick of `selection` is the row of largest float64 gain up to float32 rounding: a near-tie
+    may go either way, so its gain lies within twice the largest one's slack (the tie window, plus
+    rounding); the fill starts only once every gain is within that of zero."""
+    greedy = selection.indices[:len(selection.indices) - selection.filled]
+    steps = list(dense_herding_gains(x, bandwidth, labeled, greedy, weights))
+    for step, ((gain, slack), pick) in enumerate(zip(steps[:-1], greedy, strict=True)):
+        best = int(np.argmax(gain))
+        assert gain[pick] >= gain[best] - 2 * slack[best], f"pick {step}: {pick} where {best} gains more"
+    gain, slack = steps[-1]
+    best = int(np.argmax(gain))
+    assert selection.filled == 0 or gain[best] <= 2 * slack[best], f"filled while {best} adds coverage"
+
+
+def herding_margins(x, bandwidth, labeled, picks, weights=None) -> np.ndarray:
+    """For each of `picks`, how far the float64 runner-up gain lies below the largest, in units of the
+    largest one's slack: above 3 (the tie window plus both gains' rounding), any code path takes the same row."""
+    margins = []
+    for gain, slack in list(dense_herding_gains(x, bandwidth, labeled, picks, weights))[:-1]:
+        first, second = np.argsort(-gain, kind="stable")[:2]
+        margins.append((gain[first] - gain[second]) / slack[first])
+    return np.array(margins)
 
 
 def small_blocks(kernel, rows=7):

@@ -11,7 +11,16 @@ import sampler
 import strategies as S
 from lowbudget import cover as C
 from lowbudget import herding as H
-from tests.helpers import assert_valid, brute_force_herding, call_main, herding, small_blocks, unit_rows
+from lowbudget.selection import Selection
+from tests.helpers import (
+    assert_herding_greedy,
+    assert_valid,
+    call_main,
+    herding,
+    herding_margins,
+    small_blocks,
+    unit_rows,
+)
 
 EMPTY = np.zeros(0, dtype=np.int64)
 
@@ -161,12 +170,25 @@ def test_typicality_squared_and_plain_distances():
 # ---------------------------------------------------------------- MaxHerding
 
 
+@pytest.mark.parametrize("dim, bandwidth", [(4, 0.3), (4, 1.0), (512, 0.3), (512, 1.0)])
+def test_herding_kernel_entries_are_within_their_rounding_whatever_the_block_shape(dim, bandwidth):
+    x = unit_rows(300, dim, seed=6)
+    x[150:] = x[:150] + 0.01 * unit_rows(150, dim, seed=7)  # near pairs: small distances, kernel entries near 1
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    x64 = x.astype(np.float64)
+    exact = np.exp(-np.maximum(2 - 2 * x64 @ x64.T, 0) / bandwidth ** 2)  # unit rows in float64
+    kernel = H.herding_kernel(x, bandwidth)
+    for rows in (1, 7, 300):
+        computed = torch.cat([kernel.rows(block) for block in torch.arange(300).split(rows)]).double().numpy()
+        assert (np.abs(computed - exact) <= kernel.rounding * exact).all(), rows
+
+
 @pytest.mark.parametrize("bandwidth, labeled", [(1.0, []), (1.0, [3, 50, 120]), (0.3, []), (0.3, [7, 8])])
-def test_maxherding_equals_brute_force_dense_greedy(bandwidth, labeled):
+def test_maxherding_is_the_dense_greedy(bandwidth, labeled):
     x = unit_rows(200, 4, seed=5)
     labeled = np.asarray(labeled, dtype=np.int64)
     selection = herding(small_blocks(H.herding_kernel(x, bandwidth)), labeled, 40)
-    assert selection.indices.tolist() == brute_force_herding(x, bandwidth, labeled, 40)
+    assert_herding_greedy(x, bandwidth, labeled, selection)
     assert selection.params == {"bandwidth": bandwidth} and selection.filled == 0
     assert_valid(selection.indices, 40, 200, exclude=labeled)
 
@@ -176,6 +198,7 @@ def test_maxherding_blocks_do_not_change_the_picks():
     kernel = H.herding_kernel(x, 0.5)
     picks = [herding(dataclasses.replace(kernel, block_elements=rows * 300), EMPTY, 25).indices
              for rows in (1, 13, 300)]
+    assert (herding_margins(x, 0.5, EMPTY, picks[0]) > 3).all()  # no near-tie that rounding could swap
     assert picks[0].tolist() == picks[1].tolist() == picks[2].tolist()
 
 
@@ -187,20 +210,33 @@ class CountingKernel(S.HerdingKernel):
         return super().rows(rows)
 
 
-def test_herding_updates_equal_recomputed_gains_and_read_only_the_rows_a_pick_covers_better():
+class TabulatedKernel(CountingKernel):
+    """The herding kernel read from one table: each entry the same float32 value whatever block asks for it."""
+
+    def rows(self, rows):
+        self.counts.append(len(rows))
+        return self.table[rows]
+
+
+@pytest.mark.parametrize("kind", [TabulatedKernel, CountingKernel])
+def test_herding_updates_equal_recomputed_gains_and_read_only_the_rows_a_pick_covers_better(kind):
+    """Updated and recomputed gains read a kernel entry from blocks of other shapes: from a table they agree
+    up to the order of float64 sums; computed, within the gains' slack (the entries' float32 rounding)."""
     x = unit_rows(300, 6, seed=3)
     plain = H.herding_kernel(x, 0.4)
-    kernel = CountingKernel(plain.feats, plain.sq_norms, 0.4, block_elements=11 * 300)
+    kernel = kind(plain.feats, plain.sq_norms, 0.4, block_elements=11 * 300)
     object.__setattr__(kernel, "counts", [])
+    object.__setattr__(kernel, "table", plain.rows(torch.arange(300)))
     weights = torch.from_numpy(np.random.default_rng(1).uniform(0.1, 1, 300)).float()
     state = H.HerdingState(kernel, weights, np.array([4, 90]), progress=False)
-    gains = state.gains(torch.arange(300))
+    gains, slack = state.gains(torch.arange(300))
+    tolerance = slack * (1e-12 / kernel.rounding if kind is TabulatedKernel else 1)
     for pick in (17, 250, 5, 133):
         raised = int((plain.rows(torch.tensor([pick]))[0] > state.cover).sum())
         kernel.counts.clear()
         gains -= state.add(pick)
         assert sum(kernel.counts) == 1 + raised < 150  # the pick's own row, then only the rows it covers better
-        np.testing.assert_allclose(gains.numpy(), state.gains(torch.arange(300)).numpy(), rtol=1e-12, atol=1e-12)
+        assert ((gains - state.gains(torch.arange(300))[0]).abs() <= tolerance).all()
 
 
 def test_maxherding_rounds_continue_one_greedy_with_the_picks_of_rounds_started_again():
@@ -217,8 +253,10 @@ def test_maxherding_rounds_continue_one_greedy_with_the_picks_of_rounds_started_
         continued.append(greedy.take(increment).indices)
         restarted.append(herding(kernels[1], pool, increment).indices)
         pool = np.concatenate([pool, restarted[-1]])
+    continued_picks = np.concatenate(continued)
+    assert (herding_margins(x, 0.5, np.array([9, 40]), continued_picks) > 3).all()  # no near-tie to swap
     assert [c.tolist() for c in continued] == [r.tolist() for r in restarted]
-    assert np.concatenate(continued).tolist() == brute_force_herding(x, 0.5, np.array([9, 40]), 30)
+    assert_herding_greedy(x, 0.5, np.array([9, 40]), Selection(continued_picks, 0, {}))
     # a round started again reads every row once more (the labelled rows' cover, the candidates' gains)
     assert sum(restarted_reads) - sum(continued_reads) == 2 * 250
     assert not greedy.continues(0.4, pool) and not greedy.continues(0.5, pool[:-1])
@@ -231,11 +269,16 @@ def test_maxherding_does_not_continue_past_a_fill():
     assert first.filled == 2 and not greedy.continues(1.0, first.indices)
 
 
-def test_maxherding_fills_once_nothing_adds_coverage():
-    x = np.repeat(unit_rows(3, 4), 4, axis=0)  # three points, four copies each
-    selection = herding(H.herding_kernel(x, 1.0), EMPTY, 6, seed=1)
-    assert_valid(selection.indices, 6, 12)
-    assert len({tuple(x[i]) for i in selection.indices[:3]}) == 3 and selection.filled == 3
+@pytest.mark.parametrize("rows", [1, 7, 200])
+def test_maxherding_takes_the_first_copy_of_each_point_then_fills(rows):
+    """Copies of a point gain the same but for the float32 rounding of their kernel rows, which changes with
+    the block shape: a tie, going to the lowest index. Once a copy of every point is chosen, the copies left
+    gain nothing beyond rounding: a seeded fill takes over."""
+    x = np.repeat(unit_rows(50, 8, seed=1), 4, axis=0)[np.random.default_rng(0).permutation(200)]
+    first_copies = np.unique(x, axis=0, return_index=True)[1]
+    selection = herding(small_blocks(H.herding_kernel(x, 0.5), rows), EMPTY, 199, seed=1)
+    assert_valid(selection.indices, 199, 200)
+    assert sorted(selection.indices[:50]) == sorted(first_copies) and selection.filled == 149
 
 
 def test_labelled_bandwidth_is_the_smallest_distance_between_labelled_points():

@@ -7,8 +7,9 @@ import torch
 import strategies as S
 from lowbudget import herding as H
 from lowbudget.cli import UsageError
+from lowbudget.selection import Selection
 from lowbudget.strategy_table import STRATEGIES, Inputs
-from tests.helpers import assert_valid, brute_force_herding, herding, small_blocks, unit_rows
+from tests.helpers import assert_herding_greedy, assert_valid, herding, small_blocks, unit_rows
 
 EMPTY = np.zeros(0, dtype=np.int64)
 
@@ -29,12 +30,12 @@ def test_uherding_without_labels_is_maxherding(bandwidth):
 
 
 @pytest.mark.parametrize("bandwidth, labeled", [(1.0, [4, 90, 200]), (0.4, list(range(0, 300, 30)))])
-def test_uherding_equals_brute_force_dense_greedy(bandwidth, labeled):
+def test_uherding_is_the_dense_greedy(bandwidth, labeled):
     x = unit_rows(300, 5, seed=3)
     labeled = np.asarray(labeled, dtype=np.int64)
     weights = np.random.default_rng(4).random(300)
     selection = herding(small_blocks(H.herding_kernel(x, bandwidth)), labeled, 35, weights)
-    assert selection.indices.tolist() == brute_force_herding(x, bandwidth, labeled, 35, weights)
+    assert_herding_greedy(x, bandwidth, labeled, selection, weights)
     assert_valid(selection.indices, 35, 300, exclude=labeled)
     assert weights.min() > 0  # the caller's weights are not changed (labelled rows weigh 0 inside only)
 
@@ -125,7 +126,7 @@ def test_uherding_row_calibrates_on_a_held_out_part_and_weights_by_margin():
     assert STRATEGIES["uherding"].defaults()["bandwidth"] is None  # auto: the smallest labelled distance
     bandwidth = S.labelled_bandwidth(x, pool)
     assert selection.params["bandwidth"] == pytest.approx(bandwidth)
-    assert selection.indices.tolist() == brute_force_herding(x, bandwidth, pool, 12, weights)
+    assert_herding_greedy(x, bandwidth, pool, selection, weights)
 
 
 def test_uherding_row_without_labels_needs_no_model_and_is_maxherding():
@@ -157,8 +158,9 @@ def test_maxherding_above_herding_sample_is_herding_on_a_seeded_sample_and_the_p
     pool = np.array([5, 77, 299])
     selection = table_step("maxherding", x, None, None, seed=3, herding_sample=120)(pool, 15)
     rows = seeded_sample_rows(300, 120, 3, pool)
-    local = brute_force_herding(x[rows], 0.5, np.searchsorted(rows, pool), 15)
-    assert selection.indices.tolist() == rows[local].tolist()
+    assert np.isin(selection.indices, rows).all()
+    local = Selection(np.searchsorted(rows, selection.indices), selection.filled, {})
+    assert_herding_greedy(x[rows], 0.5, np.searchsorted(rows, pool), local)
     assert selection.params["herding_sample"] == len(rows) == 123
     step = table_step("maxherding", x, None, None, seed=3, herding_sample=120)  # rounds: the same sample, continued
     first = step(pool, 6)
@@ -169,7 +171,8 @@ def test_maxherding_above_herding_sample_is_herding_on_a_seeded_sample_and_the_p
         table_step("maxherding", x, None, None, seed=3, herding_sample=120)(pool, 121)
     for every_row in (300, 0):  # at most --herding-sample rows, or 0: every row, the exact greedy
         exact = table_step("maxherding", x, None, None, herding_sample=every_row)(pool, 15)
-        assert exact.indices.tolist() == brute_force_herding(x, 0.5, pool, 15) and "herding_sample" not in exact.params
+        assert_herding_greedy(x, 0.5, pool, exact)
+        assert "herding_sample" not in exact.params
 
 
 def test_uherding_above_herding_sample_scores_and_picks_only_sampled_rows():
@@ -185,8 +188,9 @@ def test_uherding_above_herding_sample_scores_and_picks_only_sampled_rows():
     weights = np.ones(len(rows))
     weights[np.searchsorted(rows, candidates)] = S.margin_uncertainty(
         torch.from_numpy(x[candidates]).double() @ model.weights, temperature).numpy()
-    local = brute_force_herding(x[rows], S.labelled_bandwidth(x, pool), np.searchsorted(rows, pool), 12, weights)
-    assert selection.indices.tolist() == rows[local].tolist() and selection.params["herding_sample"] == len(rows)
+    assert np.isin(selection.indices, rows).all() and selection.params["herding_sample"] == len(rows)
+    local = Selection(np.searchsorted(rows, selection.indices), selection.filled, {})
+    assert_herding_greedy(x[rows], S.labelled_bandwidth(x, pool), np.searchsorted(rows, pool), local, weights)
 
 
 # ---------------------------------------------------------------- DropQuery
