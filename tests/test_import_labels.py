@@ -1,0 +1,190 @@
+"""tools/import_labels.py: annotations in Label Studio's export format, a CSV or a class-folder tree come back as a
+labels file; bad annotations are refused by file and row with nothing written."""
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+import sampler
+from lowbudget.labels import read_labels
+from tests.helpers import call_main, write_photo_folder
+from tools import export, import_labels
+
+CLASSES = ("cat", "dog", "bird")
+
+
+@pytest.fixture
+def exported(tmp_path, capsys):
+    """An unlabelled folder, a random selection of 8 of its images, and its export: (root, index file, out)."""
+    root = tmp_path / "photos"
+    paths = write_photo_folder(root)
+    indices = tmp_path / "indices"
+    status, _, err = call_main(sampler.main, [root, "--dataset", "folder", "--indices", indices, "--save",
+                                              tmp_path / "save", "--splits", 8, "--name", "random"], capsys)
+    assert status == 0, err
+    index_file = indices / "random_folder_8.npy"
+    status, _, err = call_main(export.main, [index_file, "--data", root, "--out", tmp_path / "export"], capsys)
+    assert status == 0, err
+    return root, index_file, tmp_path / "export", paths
+
+
+def truth(index: int) -> str:
+    """The simulated annotator's answer for an image."""
+    return CLASSES[index % 3]
+
+
+def label_studio_export(tasks_file, answer=truth, skip=()):
+    """What Label Studio's JSON export holds for the tasks tools/export.py wrote, each annotated with `answer`."""
+    tasks = json.loads(tasks_file.read_text())
+    out = []
+    for number, task in enumerate(tasks, 1):
+        index = task["data"]["index"]
+        annotations = [] if index in skip else [
+            {"id": number, "was_cancelled": False, "result": [
+                {"from_name": "choice", "to_name": "image", "type": "choices", "value": {"choices": [answer(index)]}}]}]
+        out.append({"id": number, "data": task["data"], "annotations": annotations, "predictions": []})
+    return out
+
+
+def write_json(path, value):
+    path.write_text(json.dumps(value))
+    return path
+
+
+def import_args(root, index_file, annotations, *extra):
+    return [index_file, annotations, "--data", root, *extra]
+
+
+def read_back(root, index_file, path=None):
+    from lowbudget import datasets
+    images = datasets.load_images("folder", str(root), "train")
+    return read_labels(str(path or str(index_file).removesuffix(".npy") + "_labels.json"), dataset="folder",
+                       listing=datasets.listing_record(images, str(root)), num_images=len(images))
+
+
+def test_label_studio_export_comes_back_as_labels_with_class_names(exported, tmp_path, capsys):
+    root, index_file, out, paths = exported
+    selection = np.load(index_file)
+    skipped = int(selection[0])
+    annotations = write_json(tmp_path / "ls.json", label_studio_export(out / "random_folder_8_label_studio.json",
+                                                                     skip={skipped}))
+    status, stdout, err = call_main(import_labels.main, import_args(root, index_file, annotations,
+                                                                    "--classes", ",".join(CLASSES)), capsys)
+    assert status == 0, err
+    assert "7 labels imported" in stdout and "(1 rows without a label skipped)" in stdout
+    labels = read_back(root, index_file)
+    assert labels.classes == CLASSES
+    assert labels.indices.tolist() == sorted(set(selection.tolist()) - {skipped})
+    assert [labels.classes[c] for c in labels.labels] == [truth(i) for i in labels.indices]
+    assert list(labels.paths) == [paths[i] for i in labels.indices]
+    record = json.loads((tmp_path / "indices" / "random_folder_8_labels.json").read_text())
+    assert record["images"][0] == {"index": int(labels.indices[0]), "path": paths[labels.indices[0]],
+                                   "label": truth(int(labels.indices[0]))}
+
+
+def test_the_exported_csv_with_its_label_column_filled_in(exported, tmp_path, capsys):
+    root, index_file, out, _ = exported
+    rows = list(csv.DictReader((out / "random_folder_8.csv").open()))
+    for row in rows:
+        row["label"] = truth(int(row["index"]))
+    filled = tmp_path / "filled.csv"
+    with filled.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["index", "path", "label"])
+        writer.writeheader()
+        writer.writerows(rows)
+    status, _, err = call_main(import_labels.main, import_args(root, index_file, filled), capsys)
+    assert status == 0, err
+    labels = read_back(root, index_file)
+    assert labels.classes == tuple(sorted(set(CLASSES) & {truth(int(r["index"])) for r in rows}))
+    assert labels.indices.tolist() == sorted(np.load(index_file).tolist())
+
+
+def test_a_path_only_csv_and_a_class_folder_tree(exported, tmp_path, capsys):
+    root, index_file, _, paths = exported
+    selection = np.load(index_file).tolist()
+    by_path = tmp_path / "by_path.csv"
+    by_path.write_text("path,label\n" + "".join(f"{paths[i]},{truth(i)}\n" for i in selection))
+    status, _, err = call_main(import_labels.main, import_args(root, index_file, by_path, "--out",
+                                                               tmp_path / "a.json"), capsys)
+    assert status == 0, err
+    tree = tmp_path / "sorted"
+    for k, i in enumerate(selection):  # dragged into its class folder: flat by file name, or keeping its path
+        target = tree / truth(i) / (paths[i] if k % 2 else paths[i].rsplit("/", 1)[-1])
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(root / paths[i], target)
+    status, _, err = call_main(import_labels.main, import_args(root, index_file, tree, "--out", tmp_path / "b.json"),
+                               capsys)
+    assert status == 0, err
+    first, second = read_back(root, index_file, tmp_path / "a.json"), read_back(root, index_file, tmp_path / "b.json")
+    assert first.indices.tolist() == second.indices.tolist() == sorted(selection)
+    assert first.labels.tolist() == second.labels.tolist()
+    assert [first.classes[c] for c in first.labels] == [truth(i) for i in first.indices]
+
+
+def test_merge_keeps_the_earlier_round_and_refuses_a_changed_label(exported, tmp_path, capsys):
+    root, index_file, out, _ = exported
+    selection = np.load(index_file).tolist()
+    first_half = write_json(tmp_path / "r1.json", label_studio_export(out / "random_folder_8_label_studio.json",
+                                                                      skip=set(selection[4:])))
+    second_half = write_json(tmp_path / "r2.json", label_studio_export(out / "random_folder_8_label_studio.json",
+                                                                       skip=set(selection[:4])))
+    status, _, err = call_main(import_labels.main, import_args(root, index_file, first_half, "--classes",
+                                                               ",".join(CLASSES), "--out", tmp_path / "r1_labels.json"),
+                               capsys)
+    assert status == 0, err
+    status, _, err = call_main(import_labels.main, import_args(root, index_file, second_half, "--merge",
+                                                               tmp_path / "r1_labels.json"), capsys)
+    assert status == 0, err
+    assert read_back(root, index_file).indices.tolist() == sorted(selection)
+    flipped = write_json(tmp_path / "flip.json", label_studio_export(
+        out / "random_folder_8_label_studio.json", answer=lambda i: CLASSES[(i + 1) % 3], skip=set(selection[1:])))
+    status, _, err = call_main(import_labels.main, import_args(root, index_file, flipped, "--merge",
+                                                               tmp_path / "r1_labels.json", "--out",
+                                                               tmp_path / "never.json"), capsys)
+    assert status == 2 and "in --merge" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "never.json").exists()
+
+
+def test_bad_annotations_are_one_line_naming_file_and_row_and_write_nothing(exported, tmp_path, capsys):
+    root, index_file, out, paths = exported
+    tasks = label_studio_export(out / "random_folder_8_label_studio.json")
+    outside = int(np.setdiff1d(np.arange(len(paths)), np.load(index_file))[0])
+    two_choices = json.loads(json.dumps(tasks))
+    two_choices[2]["annotations"][0]["result"][0]["value"]["choices"] = ["cat", "dog"]
+    not_listed = json.loads(json.dumps(tasks))
+    not_listed[1]["data"] = {"image": "/data/local-files/?d=gone.png", "path": "gone.png"}
+    not_selected = json.loads(json.dumps(tasks))
+    not_selected[3]["data"] = {"index": outside, "path": paths[outside]}
+    other_folder = json.loads(json.dumps(tasks))
+    other_folder[0]["data"]["index"] = (other_folder[0]["data"]["index"] + 1) % len(paths)
+    cases = {
+        "label not a class": (tasks, ["--classes", "cat,dog"], "task", "is not a class name"),
+        "two choices": (two_choices, [], "task 3", "two labels for one image"),
+        "not in the listing": (not_listed, [], "task 2", "'gone.png' is not an image of the listing"),
+        "not in the selection": (not_selected, [], "task 4", "is not in the selection"),
+        "another folder's export": (other_folder, [], "task 1", "an export of another folder"),
+    }
+    for name, (content, extra, row, message) in cases.items():
+        annotations = write_json(tmp_path / f"{name}.json", content)
+        target = tmp_path / f"{name}_labels.json"
+        status, _, err = call_main(import_labels.main, import_args(root, index_file, annotations, "--out", target,
+                                                                   *extra), capsys)
+        assert status == 2 and row in err and message in err and len(err.strip().splitlines()) == 1, (name, err)
+        assert not target.exists(), name
+    duplicate = tmp_path / "dup.csv"
+    first = int(np.load(index_file)[0])
+    duplicate.write_text(f"index,label\n{first},cat\n{first},dog\n")
+    status, _, err = call_main(import_labels.main, import_args(root, index_file, duplicate), capsys)
+    assert status == 2 and f"{duplicate}:3" in err and "a second label" in err
+
+
+def test_a_folder_changed_since_the_selection_is_refused(exported, tmp_path, capsys):
+    root, index_file, out, _ = exported
+    annotations = write_json(tmp_path / "ls.json", label_studio_export(out / "random_folder_8_label_studio.json"))
+    (root / "img_00.png").rename(root / "img_00_renamed.png")
+    status, _, err = call_main(import_labels.main, import_args(root, index_file, annotations), capsys)
+    assert status == 2 and "lists other image files" in err
