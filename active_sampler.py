@@ -26,7 +26,7 @@ import strategies
 from lowbudget import cli, datasets, distributed, engine
 from lowbudget.feature_files import check_same_width, require_labels
 from lowbudget.features import labelled_split, loaded_backbone, provenance, train_features, val_features
-from lowbudget.indices import index_path, read_indices, require_files, write_indices
+from lowbudget.indices import index_path, read_indices, require_files, write_indices, write_indices_and_result
 from lowbudget.metrics import coverage
 from lowbudget.results import append_result
 from lowbudget.runtime import faiss_uses_gpu, on_device, resolve_device, seed_everything
@@ -38,7 +38,7 @@ MODEL_ROWS = [STRATEGIES[name] for name in names(model=True)]
 
 def build_parser() -> argparse.ArgumentParser:
     parser = cli.Parser(description=__doc__.splitlines()[0])
-    cli.add_data_args(parser)
+    cli.add_data_args(parser, indices_written=True)
     cli.add_backbone_args(parser)
     cli.add_val_feats_arg(parser)
     cli.add_split_args(parser, names(model=True))
@@ -208,8 +208,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(f"current indices size: {len(pool)}. {coverage(pool_data.labels, pool)}% of all categories is seen")
     num_classes = int(max(pool_data.labels.max(), pool_data.val_labels.max())) + 1
     schedule = engine.Schedule(args.epochs, args.lr, milestones, max(args.print_freq, 1))
-    record = functools.partial(append_result, cli.results_path(args), script="active_sampler", dataset=args.dataset,
-                               name=args.name, seed=args.seed, **provenance(args))
+    results_file = cli.results_path(args)
+    fields = {"script": "active_sampler", "dataset": args.dataset, "name": args.name, "seed": args.seed,
+              **provenance(args)}
+    record = functools.partial(append_result, results_file, **fields)
     for increment in splits:
         print("Training task model started ...")
         head, result = train_head(pool_data, pool, num_classes, schedule)
@@ -225,12 +227,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         path = index_path(args.indices, args.name, args.dataset, len(pool))
         params = {"increment": increment, "epochs": args.epochs, "lr": args.lr, "lr_schedule": milestones,
                   "mode": provenance(args)["mode"], "filled": selection.filled, **selection.params}
-        write_indices(path, pool, {
+        write_indices_and_result(path, pool, {
             "strategy": args.name, "dataset": args.dataset, "params": params,
             "seed": args.seed, "initial_pool": {"size": len(previous), "path": args.resume_indices or None},
-            "features": pool_data.fingerprint, **provenance(args)})
+            "features": pool_data.fingerprint, **provenance(args)},
+            results_file=results_file, result={**fields, "split": len(pool), "metric": "coverage", "value": seen})
         print(f"=> saved {path}")
-        record(split=len(pool), metric="coverage", value=seen)
 
 
 if __name__ == "__main__":

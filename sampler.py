@@ -22,9 +22,8 @@ from lowbudget import cli, datasets, distributed
 from lowbudget.cli import UsageError
 from lowbudget.feature_files import rows_of
 from lowbudget.features import provenance, train_features, train_labels
-from lowbudget.indices import index_path, read_indices, require_files, write_indices
+from lowbudget.indices import index_path, read_indices, require_files, write_indices_and_result
 from lowbudget.metrics import coverage
-from lowbudget.results import append_result
 from lowbudget.runtime import faiss_uses_gpu, resolve_device, seed_everything
 from lowbudget.strategy_table import STRATEGIES, Inputs, Step, Strategy, add_options, lookup, names
 
@@ -33,7 +32,7 @@ SAMPLER_ROWS = [STRATEGIES[name] for name in names(model=False)]
 
 def build_parser() -> argparse.ArgumentParser:
     parser = cli.Parser(description=__doc__.splitlines()[0])
-    cli.add_data_args(parser)
+    cli.add_data_args(parser, indices_written=True)
     cli.add_backbone_args(parser)
     cli.add_split_args(parser, names(model=False))
     parser.add_argument("--resume-indices", default="", type=str, metavar="FILE",
@@ -146,14 +145,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         seen = coverage(pool.labels, selected)
         if seen is not None:
             print(f"{seen}% of all categories is seen")
-        write_indices(path, selected, {
+        result = None if seen is None else {"script": "sampler", "dataset": args.dataset, "name": args.name,
+                                            "split": len(selected), "metric": "coverage", "value": seen,
+                                            "seed": args.seed, **made_by}
+        write_indices_and_result(path, selected, {
             "strategy": args.name, "dataset": args.dataset, "params": params, "seed": args.seed,
             "initial_pool": {"path": args.resume_indices, "size": len(initial)} if args.resume_indices else None,
-            "features": pool.fingerprint, "listing": listing, **made_by})
+            "features": pool.fingerprint, "listing": listing, **made_by}, results_file=results_file, result=result)
         print(f"=> saved {path}")
-        if seen is not None:
-            append_result(results_file, script="sampler", dataset=args.dataset, name=args.name, split=len(selected),
-                          metric="coverage", value=seen, seed=args.seed, **made_by)
 
 
 if __name__ == "__main__":

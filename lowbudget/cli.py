@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 import argparse
+import contextvars
+import errno
 import math
 import os
 import sys
+import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import NoReturn
@@ -19,22 +22,76 @@ class UsageError(Exception):
     """Bad input from the user: reported as one line on stderr with exit status 2."""
 
 
+# An OSError with one of these errnos is a failed write, whatever the file; EACCES and EPERM are when the file
+# lies in an output location (elsewhere they may come from reading an input).
+WRITE_FAILURES = {errno.EROFS: "read-only file system", errno.ENOSPC: "no space left on the device",
+                  errno.EDQUOT: "disk quota exceeded", errno.EFBIG: "file too large (the file size limit)"}
+DENIED = {errno.EACCES: "permission denied", errno.EPERM: "operation not permitted"}
+
+# {flag: path} of the output locations of the run in progress (run_main), filled in when the flags are read.
+_outputs: contextvars.ContextVar[dict[str, str] | None] = contextvars.ContextVar("outputs", default=None)
+
+
 class Parser(argparse.ArgumentParser):
-    """ArgumentParser whose errors are a single line (no usage dump), exit status 2."""
+    """ArgumentParser whose errors are a single line (no usage dump), exit status 2; it notes where the
+    output flags point, for run_main to name the flag when a write there fails."""
 
     def error(self, message: str) -> NoReturn:
         print(f"{self.prog}: error: {message}", file=sys.stderr)
         sys.exit(2)
 
+    def parse_known_args(self, args: Sequence[str] | None = None,  # type: ignore[override]
+                         namespace: argparse.Namespace | None = None) -> tuple[argparse.Namespace, list[str]]:
+        parsed, extras = super().parse_known_args(args, namespace)
+        outputs = _outputs.get()
+        if outputs is not None:
+            for action in self._actions:
+                if action.type in (output_folder, output_file) and getattr(parsed, action.dest, None):
+                    outputs[max(action.option_strings, key=len)] = getattr(parsed, action.dest)
+        return parsed, extras
+
 
 def run_main(main: Callable[[Sequence[str] | None], None], argv: Sequence[str] | None = None) -> None:
-    """Run a script's main; a UsageError becomes one stderr line and exit status 2."""
+    """Run a script's main; a UsageError, or an OSError from a write (read-only, no space, file too large),
+    becomes one stderr line naming the flag (or else the file) and exit status 2."""
+    outputs: dict[str, str] = {}
+    token = _outputs.set(outputs)
     try:
         main(argv)
     except UsageError as err:
-        prog = sys.argv[0].rsplit("/", 1)[-1]
-        print(f"{prog}: error: {err}", file=sys.stderr)
-        sys.exit(2)
+        _fail(str(err))
+    except OSError as err:
+        line = write_failure(err, outputs)
+        if line is None:
+            raise
+        _fail(line)
+    finally:
+        _outputs.reset(token)
+
+
+def _fail(message: str) -> NoReturn:
+    prog = sys.argv[0].rsplit("/", 1)[-1]
+    print(f"{prog}: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _flag_holding(path: str, outputs: dict[str, str]) -> str | None:
+    """The output flag whose location is `path` or holds it (the innermost), or None."""
+    path = os.path.abspath(path)
+    holding = [(len(os.path.abspath(where)), flag) for flag, where in outputs.items()
+               if os.path.commonpath([path, os.path.abspath(where)]) == os.path.abspath(where)]
+    return max(holding)[1] if holding else None
+
+
+def write_failure(err: OSError, outputs: dict[str, str]) -> str | None:
+    """The one line for an OSError that a write met, naming the output flag whose location holds the file
+    (or else the file); None when `err` is not a failed write."""
+    flag = None if err.filename is None else _flag_holding(os.fsdecode(err.filename), outputs)
+    reason = WRITE_FAILURES.get(err.errno or 0) or (DENIED.get(err.errno or 0) if flag else None)
+    if reason is None:
+        return None
+    written = "a file" if err.filename is None else repr(os.fsdecode(err.filename))
+    return f"{flag + ': ' if flag else ''}cannot write {written}: {reason}"
 
 
 INT_MAX = 2**31 - 1  # counts reach torch, numpy and faiss as C ints
@@ -106,20 +163,61 @@ def _file_in_the_way(path: str) -> str | None:
     return None
 
 
-def output_folder(text: str) -> str:
-    """argparse type: a folder the script may create or write into (--save, --indices, --out), refused at
-    once when a file stands at it or above it, so no run fails after its work with half its files written."""
+def folder_location(text: str) -> str:
+    """argparse type: where a folder is or can be made (--indices of the scripts that read index files),
+    refused at once when a file stands at it or above it."""
     blocker = _file_in_the_way(text)
     if blocker is not None:
         raise argparse.ArgumentTypeError(f"{text!r} cannot be a folder: {blocker!r} is a file")
     return text
 
 
+def _nearest_folder(path: str) -> str:
+    """`path` when it is a folder, else the nearest folder above it: where its files or folders would be made."""
+    current = os.path.abspath(path)
+    while not os.path.isdir(current):
+        current = os.path.dirname(current)
+    return current
+
+
+def _write_problem(err: OSError) -> str:
+    return {**WRITE_FAILURES, **DENIED}.get(err.errno or 0) or (err.strerror or str(err)).lower()
+
+
+def _probe(folder: str) -> None:
+    """Write one byte to a new file in `folder` and remove it: an ArgumentTypeError when the file system
+    refuses (read-only, full, no permission)."""
+    try:
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".probe-")
+        try:
+            os.write(fd, b"\0")
+        finally:
+            os.close(fd)
+            os.unlink(probe)
+    except OSError as err:
+        raise argparse.ArgumentTypeError(f"cannot write in {folder!r}: {_write_problem(err)}") from None
+
+
+def output_folder(text: str) -> str:
+    """argparse type: a folder the script creates or writes into (--save, --indices of the samplers, --out),
+    refused at once when a file stands at it or above it, or when the nearest existing folder cannot be
+    written (read-only, full), so that no run fails after its work with half its files written."""
+    folder_location(text)
+    _probe(_nearest_folder(text))
+    return text
+
+
 def output_file(text: str) -> str:
-    """argparse type: a file the script appends to (--results): not a folder, its folder makeable."""
+    """argparse type: a file the script appends to (--results): not a folder, its folder writable as
+    output_folder's, the file (when there is one) open for appending."""
     if os.path.isdir(text):
         raise argparse.ArgumentTypeError(f"{text!r} is a folder, not a file")
     output_folder(os.path.dirname(text) or ".")
+    if os.path.exists(text):
+        try:
+            os.close(os.open(text, os.O_WRONLY | os.O_APPEND))
+        except OSError as err:
+            raise argparse.ArgumentTypeError(f"cannot append to {text!r}: {_write_problem(err)}") from None
     return text
 
 
@@ -134,8 +232,10 @@ FRACTION = Number(0, 1)  # momentum, weight decay: [0, 1]
 BUDGET = int_at_least(1)  # a --splits value
 
 
-def add_data_args(parser: argparse.ArgumentParser, workers: int = 4, print_freq: int = 10) -> None:
-    """Dataset, folders and run-wide flags common to all scripts (defaults as each original script)."""
+def add_data_args(parser: argparse.ArgumentParser, workers: int = 4, print_freq: int = 10, *,
+                  indices_written: bool = False) -> None:
+    """Dataset, folders and run-wide flags common to all scripts (defaults as each original script);
+    `indices_written` for the scripts that write into --indices (the others read index files there)."""
     parser.add_argument("data", metavar="DIR", nargs="?", default=None,
                         help="dataset root (optional with --feats)")
     parser.add_argument("--dataset", default="imagenet", choices=DATASET_NAMES,
@@ -150,7 +250,7 @@ def add_data_args(parser: argparse.ArgumentParser, workers: int = 4, print_freq:
                         help="accepted for compatibility with the original scripts")
     parser.add_argument("--save", default="./output", type=output_folder,
                         help="folder for the feature cache and results (default: ./output)")
-    parser.add_argument("--indices", default="./indices", type=output_folder,
+    parser.add_argument("--indices", default="./indices", type=output_folder if indices_written else folder_location,
                         help="folder of index files (default: ./indices)")
     parser.add_argument("--seed", default=0, type=SEED,
                         help="seed for Python, NumPy, torch and faiss (default: 0)")

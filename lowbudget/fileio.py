@@ -86,9 +86,29 @@ def remove_stale_temporary_files(path: str) -> None:
             os.unlink(stale)
 
 
+class _KeptWriteError:
+    """A file that keeps the OSError its write() raised: a serialiser may report it as an error of its own
+    (torch.save raises a RuntimeError that says nothing of a full disk)."""
+
+    def __init__(self, file: BinaryIO):
+        self.file = file
+        self.error: OSError | None = None
+
+    def write(self, data: bytes) -> int:
+        try:
+            return self.file.write(data)
+        except OSError as err:
+            self.error = err
+            raise
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.file, name)
+
+
 def _write_temporary(path: str, write: Writer) -> str:
     """`write` into a new temporary file beside `path`, with the permissions a plain open() would give
-    (mkstemp's are owner-only): its name. On failure nothing is left behind."""
+    (mkstemp's are owner-only): its name. On failure nothing is left behind, and a write that the file
+    system refused raises its OSError."""
     directory = os.path.dirname(path) or "."
     os.makedirs(directory, exist_ok=True)
     remove_stale_temporary_files(path)
@@ -96,7 +116,13 @@ def _write_temporary(path: str, write: Writer) -> str:
                                suffix="-" + os.path.basename(path))
     try:
         with os.fdopen(fd, "wb") as f:
-            write(f)
+            kept = _KeptWriteError(f)
+            try:
+                write(kept)  # type: ignore[arg-type]
+            except Exception as err:
+                if kept.error is None or kept.error is err:
+                    raise
+                raise kept.error from err
         os.chmod(tmp, 0o666 & ~_umask())
     except BaseException:
         os.unlink(tmp)
@@ -107,21 +133,32 @@ def _write_temporary(path: str, write: Writer) -> str:
 def atomic_write_files(writes: Sequence[tuple[str, Writer]]) -> None:
     """Write every (path, write) to a temporary file; only once all of them are complete, rename them into
     place in the given order. A failure while writing leaves every target as it was and no temporary file;
-    a target that is a folder (which no rename could replace) is refused before anything is written."""
+    a target that is a folder (which no rename could replace) is refused before anything is written. An
+    OSError names the target being written, not the temporary file."""
     for path, _ in writes:
         if os.path.isdir(path):
             raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path)
     temporary: list[str] = []
+    path = ""
     try:
         for path, write in writes:
             temporary.append(_write_temporary(path, write))
         for tmp, (path, _) in zip(temporary, writes, strict=True):
             os.replace(tmp, path)
+    except OSError as err:
+        _remove(temporary)
+        if err.errno is None:
+            raise
+        raise OSError(err.errno, err.strerror, path) from err  # write() and close() name no file
     except BaseException:
-        for tmp in temporary:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
+        _remove(temporary)
         raise
+
+
+def _remove(paths: Sequence[str]) -> None:
+    for path in paths:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
 
 
 def atomic_write(path: str, write: Writer) -> None:

@@ -4,6 +4,7 @@ The pair is written together: both files are written to temporary files first, s
 sidecar cannot hold, a full disk) leaves the previous pair as it was; then the index file is renamed into
 place, and its sidecar last. The sidecar records the digest of the entries, so that a reader refuses an
 index file that its sidecar does not describe (replaced by hand, or a write killed between the renames).
+A sampler's results line about a pair (its class coverage) is written with it, or neither is.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import numpy as np
 from lowbudget import distributed
 from lowbudget.cli import UsageError, parse_splits
 from lowbudget.fileio import atomic_write_files, bytes_digest, bytes_writer, json_text
+from lowbudget.results import result_kept_with
 
 FORMAT_VERSION = 1
 
@@ -48,6 +50,17 @@ def write_indices(path: str, indices: np.ndarray, meta: dict) -> None:
     record.update(size=int(len(indices)), digest=pool_digest(indices))  # what readers check: never from `meta`
     sidecar = (json_text(record, indent=2) + "\n").encode()
     atomic_write_files([(path, lambda f: np.save(f, indices)), (sidecar_path(path), bytes_writer(sidecar))])
+
+
+def write_indices_and_result(path: str, indices: np.ndarray, meta: dict, *, results_file: str,
+                             result: dict[str, Any] | None) -> None:
+    """write_indices(), and the results line that reports on the pair (append_result's fields; None when
+    there is none) as one unit: the line is appended first, and taken back when the pair cannot be written."""
+    if result is None:
+        write_indices(path, indices, meta)
+        return
+    with result_kept_with(results_file, result):
+        write_indices(path, indices, meta)
 
 
 def read_sidecar(path: str, flag: str) -> dict[str, Any]:
