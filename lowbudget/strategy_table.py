@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import functools
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -293,7 +293,7 @@ def _uncertainty_builder(name: str) -> Callable[[Inputs, Options], Step]:
             candidates = np.setdiff1d(np.arange(inputs.num_rows), labelled)
             inputs.log(f"Current unlabeled indices is {len(candidates)}.")
             scores = inputs.model_scores(candidates, lambda head, x, rows: strategies.uncertainty(head(x), name))
-            return Selection(most_uncertain(scores, candidates, budget))
+            return most_uncertain(scores, candidates, budget)
         return step
     return build
 
@@ -391,6 +391,28 @@ STRATEGIES: dict[str, Strategy] = {row.name: row for row in (
     Strategy("dropquery", _build_dropquery, incremental=True, needs_labels=True, needs_model=True, randomised=True,
              options=(DROPOUT, DROPOUT_PASSES), label="DropQuery"),
 )}
+
+
+def check_budgets(strategy: Strategy, splits: Sequence[int], pool_size: int, initial: int) -> None:
+    """Every budget must be reachable: absolute budgets from the pool, increments from what is left."""
+    if strategy.incremental:
+        needed, available = sum(splits), pool_size - initial
+    else:
+        needed, available = max(splits), pool_size
+    if needed > available:
+        raise UsageError(f"--splits: {strategy.name} needs {needed} images but only {available} can be selected")
+
+
+def select_pools(strategy: Strategy, step: Step, splits: Sequence[int], initial: np.ndarray
+                 ) -> Iterator[tuple[np.ndarray, dict]]:
+    """Yield (pool rows, sidecar parameters) for every split, in order: absolute budgets make a pool each,
+    increments add to the pool so far."""
+    pool = initial
+    for split in splits:
+        selection = step(pool, split)
+        pool = np.concatenate([pool, selection.indices]) if strategy.incremental else selection.indices
+        size_key = "increment" if strategy.incremental else "budget"
+        yield pool, {size_key: split, "filled": selection.filled, **selection.params}
 
 
 def names(*, model: bool) -> tuple[str, ...]:
