@@ -165,6 +165,7 @@ def test_demo_in_worker_processes_equals_one_after_another(tmp_path, fashion_roo
     assert log.index("$ cp ") < log.index("$ sampler.py") and "$ eval_lincls.py" in log
 
 
+@pytest.mark.slow  # worker processes: each starts a Python
 def test_worker_steps_wait_for_the_step_they_read_from(tmp_path):
     """Steps from the standard library, so that the workers import nothing of the tests: the rename fails
     unless the folder it renames was made first."""
@@ -178,6 +179,7 @@ def test_worker_steps_wait_for_the_step_they_read_from(tmp_path):
     assert (tmp_path / "b_seed_0.log").read_text() == f"$ mv {first} {second}\n\n"
 
 
+@pytest.mark.slow  # worker processes: each starts a Python
 def test_a_failing_worker_step_ends_the_demo_with_its_error(tmp_path):
     never = str(tmp_path / "never")
     runs = [demo.Run("a seed 0: select", functools.partial(cli.comma_integers, "10,,20", "--splits"), "sampler.py"),
@@ -190,7 +192,7 @@ def test_a_failing_worker_step_ends_the_demo_with_its_error(tmp_path):
         demo.run_all(runs[1:], str(tmp_path), jobs=2)
 
 
-@pytest.mark.parametrize("jobs", [1, 2])
+@pytest.mark.parametrize("jobs", [1, pytest.param(2, marks=pytest.mark.slow)])  # 2: worker processes
 def test_steps_output_goes_to_their_logs_and_a_line_per_step_to_the_terminal(tmp_path, capfd, jobs):
     """What a step writes, a C library's warnings on file descriptor 2 included (faiss writes its own that
     way), lands in its log; the terminal shows one line per finished step."""

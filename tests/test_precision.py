@@ -54,6 +54,8 @@ def test_channels_last_fp32_agrees_with_fp32(resnet18):
     assert resnet18.conv1.weight.is_contiguous(memory_format=torch.channels_last)
     resnet18.to(memory_format=torch.contiguous_format)  # the module is shared with the other tests
     assert np.einsum("ij,ij->i", fp32, channels_last).min() >= 0.99999
+    # the features differ by float32 rounding, far less than each cluster's nearest member leads by (~1e-3)
+    assert np.abs(fp32 - channels_last).max() < 1e-5
     picks = [strategies.kmeans_select(feats, 8, seed=0).indices for feats in (fp32, channels_last)]
     assert np.array_equal(*picks)
 
@@ -73,8 +75,10 @@ def test_bf16_on_cpu_agrees_with_fp32(resnet18):
     bf16, _ = features.extract(resnet18, images, "cifar10", 50, 0, cpu, desc="", precision="bf16")
     resnet18.to(memory_format=torch.contiguous_format)  # the module is shared with the other tests
     assert np.einsum("ij,ij->i", fp32, bf16).min() >= 0.999
-    picks = [strategies.kmeans_select(feats, 8, seed=0).indices for feats in (fp32, bf16)]
-    assert len(np.setdiff1d(*picks)) <= 0.02 * 8
+    # bf16 moves features by ~1e-2, more than a cluster's nearest member leads by (~1e-3): the picks may
+    # differ, but k-means on either takes one image of each of the 8 prototypes
+    for feats in (fp32, bf16):
+        assert sorted(images.labels[strategies.kmeans_select(feats, 8, seed=0).indices]) == list(range(8))
 
 
 def test_cache_from_another_precision_is_recomputed(tmp_path, capsys):
@@ -94,6 +98,7 @@ def test_cache_from_another_precision_is_recomputed(tmp_path, capsys):
     assert meta["precision"] == "fp32"
 
 
+@pytest.mark.slow  # starts a Python
 def test_gpu_check_skips_cleanly_without_cuda():
     done = subprocess.run([sys.executable, "tools/gpu_check.py"], cwd=REPO, capture_output=True, text=True,
                           env={"CUDA_VISIBLE_DEVICES": "", "PATH": "/usr/bin:/bin"}, timeout=120)

@@ -1,4 +1,6 @@
 """Query strategies: exact budgets, uniqueness, seeds, and equality with brute-force references."""
+import math
+
 import faiss
 import numpy as np
 import pytest
@@ -180,8 +182,12 @@ def test_kmeans_budget_larger_than_pool():
 # ---------------------------------------------------------------- core-set
 
 def coreset_reference(feats, labelled, budget):
-    """Plain greedy k-center in float64, one point at a time, as in Sener & Savarese."""
+    """Plain greedy k-center in float64, one point at a time, as in Sener & Savarese. Each pick is the
+    farthest row by more than float32 rounding of the distances (a few float32 steps per term, and the
+    sqrt(D) of the dot products' sums, of the largest squared norm), or tied exactly (lattice rows):
+    otherwise a float32 engine could take the runner-up, and the reference cannot say which is right."""
     x = feats.astype(np.float64)
+    rounding = 2 * (8 + 2 * np.sqrt(x.shape[1])) * np.finfo(np.float32).eps * (x ** 2).sum(1).max()
     if len(labelled):
         min_dist = ((x[:, None] - x[labelled][None]) ** 2).sum(-1).min(1)
         picks = []
@@ -190,8 +196,10 @@ def coreset_reference(feats, labelled, budget):
         min_dist, picks = ((x - x[first]) ** 2).sum(1), [first]
     taken = set(labelled.tolist()) | set(picks)
     while len(picks) < budget:
-        order = np.argsort(-min_dist, kind="stable")
-        pick = int(next(i for i in order if i not in taken))
+        order = [i for i in np.argsort(-min_dist, kind="stable") if i not in taken]
+        pick = int(order[0])
+        gap = min_dist[pick] - min_dist[order[1]] if len(order) > 1 else math.inf
+        assert gap == 0 or gap > rounding, f"pick {len(picks)}: a near-tie within float32 rounding"
         picks.append(pick)
         taken.add(pick)
         min_dist = np.minimum(min_dist, ((x - x[pick]) ** 2).sum(1))
