@@ -15,6 +15,7 @@ class Selection:
     indices: np.ndarray  # int64 row indices, exactly the budget, unique
     filled: int = 0  # how many came from the filling rule instead of the strategy's own criterion
     params: dict[str, Any] = field(default_factory=dict)  # values the sidecar records (e.g. k-means niter)
+    scores: np.ndarray | None = None  # the strategy's score of each pick, larger = worth labelling sooner
 
 
 def check_budget(budget: int, available: int) -> None:
@@ -34,7 +35,8 @@ def seeded_fill(eligible: np.ndarray, count: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).permutation(np.flatnonzero(eligible))[:count].astype(np.int64)
 
 
-def most_uncertain(scores: np.ndarray, candidates: np.ndarray, budget: int) -> np.ndarray:
-    """The `budget` candidates with the largest scores (ties: the candidate listed first)."""
+def most_uncertain(scores: np.ndarray, candidates: np.ndarray, budget: int) -> Selection:
+    """The `budget` candidates with the largest scores (ties: the candidate listed first), with their scores."""
     check_budget(budget, len(candidates))
-    return np.asarray(candidates, dtype=np.int64)[np.argsort(-scores, kind="stable")[:budget]]
+    order = np.argsort(-scores, kind="stable")[:budget]
+    return Selection(np.asarray(candidates, dtype=np.int64)[order], scores=np.asarray(scores, dtype=np.float64)[order])

@@ -316,6 +316,6 @@ def vaal_select(source: Source, labelled: np.ndarray, budget: int, settings: Vaa
     nets = train(source, labelled, unlabelled, settings, seed=seed, device=device, checkpoint=checkpoint,
                  progress=progress, log=log)
     scores = discriminator_scores(nets, source, unlabelled, settings, device)
-    picks = most_uncertain(-scores, unlabelled, budget)
+    picks = most_uncertain(-scores, unlabelled, budget).indices
     iterations = settings.iterations_per_epoch(len(source)) * settings.epochs
     return Selection(picks, 0, {**asdict(settings), "iterations": iterations, "mode": source.mode})

@@ -36,8 +36,10 @@ def test_selection_equals_brute_force_ranking(name):
     assert np.all(np.isfinite(scores))
     np.testing.assert_allclose(scores, brute_force_scores(logits, name), atol=1e-12)
     candidates = np.arange(1000, 1200)
-    picked = most_uncertain(scores, candidates, 15)
-    assert picked.tolist() == candidates[np.argsort(-brute_force_scores(logits, name), kind="stable")[:15]].tolist()
+    selection = most_uncertain(scores, candidates, 15)
+    order = np.argsort(-brute_force_scores(logits, name), kind="stable")[:15]
+    assert selection.indices.tolist() == candidates[order].tolist()
+    assert selection.scores.tolist() == scores[order].tolist()  # what the sidecar records for the export
 
 
 def test_most_uncertain_budget_beyond_candidates():

@@ -93,7 +93,7 @@ def test_the_exported_csv_with_its_label_column_filled_in(exported, tmp_path, ca
         row["label"] = truth(int(row["index"]))
     filled = tmp_path / "filled.csv"
     with filled.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["index", "path", "label"])
+        writer = csv.DictWriter(f, fieldnames=["index", "path", "label", "priority", "score"])
         writer.writeheader()
         writer.writerows(rows)
     status, _, err = call_main(import_labels.main, import_args(root, index_file, filled), capsys)
@@ -188,3 +188,32 @@ def test_a_folder_changed_since_the_selection_is_refused(exported, tmp_path, cap
     (root / "img_00.png").rename(root / "img_00_renamed.png")
     status, _, err = call_main(import_labels.main, import_args(root, index_file, annotations), capsys)
     assert status == 2 and "lists other image files" in err
+
+
+def test_the_export_queues_by_score_and_leaves_out_labelled_images(exported, tmp_path, capsys):
+    """A round's index file: its pool first, then the new picks with the strategy's scores in the sidecar."""
+    root, index_file, out, paths = exported
+    from lowbudget.indices import read_sidecar, write_indices
+    pool = np.load(index_file)
+    sidecar = read_sidecar(str(index_file), "INDEX_FILE")
+    round_file = tmp_path / "indices" / "entropy_folder_8.npy"
+    write_indices(str(round_file), pool, {**{k: sidecar[k] for k in ("dataset", "listing")}, "strategy": "entropy",
+                                          "scores": [0.2, 0.9, 0.5]})
+    first = write_json(tmp_path / "ls.json", label_studio_export(out / "random_folder_8_label_studio.json",
+                                                                 skip=set(pool[5:].tolist())))
+    status, _, err = call_main(import_labels.main, import_args(root, index_file, first, "--out",
+                                                               tmp_path / "round1.json"), capsys)
+    assert status == 0, err
+    status, stdout, err = call_main(export.main, [round_file, "--data", root, "--out", tmp_path / "round2",
+                                                  "--labels", tmp_path / "round1.json"], capsys)
+    assert status == 0, err
+    assert "5 images labelled in" in stdout and "3 to label" in stdout
+    queue = [int(pool[i]) for i in (6, 7, 5)]  # by score, highest first
+    rows = list(csv.DictReader((tmp_path / "round2" / "entropy_folder_8.csv").open()))
+    assert [int(r["index"]) for r in rows] == queue
+    assert [r["priority"] for r in rows] == ["1", "2", "3"] and [r["score"] for r in rows] == ["0.9", "0.5", "0.2"]
+    tasks = json.loads((tmp_path / "round2" / "entropy_folder_8_label_studio.json").read_text())
+    assert [(t["data"]["index"], t["data"]["priority"], t["data"]["score"]) for t in tasks] == \
+        [(queue[0], 1, 0.9), (queue[1], 2, 0.5), (queue[2], 3, 0.2)]
+    plain = list(csv.DictReader((out / "random_folder_8.csv").open()))  # no scores: selection order, no score
+    assert [int(r["index"]) for r in plain] == pool.tolist() and {r["score"] for r in plain} == {""}

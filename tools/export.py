@@ -3,20 +3,26 @@
 Usage, from the repository root:
 
     python tools/export.py INDEX_FILE --data DIR --out DIR [--dataset folder] [--unlabeled]
-        [--url-prefix /data/local-files/?d=] [--compare INDEX_FILE2] [--thumb 96] [--columns 10]
+        [--url-prefix /data/local-files/?d=] [--compare INDEX_FILE2] [--labels FILE] [--thumb 96] [--columns 10]
 
 The index file's entries are dataset indices, mapped to images exactly as sampler.py listed them (pass
 the same DIR, --dataset and --unlabeled). Writes into --out, STEM being the index file's name without
 `.npy`:
 
-- STEM.csv: `index,path,label`, one row per selected image in selection order; `path` relative to DIR
+- STEM.csv: `index,path,label,priority,score`, one row per selected image in the order worth labelling
+  (`priority` 1 first): by the strategy's score where its sidecar records one (uncertainty sampling), else
+  in selection order, which is the order of the greedy strategies' picks; `path` relative to DIR
   (POSIX; empty for the array datasets cifar10/cifar100/fashion_mnist), `label` the class name (the
   class number where no names are known; empty for an unlabelled folder). A cell that begins with
   `=`, `+`, `-`, `@`, a tab or a carriage return gets a leading `'`, so that a spreadsheet shows it as
   text instead of running it as a formula.
 - STEM_label_studio.json: Label Studio tasks `{"data": {"image": PREFIX + path, "index": i, "path":
-  path}, "meta": {"index": i}}` (path URL-quoted in `image`); the default prefix is Label Studio's
-  local-files URL, for LOCAL_FILES_DOCUMENT_ROOT = DIR. Not written for array datasets.
+  path, "priority": rank, "score": s}, "meta": {"index": i}}` (path URL-quoted in `image`; `score` where
+  the strategy has one), so that the Data Manager sorts the queue by `priority`; the default prefix is
+  Label Studio's local-files URL, for LOCAL_FILES_DOCUMENT_ROOT = DIR. Not written for array datasets.
+
+With --labels FILE (tools/import_labels.py's), the images it labels are left out: a round's index file
+holds the whole pool, and only its new picks need an annotator.
 - STEM_contact_sheet.png: thumbnails letterboxed to THUMB x THUMB squares, in selection order, row by
   row, under a strip naming the strategy (from the index file's JSON sidecar); with --compare, the
   second selection's panel to the right. Size in pixels, for n = the larger selection's size, k = 1 or
@@ -50,6 +56,7 @@ from lowbudget import cli, datasets
 from lowbudget.cli import UsageError
 from lowbudget.fileio import atomic_write_folder
 from lowbudget.indices import read_indices, read_sidecar
+from lowbudget.labels import read_labels
 
 GAP = 4  # pixels around every thumbnail
 STRIP = 20  # height of the title strip above each panel
@@ -72,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"put before each relative path in the Label Studio file (default: {LABEL_STUDIO_PREFIX})")
     parser.add_argument("--compare", default=None, metavar="INDEX_FILE2",
                         help="a second selection (e.g. random) shown beside the first on the contact sheet")
+    parser.add_argument("--labels", default=None, metavar="FILE",
+                        help="a labels file (tools/import_labels.py): the images it labels are left out")
     parser.add_argument("--thumb", default=96, type=cli.int_at_least(8, 1024), metavar="PX",
                         help="thumbnail side, 8 to 1024 (default: 96)")
     parser.add_argument("--columns", default=10, type=cli.int_at_least(1, 1000), metavar="N",
@@ -81,10 +90,41 @@ def build_parser() -> argparse.ArgumentParser:
 
 @dataclass
 class IndexFile:
-    """One index file: its indices (selection order) and the title of its contact-sheet panel."""
+    """One index file: its indices in the order worth labelling, the title of its contact-sheet panel, and the
+    strategy's score of each (None where the strategy has none)."""
     stem: str
     indices: np.ndarray
     title: str
+    scores: np.ndarray | None = None
+
+
+def recorded_scores(sidecar: dict, size: int, path: str, flag: str) -> np.ndarray | None:
+    """The sidecar's `scores` (the strategy's score of the round's picks, the last entries of the file; larger =
+    worth labelling sooner) for every entry, NaN for the entries before them; None when it records none."""
+    scores = sidecar.get("scores")
+    if scores is None:
+        return None
+    if not isinstance(scores, list) or len(scores) > size or \
+            not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in scores):
+        raise UsageError(f"{flag}: the sidecar of {path!r} has 'scores' that are not up to {size} numbers")
+    out = np.full(size, np.nan)
+    out[size - len(scores):] = scores
+    return out
+
+
+def in_priority_order(selection: IndexFile) -> IndexFile:
+    """The entries with a score first, by score from the highest (ties and the rest: selection order)."""
+    if selection.scores is None:
+        return selection
+    order = np.lexsort((np.arange(len(selection.indices)), -np.nan_to_num(selection.scores, nan=-np.inf)))
+    return IndexFile(selection.stem, selection.indices[order], selection.title, selection.scores[order])
+
+
+def without_labelled(selection: IndexFile, labelled: np.ndarray) -> IndexFile:
+    """The selection less the images that already have a label (--labels)."""
+    keep = ~np.isin(selection.indices, labelled)
+    return IndexFile(selection.stem, selection.indices[keep], selection.title,
+                     None if selection.scores is None else selection.scores[keep])
 
 
 def resolve_dataset(args: argparse.Namespace) -> str:
@@ -104,7 +144,8 @@ def read_selection(path: str, images: datasets.Images, *, root: str, dataset: st
     check_listing(sidecar.get("listing"), datasets.listing_record(images, root), path, root)
     stem = os.path.basename(path).removesuffix(".npy")
     strategy = sidecar.get("strategy")
-    return IndexFile(stem, indices, f"{strategy} ({stem})" if strategy else stem)
+    return IndexFile(stem, indices, f"{strategy} ({stem})" if strategy else stem,
+                     recorded_scores(sidecar, len(indices), path, flag))
 
 
 def check_listing(recorded: object, current: dict | None, path: str, root: str) -> None:
@@ -154,21 +195,32 @@ def spreadsheet_text(cell: str) -> str:
     return "'" + cell if cell.startswith(FORMULA_STARTS) else cell
 
 
+def score_text(selection: IndexFile, rank: int) -> str:
+    """The strategy's score of the entry at `rank`, '' where it has none."""
+    if selection.scores is None or np.isnan(selection.scores[rank]):
+        return ""
+    return f"{selection.scores[rank]:.6g}"
+
+
 def csv_text(images: datasets.Images, selection: IndexFile, root: str) -> str:
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(["index", "path", "label"])
-    for i in selection.indices.tolist():
-        writer.writerow([i, spreadsheet_text(relative_path(images, i, root)), spreadsheet_text(label_name(images, i))])
+    writer.writerow(["index", "path", "label", "priority", "score"])
+    for rank, i in enumerate(selection.indices.tolist()):
+        writer.writerow([i, spreadsheet_text(relative_path(images, i, root)), spreadsheet_text(label_name(images, i)),
+                         rank + 1, score_text(selection, rank)])
     return out.getvalue()
 
 
 def label_studio_tasks(images: datasets.FileImages, selection: IndexFile, root: str, prefix: str) -> list[dict]:
     """One task per selected image, image URL = prefix + URL-quoted relative path."""
     tasks = []
-    for i in selection.indices.tolist():
+    for rank, i in enumerate(selection.indices.tolist()):
         path = relative_path(images, i, root)
-        tasks.append({"data": {"image": prefix + quote(path), "index": i, "path": path}, "meta": {"index": i}})
+        data: dict[str, object] = {"image": prefix + quote(path), "index": i, "path": path, "priority": rank + 1}
+        if score_text(selection, rank):
+            data["score"] = float(selection.scores[rank])  # type: ignore[index]
+        tasks.append({"data": data, "meta": {"index": i}})
     return tasks
 
 
@@ -251,7 +303,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     images = datasets.load_images(dataset, args.data, "train", args.lt_list, unlabeled=args.unlabeled)
     selections = [read_selection(path, images, root=args.data, dataset=dataset, flag=flag)
                   for path, flag in ((args.index_file, "INDEX_FILE"), (args.compare, "--compare")) if path]
-    selection = selections[0]
+    selection = in_priority_order(selections[0])
+    if args.labels:
+        labels = read_labels(args.labels, dataset=dataset, listing=datasets.listing_record(images, args.data),
+                             num_images=len(images))
+        selection = without_labelled(selection, labels.indices)
+        print(f"=> {len(selections[0].indices) - len(selection.indices)} images labelled in {args.labels} left out, "
+              f"{len(selection.indices)} to label")
+        if not len(selection.indices):
+            raise UsageError(f"--labels: every image of {args.index_file!r} is labelled in {args.labels!r}: "
+                             "nothing to export")
+    selections[0] = selection
     outputs = {f"{selection.stem}.csv": csv_text(images, selection, args.data).encode()}
     if isinstance(images, datasets.FileImages):
         tasks = label_studio_tasks(images, selection, args.data, args.url_prefix)
