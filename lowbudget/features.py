@@ -3,9 +3,13 @@
 The cache is one uncompressed `.npz` per (dataset, split, arch, backbone, weights fingerprint) under
 --save holding `feats` (L2-normalised rows in dataset order, float32, or float16 with --feats-dtype
 float16), `labels` (int64; absent for an unlabelled folder), `skipped` (int64 indices of the image files
-that could not be decoded: their rows are zero) and `meta` (JSON; its `dtype` names the type of `feats`,
-and a cache without one, written before float16 existed, holds float32). It is written atomically, and
-a cache whose metadata differs from the request is recomputed, never used. The dtype is the exception
+that could not be decoded: their rows are zero), `meta` (JSON; its `dtype` names the type of `feats`,
+and a cache without one, written before float16 existed, holds float32) and `digest` (the SHA-256 of
+the arrays, checked on every load: a cache whose bytes changed is recomputed, never used). A cache
+written before digests were stored is checked as np.load once checked it, against its zip CRC-32,
+and for NaN. It is written atomically, and a cache whose metadata differs from the request is
+recomputed, never used. Features are finite: a backbone whose output holds NaN or infinity stops the
+run at its first batch, before anything is cached. The dtype is the exception
 that is converted, not recomputed: a float32 cache serves a float16 run by rounding its rows, exactly
 what extracting them again would store; a float16 cache is never widened for a float32 run (its
 rounding cannot be undone), it is recomputed. For `--dataset folder` the metadata includes a digest of
@@ -26,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import hashlib
 import json
 import os
 import re
@@ -41,7 +46,15 @@ from tqdm import tqdm
 import lowbudget
 from lowbudget import datasets, distributed
 from lowbudget.cli import FEATURE_DTYPES, UsageError
-from lowbudget.feature_files import Features, as_dtype, dtype_fingerprint, npz_source, read_feats_file, store_rows
+from lowbudget.feature_files import (
+    BLOCK_BYTES,
+    Features,
+    as_dtype,
+    dtype_fingerprint,
+    npz_source,
+    read_feats_file,
+    store_rows,
+)
 from lowbudget.fileio import atomic_write, text_digest
 from lowbudget.runtime import for_inference, inference_autocast, resolve_precision
 from models import families
@@ -64,7 +77,8 @@ def extract(model: nn.Module, images: datasets.Images, dataset: str, batch_size:
     transformed as the backbone's `preprocess` says (None: the dataset's protocol). `precision`:
     'fp32', 'fp32-cl', or 'bf16'/'fp16' autocast, the last three with channels-last weights
     (runtime.resolve_precision). The rows are normalised in float32 and stored as `dtype` (float16: no
-    float32 copy of all of them is made)."""
+    float32 copy of all of them is made). A batch whose features hold NaN or infinity is a UsageError
+    naming --weights."""
     model = for_inference(model, precision, device)
     batches = datasets.decoded_batches(images, dataset, batch_size, workers, image_size, strict=strict,
                                        preprocess=preprocess, device=device)
@@ -74,6 +88,8 @@ def extract(model: nn.Module, images: datasets.Images, dataset: str, batch_size:
         with inference_autocast(precision, device):
             embedded = model(x) if feats is not None else first_forward(model, x)
         out = l2_normalize(embedded.float()).cpu().numpy()
+        if not np.isfinite(out).all():
+            raise non_finite_features(precision)
         if feats is None:  # filled in place: no list of batches concatenated at the end (2x memory)
             feats = np.empty((len(images), out.shape[1]), dtype=dtype)
         store_rows(feats[start:start + len(out)], out)
@@ -83,6 +99,13 @@ def extract(model: nn.Module, images: datasets.Images, dataset: str, batch_size:
             skipped[i] = why
     feats = feats if feats is not None else np.zeros((0, 0), dtype)
     return feats, skipped
+
+
+def non_finite_features(precision: str) -> UsageError:
+    """The error of a backbone whose output holds NaN or infinity: its weights do, or float16 overflowed."""
+    overflow = " or its activations overflow float16 (try --precision bf16 or fp32)" if precision == "fp16" else ""
+    return UsageError(f"--weights: the backbone's features are NaN or infinite: its weights hold NaN or "
+                      f"infinity{overflow}; nothing was cached")
 
 
 def first_forward(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -144,9 +167,10 @@ def file_name_part(model_id: str) -> str:
 
 def read_cache(path: str, meta: dict, labeled: bool = True, dtype: str = "float32"
                ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray] | None:
-    """(feats as `dtype`, labels or None when not `labeled`, skipped) when the cache exists, is readable
-    and matches `meta`; else None with a message. Stored in `dtype`, feats are the file's memory map; a
-    float32 cache is rounded for a float16 run; a float16 cache is not used for a float32 run."""
+    """(feats as `dtype`, labels or None when not `labeled`, skipped) when the cache exists, is readable,
+    matches `meta` and is intact (cache_intact); else None with a message. Stored in `dtype`, feats are the
+    file's memory map; a float32 cache is rounded for a float16 run; a float16 cache is not used for a
+    float32 run."""
     if not os.path.isfile(path):
         return None
     try:
@@ -162,21 +186,69 @@ def read_cache(path: str, meta: dict, labeled: bool = True, dtype: str = "float3
                       "recomputing")
                 return None
             source = npz_source(path, data, "feats")
-            labels = data["labels"] if labeled else None
+            labels = data["labels"] if "labels" in data.files else None
             skipped = data["skipped"] if "skipped" in data.files else np.zeros(0, np.int64)
+            digest = str(data["digest"]) if "digest" in data.files else None
         if stored_dtype not in FEATURE_DTYPES or source.dtype != np.dtype(stored_dtype):
             raise ValueError(f"feats are {source.dtype}, the metadata says {stored_dtype}")
         if len(source.shape) != 2 or source.shape[0] != meta["num_images"] or \
-                (labels is not None and len(labels) != meta["num_images"]):
+                (labeled and (labels is None or len(labels) != meta["num_images"])):
             print(f"=> cache {path} is truncated; recomputing")
+            return None
+        stored_feats = as_dtype(source, stored_dtype)  # the file's rows as they are: mapped, not copied
+        if not cache_intact(path, stored_feats, labels, skipped, digest):
             return None
         if stored_dtype != dtype:
             print(f"=> cache {path} holds {stored_dtype} features: rounding them to {dtype} (--feats-dtype)")
-        feats = as_dtype(source, dtype)
+        feats = as_dtype(stored_feats, dtype)
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
         print(f"=> cache {path} is unreadable ({type(err).__name__}); recomputing")
         return None
-    return feats, labels, skipped
+    return feats, labels if labeled else None, skipped
+
+
+def cache_digest(feats: np.ndarray, labels: np.ndarray | None, skipped: np.ndarray) -> str:
+    """'sha256:HEX' of the cache's arrays as stored: the bytes of `feats`, then of `labels` (when there are
+    any) and `skipped`. hashlib reads them in place (a memory map's pages, no copy); SHA-256 is the faster
+    of hashlib's strong digests here (benchmarks/bench_cache_digest.py)."""
+    digest = hashlib.sha256()
+    for array in (feats, labels, skipped):
+        if array is not None:
+            digest.update(np.ascontiguousarray(array).data)
+    return f"sha256:{digest.hexdigest()}"
+
+
+def cache_intact(path: str, feats: np.ndarray, labels: np.ndarray | None, skipped: np.ndarray,
+                 digest: str | None) -> bool:
+    """Whether the cache's arrays are the ones written: their cache_digest() is `digest`. A cache written
+    before digests were stored (`digest` None) is checked as np.load checked it before its features were
+    memory-mapped, against the zip CRC-32 of `feats` (a BadZipFile when it differs), and for NaN, which
+    no cache may hold. Says why when it is not intact."""
+    if digest is None:
+        print(f"=> cache {path} has no digest (written by an older version): checking its zip CRC-32 instead")
+        check_zip_crc(path, "feats")
+        if not all_finite(feats):
+            print(f"=> cache {path} holds NaN or infinite features; recomputing")
+            return False
+        return True
+    if cache_digest(feats, labels, skipped) != digest:
+        print(f"=> cache {path} is damaged (its bytes do not match their digest); recomputing")
+        return False
+    return True
+
+
+def check_zip_crc(path: str, name: str) -> None:
+    """Read member `name` of the .npz `path` through zipfile, which checks its CRC-32 at the end: a
+    BadZipFile when the bytes differ from those written."""
+    with zipfile.ZipFile(path) as archive, archive.open(f"{name}.npy") as member:
+        while member.read(BLOCK_BYTES):
+            pass
+
+
+def all_finite(feats: np.ndarray) -> bool:
+    """Whether every value of `feats` is finite, checked BLOCK_BYTES of rows at a time (no N x D mask)."""
+    rows = max(1, BLOCK_BYTES // max(1, feats.itemsize * feats.shape[1]))
+    return all(np.isfinite(feats[start:start + rows]).all() for start in range(0, len(feats), rows))
 
 
 @functools.lru_cache(maxsize=1)
@@ -292,12 +364,13 @@ def report_skip_count(skipped: np.ndarray, split: str) -> None:
 
 
 def write_cache(path: str, feats: np.ndarray, labels: np.ndarray | None, skipped: np.ndarray, meta: dict) -> None:
-    """Uncompressed (its feats are memory-mapped when read), `meta` with the dtype of `feats` added.
-    Written by rank 0 alone under torchrun."""
+    """Uncompressed (its feats are memory-mapped when read), `meta` with the dtype of `feats` added, and the
+    arrays' cache_digest(), which every read checks. Written by rank 0 alone under torchrun."""
     if not distributed.is_main():
         return
     meta = {**meta, "dtype": feats.dtype.name}
-    arrays = {"feats": feats, "skipped": skipped, "meta": np.array(json.dumps(meta))}
+    arrays = {"feats": feats, "skipped": skipped, "meta": np.array(json.dumps(meta)),
+              "digest": np.array(cache_digest(feats, labels, skipped))}
     if labels is not None:
         arrays["labels"] = labels
     atomic_write(path, lambda f: np.savez(f, allow_pickle=False, **arrays))
