@@ -1,6 +1,7 @@
-"""Bad input, table-driven: every numeric flag of every script, and files that are damaged or that describe
-something else than the run they are given to. Every case ends with exit status 2, one stderr line naming the
-flag or the file, no traceback, and no file written or changed."""
+"""Bad input, table-driven: every numeric flag of every script is a checked number (tests/test_cli.py tests
+the type's refusals), and files that are damaged or that describe something else than the run they are given
+to. Every case ends with exit status 2, one stderr line naming the flag or the file, no traceback, and no file
+written or changed."""
 from __future__ import annotations
 
 import argparse
@@ -61,16 +62,19 @@ def out_of_range(kind: cli.Number, text: str) -> bool:
             or value > kind.high or (kind.integer and value != int(value)))
 
 
+def action_of(program: str, flag: str) -> argparse.Action:
+    return next(a for a in numeric_actions(parser_of(program)) if flag_name(a) == flag)
+
+
 NUMERIC = [(program, flag_name(action)) for program in PROGRAMS for action in numeric_actions(parser_of(program))]
 CHECKED = [(program, flag_name(action)) for program in PROGRAMS for action in numeric_actions(parser_of(program))
            if isinstance(action.type, cli.Number)]
-BAD_NUMBERS = [(program, flag_name(action), text) for program in PROGRAMS
-               for action in numeric_actions(parser_of(program)) if isinstance(action.type, cli.Number)
-               for text in CANDIDATES if out_of_range(action.type, text)]
-
-
-def action_of(program: str, flag: str) -> argparse.Action:
-    return next(a for a in numeric_actions(parser_of(program)) if flag_name(a) == flag)
+KINDS = {action.type for program in PROGRAMS for action in numeric_actions(parser_of(program))
+         if isinstance(action.type, cli.Number)}
+# One out-of-range number per program, through its main: the first checked flag, its first bad candidate.
+BAD_NUMBERS = [next((program, flag, text) for p, flag in CHECKED if p == program
+                    for text in CANDIDATES if out_of_range(action_of(program, flag).type, text))
+               for program in sorted({program for program, _ in CHECKED})]
 
 
 def files_under(root: Path) -> dict[str, tuple[int, int]]:
@@ -99,6 +103,17 @@ def test_every_numeric_flag_has_a_checked_type(program, flag):
     assert kind.high < float(HUGE)
 
 
+def test_every_checked_number_refuses_exactly_what_lies_outside_its_bounds():
+    """Each kind of number the programs declare, given every candidate: refused where out of range."""
+    for kind in KINDS:
+        for text in CANDIDATES:
+            if out_of_range(kind, text):
+                with pytest.raises(argparse.ArgumentTypeError, match="^must be "):
+                    kind(text)
+            else:
+                assert kind(text) == float(text)
+
+
 @pytest.mark.parametrize("program, flag, text", BAD_NUMBERS, ids=[f"{p}:{f}={t}" for p, f, t in BAD_NUMBERS])
 def test_out_of_range_number_is_one_line_and_writes_nothing(program, flag, text, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -125,11 +140,11 @@ def test_seed_bound_keeps_faiss_seed_a_c_int():
     assert cli.SEED_MAX + faiss_ops.FAISS_SEED_OFFSET == 2**31 - 1
 
 
-def test_the_table_covers_every_script_and_enough_cases():
+def test_the_table_covers_every_script():
     programs = {program for program, _, _ in BAD_NUMBERS}
     assert {"sampler.py", "active_sampler.py", "eval_knn.py", "eval_lincls.py", "finetune.py", "trainer_DP.py",
             "tools/export.py"} <= programs
-    assert len(BAD_NUMBERS) >= 60
+    assert len(CHECKED) >= 60 and len(KINDS) >= 10
 
 
 # ---------------------------------------------------------------- files: damaged, or of something else
