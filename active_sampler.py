@@ -24,8 +24,16 @@ import torch
 
 import strategies
 from lowbudget import cli, datasets, distributed, engine
-from lowbudget.feature_files import check_same_width, require_labels
-from lowbudget.features import labelled_split, loaded_backbone, provenance, train_features, val_features
+from lowbudget.feature_files import DatasetIndices, Rows, Selectable, check_same_width, require_labels
+from lowbudget.features import (
+    labelled_split,
+    loaded_backbone,
+    provenance,
+    report_skip_count,
+    report_skips,
+    train_features,
+    val_features,
+)
 from lowbudget.indices import index_path, read_indices, require_files, write_indices, write_indices_and_result
 from lowbudget.metrics import coverage
 from lowbudget.results import append_result
@@ -57,14 +65,16 @@ def build_parser() -> argparse.ArgumentParser:
 class RoundData:
     """What the rounds work on: labels, the evaluation set, and either cached features or images with
     the backbone; with `strategy_features`, the L2-normalised features of every training image that the
-    strategy reads (the cached ones, or the backbone's embedding of the images, computed once)."""
+    strategy reads (the cached ones, or the backbone's embedding of the images, computed once). Arrays
+    are by dataset index; `selectable` says which images a strategy may pick (all but the unreadable
+    ones) and maps its rows to them."""
 
     def __init__(self, args: argparse.Namespace, device: torch.device, strategy_features: bool):
         self.args, self.device = args, device
         if args.cached:
             train = train_features(args, device)
             self.feats, self.labels, self.dim = train.feats, require_labels(train, "--feats"), train.feats.shape[1]
-            self.fingerprint = train.fingerprint
+            self.fingerprint, self.selectable = train.fingerprint, train.selectable_images()
             self.strategy_feats = self.feats
             val = val_features(args, device)
             check_same_width(train, val)
@@ -75,10 +85,14 @@ class RoundData:
             model, self.dim, self.preprocess = loaded_backbone(args)
             self.backbone = on_device(model, device)
             self.fingerprint = f"{args.arch}-{args.backbone}-images"
-            self.strategy_feats = (train_features(args, device).feats if strategy_features else
-                                   np.zeros((len(self.labels), 0), np.float32))
+            if strategy_features:
+                train = train_features(args, device)
+                self.strategy_feats, self.selectable = train.feats, train.selectable_images()
+            else:
+                self.strategy_feats = np.zeros((len(self.labels), 0), np.float32)
+                self.selectable = decodable_images(args, self.images)
 
-    def batches(self, pool: np.ndarray) -> engine.EpochBatches:
+    def batches(self, pool: DatasetIndices) -> engine.EpochBatches:
         """Per-epoch training batches of the pool."""
         a = self.args
         if a.cached:
@@ -86,11 +100,11 @@ class RoundData:
         return engine.image_loader(self.images, pool, a.dataset, a.image_size, a.batch_size, a.workers,
                                    self.preprocess)
 
-    def logits(self, head: torch.nn.Module, rows: np.ndarray) -> Iterable[torch.Tensor]:
-        """Streamed logits of training rows `rows`."""
+    def logits(self, head: torch.nn.Module, images: DatasetIndices) -> Iterable[torch.Tensor]:
+        """Streamed logits of the training `images`."""
         if self.args.cached:
-            return engine.feature_logits(head, self.feats[rows], self.device)
-        return self.image_logits(head, self.images.subset(rows))
+            return engine.feature_logits(head, self.feats[images], self.device)
+        return self.image_logits(head, self.images.subset(images))
 
     def val_logits(self, head: torch.nn.Module) -> Iterable[torch.Tensor]:
         """Streamed logits of this torchrun process's block of the evaluation set (all of it without torchrun)."""
@@ -109,26 +123,40 @@ class RoundData:
         return engine.accuracy(self.val_logits(head), self.val_labels)
 
 
-def check_room(pool_size: int, to_add: int, num_images: int) -> None:
-    if pool_size + to_add > num_images:
-        raise cli.UsageError(f"--splits: {to_add} images to add but only {num_images - pool_size} are unlabelled")
+def decodable_images(args: argparse.Namespace, images: datasets.Images) -> Selectable:
+    """The training images whose files decode, each decoded once now: the rounds read every unlabelled
+    image, and no feature extraction has found the unreadable ones."""
+    if isinstance(images, datasets.FileImages):
+        print(f"=> checking that the {len(images)} training image files decode")
+    unreadable = datasets.unreadable_files(images, np.arange(len(images)), args.workers)
+    report_skips(images, unreadable, args.strict)
+    report_skip_count(np.array(sorted(unreadable), np.int64), "train")
+    return Selectable.all_but(len(images), unreadable)
 
 
-def initial_pool(args: argparse.Namespace, num_images: int, to_add: int) -> np.ndarray:
-    """--resume-indices, or a seeded random pool of --init-random images (written as random_*.npy once
-    the rounds are known to fit)."""
+def check_room(pool_size: int, to_add: int, selectable: int) -> None:
+    """The rounds must fit in the `selectable` (readable) images."""
+    if pool_size + to_add > selectable:
+        raise cli.UsageError(f"--splits: {to_add} images to add but only {selectable - pool_size} are unlabelled")
+
+
+def initial_pool(args: argparse.Namespace, images: Selectable, to_add: int) -> DatasetIndices:
+    """--resume-indices, or a seeded random pool of --init-random readable images (written as random_*.npy
+    once the rounds are known to fit)."""
     if args.resume_indices:
-        pool = read_indices(args.resume_indices, num_images, dataset=args.dataset)
+        pool = images.check(DatasetIndices(read_indices(args.resume_indices, images.num_images,
+                                                        dataset=args.dataset)), "--resume-indices")
         print(f"=> Loading current indices: {args.resume_indices}")
-        check_room(len(pool), to_add, num_images)
+        check_room(len(pool), to_add, images.num_rows)
         return pool
     if args.init_random <= 0:
         raise cli.UsageError("--resume-indices: active learning needs an initial pool; give --resume-indices FILE "
                              "or --init-random N")
-    if args.init_random > num_images:
-        raise cli.UsageError(f"--init-random: {args.init_random} is more than the {num_images} images")
-    pool = strategies.random_pools(num_images, [args.init_random], args.seed)[args.init_random]
-    check_room(len(pool), to_add, num_images)
+    if args.init_random > images.num_rows:
+        raise cli.UsageError(f"--init-random: {args.init_random} is more than the {images.num_rows} images")
+    pool = images.dataset_indices(Rows(strategies.random_pools(images.num_rows, [args.init_random],
+                                                               args.seed)[args.init_random]))
+    check_room(len(pool), to_add, images.num_rows)
     path = index_path(args.indices, "random", args.dataset, len(pool))
     write_indices(path, pool, {"strategy": "random", "dataset": args.dataset, "params": {"budget": len(pool)},
                                "seed": args.seed, "initial_pool": None, **provenance(args)})
@@ -136,8 +164,8 @@ def initial_pool(args: argparse.Namespace, num_images: int, to_add: int) -> np.n
     return pool
 
 
-def train_head(pool_data: RoundData, pool: np.ndarray, num_classes: int, schedule: engine.Schedule, purpose: str = ""
-               ) -> tuple[torch.nn.Module, dict[str, float]]:
+def train_head(pool_data: RoundData, pool: DatasetIndices, num_classes: int, schedule: engine.Schedule,
+               purpose: str = "") -> tuple[torch.nn.Module, dict[str, float]]:
     """A fresh head (Linear, no normalisation, as the original) trained on `pool`: (head, last accuracy).
     `purpose` names a head trained for a strategy's own use (its checkpoint apart from the round's)."""
     args = pool_data.args
@@ -154,7 +182,7 @@ def train_head(pool_data: RoundData, pool: np.ndarray, num_classes: int, schedul
 
 class ScoredHead(torch.nn.Module):
     """`head` followed by a strategy's score, for the program's logit streams: they feed it the inputs of
-    `rows` in order, batch by batch, so it knows which rows each batch holds."""
+    the strategy's `rows` in order, batch by batch, so it knows which rows each batch holds."""
 
     def __init__(self, head: torch.nn.Module, score: HeadScore, rows: np.ndarray):
         super().__init__()
@@ -168,27 +196,36 @@ class ScoredHead(torch.nn.Module):
 
 def model_scores(pool_data: RoundData, head: torch.nn.Module, *, num_classes: int, schedule: engine.Schedule
                  ) -> ModelScores:
-    """The table's model hook for `head`: rows scored batch by batch (each torchrun process scoring a block of
-    them; fewer rows than processes are scored whole by each), gathered in row order; `trained_on` trains a
-    fresh head on those rows first, as train_head does."""
+    """The table's model hook for `head`: the strategy's rows (of pool_data.selectable) scored batch by
+    batch (each torchrun process scoring a block of them; fewer rows than processes are scored whole by
+    each), gathered in row order; `trained_on` trains a fresh head on those rows first, as train_head does."""
+    images = pool_data.selectable
+
+    def scored(model: torch.nn.Module, score: HeadScore, rows: Rows) -> torch.Tensor:
+        return torch.cat(list(pool_data.logits(ScoredHead(model, score, rows), images.dataset_indices(rows))))
+
     def scores(rows: np.ndarray, score: HeadScore, *, trained_on: np.ndarray | None = None) -> np.ndarray:
-        model = head if trained_on is None else train_head(pool_data, trained_on, num_classes, schedule, "_probe")[0]
+        model = head if trained_on is None else train_head(pool_data, images.dataset_indices(Rows(trained_on)),
+                                                           num_classes, schedule, "_probe")[0]
         if distributed.active() and len(rows) < torch.distributed.get_world_size():
-            return torch.cat(list(pool_data.logits(ScoredHead(model, score, rows), rows))).numpy()
-        block = rows[distributed.shard(len(rows))]
-        local = torch.cat(list(pool_data.logits(ScoredHead(model, score, block), block)))
+            return scored(model, score, Rows(rows)).numpy()
+        local = scored(model, score, Rows(rows[distributed.shard(len(rows))]))
         return distributed.gather_rows(local, len(rows)).numpy()
     return scores
 
 
-def select(strategy: Strategy, pool_data: RoundData, hook: ModelScores, pool: np.ndarray, budget: int) -> Selection:
-    """The `budget` unlabelled images that the strategy picks with the model `hook` (a head trained on `pool`)."""
-    args = pool_data.args
-    pixels = pool_data.images if strategy.learns_from_images and not args.cached else None
-    inputs = Inputs(pool_data.strategy_feats, pool_data.labels, seed=args.seed, device=pool_data.device,
-                    gpu=faiss_uses_gpu(pool_data.device), verbose=sys.stdout.isatty(), model_scores=hook,
-                    pixels=pixels, dataset=args.dataset, workers=args.workers, checkpoints=args.save)
-    return strategy.build(inputs, vars(args))(pool, budget)
+def select(strategy: Strategy, pool_data: RoundData, hook: ModelScores, pool: DatasetIndices, budget: int
+           ) -> tuple[DatasetIndices, Selection]:
+    """(the `budget` unlabelled images that the strategy picks with the model `hook`, a head trained on
+    `pool`; the strategy's selection, in its rows): the strategy sees the selectable images alone."""
+    args, images = pool_data.args, pool_data.selectable
+    pixels = pool_data.images.subset(images.indices) if strategy.learns_from_images and not args.cached else None
+    inputs = Inputs(images.of_rows(pool_data.strategy_feats), images.of_rows(pool_data.labels), seed=args.seed,
+                    device=pool_data.device, gpu=faiss_uses_gpu(pool_data.device), verbose=sys.stdout.isatty(),
+                    model_scores=hook, pixels=pixels, dataset=args.dataset, workers=args.workers,
+                    checkpoints=args.save)
+    selection = strategy.build(inputs, vars(args))(images.rows(pool, "--resume-indices"), budget)
+    return images.dataset_indices(Rows(selection.indices)), selection
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -204,7 +241,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     pool_data = RoundData(args, device, strategy.needs_features and not strategy.learns_from_images)
     if args.cached and not distributed.main_continues_alone():
         return
-    pool = initial_pool(args, len(pool_data.labels), sum(splits))
+    pool = initial_pool(args, pool_data.selectable, sum(splits))
     print(f"current indices size: {len(pool)}. {coverage(pool_data.labels, pool)}% of all categories is seen")
     num_classes = int(max(pool_data.labels.max(), pool_data.val_labels.max())) + 1
     schedule = engine.Schedule(args.epochs, args.lr, milestones, max(args.print_freq, 1))
@@ -219,8 +256,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         record(split=len(pool), metric="active_top1", value=result["top1"])
         print(f"Query sampling with {args.name} started ...")
         hook = model_scores(pool_data, head, num_classes=num_classes, schedule=schedule)
-        selection = select(strategy, pool_data, hook, pool, increment)
-        previous, pool = pool, np.concatenate([pool, selection.indices])
+        picked, selection = select(strategy, pool_data, hook, pool, increment)
+        previous, pool = pool, DatasetIndices(np.concatenate([pool, picked]))
         seen = coverage(pool_data.labels, pool)
         print(f"{len(pool)} indices are sampled in total, {len(np.unique(pool))} of them are unique")
         print(f"{seen}% of all categories is seen")

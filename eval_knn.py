@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from lowbudget import cli, distributed, faiss_ops
-from lowbudget.feature_files import check_same_width, require_labels
+from lowbudget.feature_files import check_same_width, readable_pools, require_labels
 from lowbudget.features import provenance, train_features, val_features
 from lowbudget.indices import read_split_pools, split_files
 from lowbudget.metrics import class_mean_accuracy, coverage, majority_vote, top1
@@ -49,7 +49,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if not distributed.main_continues_alone():
         return
     check_same_width(train, val)
-    pools = read_split_pools(paths, len(train.feats), args.dataset)
+    pools = readable_pools(train, read_split_pools(paths, len(train.feats), args.dataset), paths)
     gpu = faiss_uses_gpu(device)
     for split, pool in pools.items():
         print(f"current_indices loaded from {paths[split]} with {len(pool)} indices.")

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 import torch
 
 from lowbudget import cli, datasets, distributed, engine
-from lowbudget.feature_files import check_same_width, require_labels
+from lowbudget.feature_files import check_same_width, decodable_pools, readable_pools, require_labels
 from lowbudget.features import (
     embedding_provenance,
     labelled_split,
@@ -78,11 +78,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         feats, labels, source = train.feats, require_labels(train, "--feats"), train.fingerprint
         if not distributed.main_continues_alone():
             return
+        pools = readable_pools(train, read_split_pools(paths, len(labels), args.dataset), paths)
     else:
         images, labels = labelled_split(args, "train")
         model, _, preprocess = loaded_backbone(args)
         backbone, source = on_device(model, device), embedded_images(args, images)
-    pools = read_split_pools(paths, len(labels), args.dataset)
+        pools = decodable_pools(images, read_split_pools(paths, len(labels), args.dataset), paths, args.workers)
     num_classes = int(max(labels.max(), val_labels.max())) + 1
     schedule = engine.Schedule(args.epochs, args.lr, milestones, args.print_freq)
     for split, pool in pools.items():

@@ -20,12 +20,21 @@ import torch
 
 from lowbudget import cli, datasets, distributed
 from lowbudget.cli import UsageError
-from lowbudget.feature_files import rows_of
-from lowbudget.features import provenance, train_features, train_labels
+from lowbudget.feature_files import DatasetIndices, Rows, Selectable
+from lowbudget.features import provenance, report_skips, train_features, train_labels
 from lowbudget.indices import index_path, read_indices, require_files, write_indices_and_result
 from lowbudget.metrics import coverage
 from lowbudget.runtime import faiss_uses_gpu, resolve_device, seed_everything
-from lowbudget.strategy_table import STRATEGIES, Inputs, Step, Strategy, add_options, lookup, names
+from lowbudget.strategy_table import (
+    STRATEGIES,
+    Inputs,
+    Strategy,
+    add_options,
+    check_budgets,
+    lookup,
+    names,
+    select_pools,
+)
 
 SAMPLER_ROWS = [STRATEGIES[name] for name in names(model=False)]
 
@@ -42,72 +51,83 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def check_budgets(strategy: Strategy, splits: Sequence[int], pool_size: int, initial: int) -> None:
-    """Every budget must be reachable: absolute budgets from the pool, increments from what is left."""
-    if strategy.incremental:
-        needed, available = sum(splits), pool_size - initial
-    else:
-        needed, available = max(splits), pool_size
-    if needed > available:
-        raise UsageError(f"--splits: {strategy.name} needs {needed} images but only {available} can be selected")
-
-
-def select_pools(strategy: Strategy, step: Step, splits: Sequence[int], initial: np.ndarray
-                 ) -> Iterator[tuple[np.ndarray, dict]]:
-    """Yield (pool rows, sidecar parameters) for every split, in order: absolute budgets make a pool each,
-    increments add to the pool so far."""
-    pool = initial
-    for split in splits:
-        selection = step(pool, split)
-        pool = np.concatenate([pool, selection.indices]) if strategy.incremental else selection.indices
-        size_key = "increment" if strategy.incremental else "budget"
-        yield pool, {size_key: split, "filled": selection.filled, **selection.params}
-
-
 class Pool(NamedTuple):
-    """The training set as the strategy sees it."""
+    """The training set as the strategy sees it: every array by dataset index, cut to the selectable rows
+    only where a strategy reads it."""
 
-    feats: np.ndarray  # features of the selectable rows (N x 0 for the strategies that need none)
-    labels: np.ndarray | None  # labels of the selectable rows, None for unlabelled images
-    num_images: int  # the dataset's size, selectable or not
+    feats: np.ndarray  # features of every training image (N x 0 for the strategies that need none)
+    labels: np.ndarray | None  # label of every training image, None for unlabelled images
     fingerprint: str  # of the features, for the sidecar
-    keep: np.ndarray  # dataset indices of the selectable rows: every image but those that could not be decoded
+    selectable: Selectable  # the images a strategy may pick: every image but those that could not be decoded
 
 
 def load_pool(args: argparse.Namespace, strategy: Strategy, device: torch.device) -> Pool:
     """Features (when the strategy needs them) and labels of the training set."""
     if strategy.needs_features:
         features = train_features(args, device)
-        keep, feats = features.selectable()
-        labels = None if features.labels is None else features.labels[keep]
-        return Pool(feats, labels, len(features.feats), features.fingerprint, keep)
+        return Pool(features.feats, features.labels, features.fingerprint, features.selectable_images())
     num_images, labels = train_labels(args)
-    return Pool(np.zeros((num_images, 0), np.float32), labels, num_images, "labels-only", np.arange(num_images))
+    return Pool(np.zeros((num_images, 0), np.float32), labels, "labels-only", Selectable.all_but(num_images, ()))
 
 
-def image_listing(args: argparse.Namespace) -> dict | None:
-    """datasets.listing_record of the training images (None for --feats and the array datasets), for the
-    sidecars: tools/export.py maps indices to files only in a listing that has not changed."""
+def training_files(args: argparse.Namespace) -> datasets.FileImages | None:
+    """The training image files (None for --feats and the array datasets)."""
     if args.feats or args.dataset in datasets.ARRAY_DATASETS:
         return None
     images = datasets.load_images(args.dataset, args.data, "train", args.lt_list, unlabeled=args.unlabeled)
-    return datasets.listing_record(images, args.data)
+    return images if isinstance(images, datasets.FileImages) else None
 
 
 def load_initial(args: argparse.Namespace, strategy: Strategy, num_images: int, labels: np.ndarray | None
-                 ) -> np.ndarray:
+                 ) -> DatasetIndices:
     """The --resume-indices pool (validated), or an empty pool."""
     if not args.resume_indices:
         if strategy.incremental:
             print(f"=> no --resume-indices: {args.name} starts from an empty pool")
-        return np.zeros(0, dtype=np.int64)
-    initial = read_indices(args.resume_indices, num_images, dataset=args.dataset)
+        return DatasetIndices(np.zeros(0, dtype=np.int64))
+    initial = DatasetIndices(read_indices(args.resume_indices, num_images, dataset=args.dataset))
     print(f"=> Loading current indices: {args.resume_indices}")
     seen = coverage(labels, initial)
     print(f"current indices size: {len(initial)}." + ("" if seen is None else f" {seen}% of all categories is seen"))
     if not strategy.incremental:
         print(f"=> {args.name} budgets are absolute: the initial pool is not used")
     return initial
+
+
+def dataset_pools(args: argparse.Namespace, strategy: Strategy, splits: Sequence[int], pool: Pool,
+                  initial: DatasetIndices, device: torch.device) -> Iterator[tuple[DatasetIndices, dict]]:
+    """select_pools() over the selectable rows, each pool given as dataset indices."""
+    images = pool.selectable
+    check_budgets(strategy, splits, images.num_rows, len(initial))
+    inputs = Inputs(images.of_rows(pool.feats), None if pool.labels is None else images.of_rows(pool.labels),
+                    seed=args.seed, device=device, gpu=faiss_uses_gpu(device), verbose=sys.stdout.isatty())
+    step = strategy.build(inputs, vars(args))
+    for rows, params in select_pools(strategy, step, splits, images.rows(initial, "--resume-indices")):
+        yield images.dataset_indices(Rows(rows)), params
+
+
+def readable_pools(args: argparse.Namespace, strategy: Strategy, splits: Sequence[int], pool: Pool,
+                   initial: DatasetIndices, *, files: datasets.FileImages | None, device: torch.device
+                   ) -> Iterator[tuple[DatasetIndices, dict]]:
+    """dataset_pools(), none holding an unreadable image. A strategy that reads features picks among the
+    images they were extracted from; one that reads no image (uniform, random) has its picks decoded: an
+    unreadable one is reported and excluded, and the selection made again, until every pick decodes (they
+    are absolute strategies: the initial pool is not theirs to check)."""
+    if strategy.needs_features or files is None:
+        yield from dataset_pools(args, strategy, splits, pool, initial, device)
+        return
+    readable = np.zeros(0, np.int64)
+    while True:
+        pools = list(dataset_pools(args, strategy, splits, pool, initial, device))
+        picks = np.setdiff1d(np.concatenate([selected for selected, _ in pools]), readable)
+        unreadable = datasets.unreadable_files(files, picks, args.workers)
+        if not unreadable:
+            yield from pools
+            return
+        report_skips(files, unreadable, args.strict)
+        print(f"=> {len(unreadable)} unreadable image file(s) among the picks: selecting again without them")
+        readable = np.union1d(readable, np.setdiff1d(picks, list(unreadable)))
+        pool = pool._replace(selectable=pool.selectable.without(unreadable))
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -128,18 +148,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     if strategy.needs_labels and pool.labels is None:
         source = "the --feats file" if args.feats else f"the unlabelled folder {args.data!r}"
         raise UsageError(f"--name {args.name} needs labels, and {source} has none")
-    initial = load_initial(args, strategy, pool.num_images, pool.labels)
-    check_budgets(strategy, splits, len(pool.keep), len(initial))
-    print(f"Current unlabeled indices is {len(pool.keep) - len(initial)}.")
+    initial = load_initial(args, strategy, pool.selectable.num_images, pool.labels)
+    print(f"Current unlabeled indices is {pool.selectable.num_rows - len(initial)}.")
     print(f"Query sampling with {args.name} started ...")
-    inputs = Inputs(pool.feats, None if pool.labels is None else pool.labels[pool.keep], seed=args.seed,
-                    device=device, gpu=faiss_uses_gpu(device), verbose=sys.stdout.isatty())
-    step = strategy.build(inputs, vars(args))
     results_file = cli.results_path(args)
     made_by = provenance(args, embedded=strategy.needs_features)
-    listing = image_listing(args)
-    for rows, params in select_pools(strategy, step, splits, rows_of(pool.keep, initial, "--resume-indices")):
-        selected = pool.keep[rows]
+    files = training_files(args)
+    listing = None if files is None else datasets.listing_record(files, args.data)
+    for selected, params in readable_pools(args, strategy, splits, pool, initial, files=files, device=device):
         path = index_path(args.indices, args.name, args.dataset, len(selected))
         print(f"{len(selected)} indices are sampled in total, {len(np.unique(selected))} of them are unique")
         seen = coverage(pool.labels, selected)

@@ -520,8 +520,53 @@ class _TolerantFiles(Dataset):
         try:
             return self.transform(open_rgb(self.paths[i])), ""
         except Exception as err:
-            return torch.zeros(3, self.size, self.size, dtype=torch.uint8), \
-                f"{type(err).__name__}: {err}".splitlines()[0]
+            return torch.zeros(3, self.size, self.size, dtype=torch.uint8), failure(err)
+
+
+def failure(err: Exception) -> str:
+    """Why a file could not be decoded, in one line."""
+    return f"{type(err).__name__}: {err}".splitlines()[0]
+
+
+class _DecodeCheck(Dataset):
+    """Image files decoded and dropped: '' for each that decodes, else why not."""
+
+    def __init__(self, paths: list[str]):
+        self.paths = paths
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> str:
+        try:
+            open_rgb(self.paths[i])
+        except Exception as err:
+            return failure(err)
+        return ""
+
+
+def unreadable_files(images: Images, indices: np.ndarray, workers: int = 0) -> dict[int, str]:
+    """{dataset index: why} of the image files at `indices` that cannot be decoded, each decoded once in
+    `workers` DataLoader processes: the check for images that no backbone reads (images held in arrays
+    are never unreadable)."""
+    if isinstance(images, ArrayImages) or not len(indices):
+        return {}
+    loader = DataLoader(_DecodeCheck([images.paths[i] for i in indices]), batch_size=64, collate_fn=list,
+                        num_workers=min(workers, -(-len(indices) // 64)))
+    whys = [why for batch in loader for why in batch]
+    return {int(i): why for i, why in zip(indices, whys, strict=True) if why}
+
+
+def require_readable(images: Images, indices: np.ndarray, flag: str, workers: int = 0) -> None:
+    """Training reads the images at `indices`: a UsageError naming `flag` and the first one whose file
+    cannot be decoded."""
+    if isinstance(images, ArrayImages):
+        return
+    unreadable = unreadable_files(images, indices, workers)
+    if unreadable:
+        i, why = min(unreadable.items())
+        raise UsageError(f"{flag}: index {i} is the image file {images.paths[i]!r}, which cannot be read "
+                         f"({why}); select again without it")
 
 
 def unreadable_error(path: str, why: str) -> UsageError:

@@ -15,9 +15,9 @@ import math
 import os
 import struct
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, NewType
 
 import numpy as np
 import torch
@@ -32,32 +32,101 @@ BLOCK_BYTES = 1 << 24  # rows read, checked, normalised or converted at a time (
 UNIT_NORM_TOLERANCE = {"float32": 1e-5, "float16": 1e-3}  # |norm - 1| of a row taken as already normalised
 
 
+DatasetIndices = NewType("DatasetIndices", np.ndarray)
+"""Positions in the training set, every image counted, readable or not: what index files hold."""
+Rows = NewType("Rows", np.ndarray)
+"""Positions among the selectable rows (the training images a strategy may pick): what strategies take and
+return. The two agree only while every image is readable; Selectable maps one to the other."""
+
+
+@dataclass(frozen=True)
+class Selectable:
+    """The training images a strategy may pick (all but the unreadable ones) and the one map between the
+    two index spaces, so that a row is never taken for a dataset index, nor the other way round."""
+    indices: DatasetIndices  # sorted: the dataset index of each row
+    num_images: int  # the training set's size, unreadable images included
+
+    @classmethod
+    def all_but(cls, num_images: int, unreadable: Iterable[int]) -> Selectable:
+        """Every image of a training set of `num_images` but the `unreadable` ones."""
+        return cls(DatasetIndices(np.setdiff1d(np.arange(num_images), np.fromiter(unreadable, np.int64))),
+                   num_images)
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.indices)
+
+    def without(self, unreadable: Iterable[int]) -> Selectable:
+        """These images less the `unreadable` ones (found since)."""
+        return Selectable(DatasetIndices(np.setdiff1d(self.indices, np.fromiter(unreadable, np.int64))),
+                          self.num_images)
+
+    def rows(self, indices: DatasetIndices, flag: str) -> Rows:
+        """The rows of dataset `indices`; a UsageError naming `flag` for an unreadable image among them."""
+        return rows_of(self.indices, indices, flag)
+
+    def dataset_indices(self, rows: Rows) -> DatasetIndices:
+        return DatasetIndices(self.indices[rows])
+
+    def check(self, indices: DatasetIndices, flag: str) -> DatasetIndices:
+        """`indices` themselves; a UsageError naming `flag` for an unreadable image among them."""
+        self.rows(indices, flag)
+        return indices
+
+    def of_rows(self, per_image: np.ndarray) -> np.ndarray:
+        """An array with one entry per training image (features, labels) cut to the rows: itself, not
+        copied, when every image is selectable."""
+        return per_image if self.num_rows == self.num_images else per_image[self.indices]
+
+
 @dataclass
 class Features:
-    """Rows of `feats` are the pool; `labels` is None when the source has none. `skipped` holds the
-    rows of image files that could not be decoded: zero rows that no strategy may select."""
+    """Rows of `feats` are the training set, in dataset order; `labels` is None when the source has none.
+    `skipped` holds the dataset indices of image files that could not be decoded: zero rows that no
+    strategy may select."""
     feats: np.ndarray  # float32 or float16 (--feats-dtype); often a memory map of the file
     labels: np.ndarray | None
     fingerprint: str  # identifies the features (cache metadata hash or --feats file hash)
     skipped: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     data_root: str | None = None  # the dataset folder the backbone read, None for a --feats file
 
-    def selectable(self) -> tuple[np.ndarray, np.ndarray]:
-        """(indices of the rows a strategy may pick, their features): every row, not copied, unless some
-        image files were unreadable."""
-        if not len(self.skipped):
-            return np.arange(len(self.feats)), self.feats
-        keep = np.setdiff1d(np.arange(len(self.feats)), self.skipped)
-        return keep, self.feats[keep]
+    def selectable_images(self) -> Selectable:
+        """The images a strategy may pick: all but the skipped ones."""
+        return Selectable.all_but(len(self.feats), self.skipped.tolist())
+
+    def selectable(self) -> tuple[DatasetIndices, np.ndarray]:
+        """(dataset indices of the rows a strategy may pick, their features): every row, not copied, unless
+        some image files were unreadable."""
+        images = self.selectable_images()
+        return images.indices, images.of_rows(self.feats)
 
 
-def rows_of(keep: np.ndarray, indices: np.ndarray, flag: str) -> np.ndarray:
+def rows_of(keep: DatasetIndices, indices: DatasetIndices, flag: str) -> Rows:
     """Positions of dataset `indices` within the sorted selectable indices `keep`; a UsageError naming
     `flag` for an index that is not selectable (an unreadable image)."""
     missing = ~np.isin(indices, keep)
     if missing.any():
-        raise UsageError(f"{flag}: index {indices[missing][0]} is an image file that could not be read")
-    return np.searchsorted(keep, indices)
+        raise UsageError(f"{flag}: index {indices[missing][0]} is an image file that could not be read; "
+                         "select again without it")
+    return Rows(np.searchsorted(keep, indices))
+
+
+def readable_pools(features: Features, pools: dict[int, np.ndarray], paths: dict[int, str]
+                   ) -> dict[int, DatasetIndices]:
+    """An evaluator's {split: pool} as dataset indices; a UsageError naming --splits and the index file
+    whose pool holds an unreadable image (its feature row is zero: nothing to learn from)."""
+    images = features.selectable_images()
+    return {split: images.check(DatasetIndices(pool), f"--splits: {paths[split]!r}") for split, pool in pools.items()}
+
+
+def decodable_pools(images: datasets.Images, pools: dict[int, np.ndarray], paths: dict[int, str], workers: int
+                    ) -> dict[int, DatasetIndices]:
+    """A trainer's {split: pool} as dataset indices, every image file of every pool decoded first (training
+    reads them, and no feature extraction has found the unreadable ones): a UsageError naming --splits, the
+    index file and the first file that cannot be read."""
+    for split, pool in pools.items():
+        datasets.require_readable(images, pool, f"--splits: {paths[split]!r}", workers)
+    return {split: DatasetIndices(pool) for split, pool in pools.items()}
 
 
 # ---------------------------------------------------------------- stored arrays: memory maps, blocks of rows

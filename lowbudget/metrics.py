@@ -3,9 +3,12 @@ from __future__ import annotations
 
 import numpy as np
 
+from lowbudget.feature_files import DatasetIndices
 
-def coverage(labels: np.ndarray | None, pool: np.ndarray) -> float | None:
-    """Percentage of the dataset's classes with at least one image in `pool` (None without labels)."""
+
+def coverage(labels: np.ndarray | None, pool: DatasetIndices) -> float | None:
+    """Percentage of the dataset's classes with at least one image in `pool`, from the `labels` of every
+    training image (None without labels): both by dataset index, never by selectable row."""
     if labels is None:
         return None
     return 100.0 * len(np.unique(labels[pool])) / len(np.unique(labels))

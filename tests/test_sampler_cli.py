@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import sampler
-from lowbudget import features
+from lowbudget import datasets, features
 from tests.helpers import call_main, compress_checkpoint, resnet_backbone_state
 
 
@@ -127,9 +127,10 @@ def test_kmeans_restarts_and_sample_reach_the_sidecar(tmp_path, capsys, name):
     assert status == 2 and "--kmeans-sample" in err
 
 
-def test_imagenet_lt_uniform_reads_labels_without_decoding(tmp_path, capsys):
-    # the image files are not images at all: uniform must never open them
-    lines = []
+def test_imagenet_lt_uniform_reads_labels_and_decodes_its_picks_alone(tmp_path, capsys, monkeypatch):
+    # uniform selects from the labels, then decodes only the images it picked (an unreadable one is excluded)
+    lines, decoded = [], []
+    monkeypatch.setattr(datasets, "open_rgb", lambda path: decoded.append(path))
     for cls, count in enumerate([1, 2, 30, 30]):
         for i in range(count):
             path = tmp_path / "train" / f"c{cls}" / f"{i}.JPEG"
@@ -139,12 +140,13 @@ def test_imagenet_lt_uniform_reads_labels_without_decoding(tmp_path, capsys):
     (tmp_path / "lt.txt").write_text("\n".join(lines) + "\n")
     status, out, err = call_main(sampler.main, [tmp_path, "--dataset", "imagenet_lt", "--lt-list", tmp_path / "lt.txt",
                                                 "--name", "uniform", "--splits", "20", "--weights", "none.pth",
-                                                "--indices", tmp_path / "idx", "--save", tmp_path / "out"], capsys)
+                                                "--indices", tmp_path / "idx", "--save", tmp_path / "out", "-j", "0"],
+                                 capsys)
     assert status == 0, err
     pool = np.load(tmp_path / "idx" / "uniform_imagenet_lt_20.npy")
     labels = np.repeat(np.arange(4), [1, 2, 30, 30])
     assert len(np.unique(pool)) == 20 and np.bincount(labels[pool]).tolist()[:2] == [1, 2]
-    assert "100.0% of all categories is seen" in out
+    assert "100.0% of all categories is seen" in out and len(decoded) == 20
 
 
 def test_folder_dataset_with_random_backbone(tmp_path, folder_root, capsys):
