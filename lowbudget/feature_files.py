@@ -249,16 +249,21 @@ def _float32_blocks(source: RowSource, desc: str) -> Iterator[tuple[int, np.ndar
         if buffer is None:
             buffer = np.empty(block.shape, np.float32)
         rows = buffer[:len(block)]
-        store_rows(rows, block)
+        with np.errstate(over="ignore"):  # values beyond float32's range become inf, which _row_norms refuses
+            store_rows(rows, block)
         yield start, rows
 
 
 def _row_norms(rows: np.ndarray, flag: str, path: str) -> np.ndarray:
-    """The L2 norms of float32 `rows`; a UsageError naming `flag` and `path` for NaN or infinity."""
+    """The L2 norms of float32 `rows`, in float64 for a block whose squares overflow float32 (such rows
+    would otherwise be divided by infinity into zero rows); a UsageError naming `flag` and `path` for NaN
+    or infinity."""
     norms = np.sqrt(np.einsum("ij,ij->i", rows, rows))
-    if not np.isfinite(norms).all() and not np.isfinite(rows).all():  # finite rows whose squares overflow pass
+    if np.isfinite(norms).all():
+        return norms
+    if not np.isfinite(rows).all():
         raise UsageError(f"{flag}: {path!r} contains NaN or infinite values")
-    return norms
+    return np.linalg.norm(rows.astype(np.float64), axis=1)
 
 
 def _has_unit_rows(source: RowSource, dtype: str, flag: str, path: str) -> bool:
