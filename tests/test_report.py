@@ -279,3 +279,20 @@ def test_paper_tables_sit_under_the_runs_tables_of_the_same_metric(tmp_path, cap
     assert "| *K-means − Random* | +8.80 | +7.70 | +3.40 | +1.80 | +1.00 | +0.00 | +0.00 | +0.10 |" in lines
     status, plain, _ = run_report([write_jsonl(tmp_path / "results.jsonl", demo_records())], capsys)
     assert "CompRess" not in plain and "19.4" not in plain
+
+
+@pytest.mark.parametrize("line, message", [
+    ("[" * 200_000 + "]" * 200_000, "not valid JSON (nested too deeply)"),
+    ('{"metric": "coverage", "split": ' + "9" * 5000 + "}", "not valid JSON (Exceeds the limit ("),
+    (json.dumps(rec("eval_lincls", "kmeans", 10, "lincls_top1", 50.0, 0, mode=1)),
+     "'mode' must be a string or null, got 1"),
+    (json.dumps(rec("eval_knn", "kmeans", 10, "knn_top1", 50.0, 0, k="1")), "'k' must be an integer or null, got '1'"),
+])
+def test_lines_pythons_parser_or_the_tables_cannot_take_are_one_line_naming_file_and_line(
+        tmp_path, capsys, line, message):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(rec("sampler", "kmeans", 10, "coverage", 90.0, 0)) + "\n" + line + "\n")
+    status, out, err = run_report([bad, "--out", tmp_path / "out"], capsys)
+    assert (status, out) == (2, "")
+    assert f"error: {bad}:2: {message}" in error_line(err)
+    assert not (tmp_path / "out").exists()

@@ -25,6 +25,7 @@ import os
 import re
 from collections import Counter, defaultdict
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -41,6 +42,7 @@ TABLE_METRICS = {"coverage": (), "lincls_top1": ("mode", "epochs"), "knn_top1": 
 FIELD_DEFAULTS = {"k": 1}  # eval_knn.py's default: in file names only when another value (others when they vary)
 FIELD_SUFFIX = {"mode": "{}", "epochs": "{}ep", "k": "k{}"}
 REQUIRED_FIELDS = {"dataset": str, "name": str, "metric": str, "split": int, "seed": int}
+OPTIONAL_FIELDS = {"arch": str, "backbone": str, "mode": str, "epochs": int, "k": int}  # each may be null
 
 Group = tuple[str, str | None, str | None]       # dataset, arch, backbone
 TableKey = tuple[str, tuple]                     # metric, ((field, value), ...) of its variant
@@ -98,14 +100,32 @@ def record_problem(record: object) -> str | None:
         return None
     for field, kind in REQUIRED_FIELDS.items():
         if type(record.get(field)) is not kind:
-            return f"{field!r} must be {'an integer' if kind is int else 'a string'}, got {record.get(field)!r}"
+            return f"{field!r} must be {kind_name(kind)}, got {record.get(field)!r}"
     value = record.get("value")
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         return f"'value' must be a finite number, got {value!r}"
     for field in ("arch", "backbone", *TABLE_METRICS[record["metric"]]):
-        if not isinstance(record.get(field), (str, int, float, type(None))):
-            return f"{field!r} must be a string, a number or null, got {record.get(field)!r}"
+        kind = OPTIONAL_FIELDS[field]
+        if record.get(field) is not None and type(record[field]) is not kind:
+            return f"{field!r} must be {kind_name(kind)} or null, got {record[field]!r}"
     return None
+
+
+def kind_name(kind: type) -> str:
+    return "an integer" if kind is int else "a string"
+
+
+def parse_line(line: str, where: str) -> Any:
+    """One line's JSON value; a UsageError naming `where` (file:line) for anything Python's parser refuses:
+    bad syntax, nesting deeper than the interpreter's stack, an integer longer than int() converts."""
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as err:
+        raise UsageError(f"{where}: not valid JSON ({err.msg})") from None
+    except RecursionError:
+        raise UsageError(f"{where}: not valid JSON (nested too deeply)") from None
+    except ValueError as err:  # "Exceeds the limit (4300 digits) for integer string conversion: ..."
+        raise UsageError(f"{where}: not valid JSON ({str(err).split(':')[0]})") from None
 
 
 def read_records(path: str) -> list[dict]:
@@ -119,10 +139,7 @@ def read_records(path: str) -> list[dict]:
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise UsageError(f"{path}:{number}: not valid JSON ({err.msg})") from None
+        record = parse_line(line, f"{path}:{number}")
         problem = record_problem(record)
         if problem:
             raise UsageError(f"{path}:{number}: {problem}")
