@@ -247,3 +247,16 @@ def test_a_full_disk_writes_no_export_file(tmp_path, photos, capsys, monkeypatch
     assert status == 2 and len(err.strip().splitlines()) == 1
     assert "--out: cannot write into" in err and "No space left on device" in err
     assert list((tmp_path / "export").iterdir()) == []
+
+
+@pytest.mark.parametrize("out", ["link-to-data", "link-to-data/export"])
+def test_an_out_that_leads_into_data_through_a_symbolic_link_is_refused(tmp_path, photos, capsys, out):
+    root, names = photos
+    status, _, err = sample(tmp_path, root, "random", "6", capsys)
+    assert status == 0, err
+    (tmp_path / "link-to-data").symlink_to(root, target_is_directory=True)
+    status, out_text, err = export_selection(tmp_path, root, tmp_path / "idx" / "random_folder_6.npy", capsys,
+                                             "--out", tmp_path / out)
+    assert (status, out_text) == (2, "")
+    assert f"error: --out: {str(tmp_path / out)!r} is inside --data" in err
+    assert not list(root.rglob("random_folder_6*"))  # nothing joined the images

@@ -166,7 +166,7 @@ def check_listing(recorded: object, current: dict | None, path: str, root: str) 
 def check_args(args: argparse.Namespace) -> None:
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise UsageError(f"--out: {args.out!r} is a file, not a folder")
-    data, out = os.path.abspath(args.data), os.path.abspath(args.out)
+    data, out = os.path.realpath(args.data), os.path.realpath(args.out)  # symbolic links resolved: one may lead inside
     if os.path.commonpath([data, out]) == data:
         raise UsageError(f"--out: {args.out!r} is inside --data: exported images would join the dataset "
                          "and shift its indices")
