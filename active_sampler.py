@@ -26,11 +26,11 @@ import strategies
 from lowbudget import cli, datasets, distributed, engine
 from lowbudget.feature_files import DatasetIndices, Rows, Selectable, check_same_width, require_labels
 from lowbudget.features import (
+    decodable,
+    evaluation_images,
     labelled_split,
     loaded_backbone,
     provenance,
-    report_skip_count,
-    report_skips,
     train_features,
     val_features,
 )
@@ -81,7 +81,7 @@ class RoundData:
             self.val_feats, self.val_labels = val.feats, require_labels(val, "--val-feats")
         else:
             self.images, self.labels = labelled_split(args, "train")
-            self.val_images, self.val_labels = labelled_split(args, "val")
+            self.val_images, self.val_labels = evaluation_images(args)
             model, self.dim, self.preprocess = loaded_backbone(args)
             self.backbone = on_device(model, device)
             self.fingerprint = f"{args.arch}-{args.backbone}-images"
@@ -90,7 +90,7 @@ class RoundData:
                 self.strategy_feats, self.selectable = train.feats, train.selectable_images()
             else:
                 self.strategy_feats = np.zeros((len(self.labels), 0), np.float32)
-                self.selectable = decodable_images(args, self.images)
+                self.selectable = decodable(args, self.images, "train")
 
     def batches(self, pool: DatasetIndices) -> engine.EpochBatches:
         """Per-epoch training batches of the pool."""
@@ -121,17 +121,6 @@ class RoundData:
     def accuracy(self, head: torch.nn.Module) -> dict[str, float]:
         """The head's accuracy on the evaluation set."""
         return engine.accuracy(self.val_logits(head), self.val_labels)
-
-
-def decodable_images(args: argparse.Namespace, images: datasets.Images) -> Selectable:
-    """The training images whose files decode, each decoded once now: the rounds read every unlabelled
-    image, and no feature extraction has found the unreadable ones."""
-    if isinstance(images, datasets.FileImages):
-        print(f"=> checking that the {len(images)} training image files decode")
-    unreadable = datasets.unreadable_files(images, np.arange(len(images)), args.workers)
-    report_skips(images, unreadable, args.strict)
-    report_skip_count(np.array(sorted(unreadable), np.int64), "train")
-    return Selectable.all_but(len(images), unreadable)
 
 
 def check_room(pool_size: int, to_add: int, selectable: int) -> None:

@@ -49,6 +49,7 @@ from lowbudget.cli import FEATURE_DTYPES, UsageError
 from lowbudget.feature_files import (
     BLOCK_BYTES,
     Features,
+    Selectable,
     as_dtype,
     dtype_fingerprint,
     npz_source,
@@ -344,6 +345,28 @@ def labelled_split(args: argparse.Namespace, split: str) -> tuple[datasets.Image
     if images.labels is None:
         raise datasets.labels_required(args.data)
     return images, images.labels
+
+
+def decodable(args: argparse.Namespace, images: datasets.Images, split: str) -> Selectable:
+    """The `split` images whose files decode, each decoded once now, the others reported (the first an
+    error with --strict): for the programs that read the images themselves and no features, so that no
+    unreadable image is picked or trained on, nor stops a validation after the training."""
+    if isinstance(images, datasets.FileImages):
+        print(f"=> decoding the {len(images)} {split} image files once, to find any that cannot be read")
+    unreadable = datasets.unreadable_files(images, np.arange(len(images)), args.workers)
+    report_skips(images, unreadable, getattr(args, "strict", False))
+    report_skip_count(np.array(sorted(unreadable), np.int64), split)
+    return Selectable.all_but(len(images), unreadable)
+
+
+def evaluation_images(args: argparse.Namespace) -> tuple[datasets.Images, np.ndarray]:
+    """The labelled evaluation images and their labels, those whose files cannot be decoded left out
+    (decodable): for the programs that validate on the images themselves."""
+    images, labels = labelled_split(args, "val")
+    readable = decodable(args, images, "val")
+    if readable.num_rows == len(images):
+        return images, labels
+    return images.subset(readable.indices), readable.of_rows(labels)
 
 
 def report_skips(images: datasets.Images, skipped: dict[int, str], strict: bool) -> None:

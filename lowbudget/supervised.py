@@ -16,7 +16,7 @@ from torch import nn
 
 from lowbudget import cli, datasets, distributed, engine
 from lowbudget.feature_files import decodable_pools
-from lowbudget.features import labelled_split, provenance
+from lowbudget.features import evaluation_images, labelled_split, provenance
 from lowbudget.indices import read_split_pools, split_files
 from lowbudget.metrics import coverage
 from lowbudget.results import append_result
@@ -53,7 +53,7 @@ def train_splits(args: argparse.Namespace, script: str, build: ModelBuilder, val
     seed_everything(args.seed)
     device = distributed.init_from_env(resolve_device(args.device))
     train, train_labels = labelled_split(args, "train")
-    val, val_labels = labelled_split(args, "val")
+    val, val_labels = evaluation_images(args)
     pools = decodable_pools(train, read_split_pools(paths, len(train), args.dataset), paths, args.workers)
     num_classes = int(max(train_labels.max(), val_labels.max())) + 1
     schedule = engine.Schedule(args.epochs, args.lr, milestones, validate_every)

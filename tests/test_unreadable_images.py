@@ -159,7 +159,7 @@ def test_rounds_on_images_decode_them_first_and_select_around_the_unreadable_one
     status, out, err = call_main(active_sampler.main, folder.args(
         tmp_path, "--name", "entropy", "--epochs", "1", "--init-random", "3", "--splits", "4,4"), capsys)
     assert status == 0, err
-    assert "checking that the 12 training image files decode" in out and "1 unreadable image file(s)" in out
+    assert "decoding the 12 train image files once" in out and "1 unreadable image file(s)" in out
     assert sorted(index_file(tmp_path, "entropy", 11).tolist()) == folder.readable
 
 
@@ -191,15 +191,16 @@ def test_feature_evaluators_refuse_a_pool_holding_the_unreadable_image(tmp_path,
     assert "Acc" not in out
 
 
-def trainer_args(tmp_path, folder, *extra):
-    return [folder.root, "--dataset", "folder", "--arch", "resnet18", "--image-size", "32", "-j", "0",
+def trainer_args(tmp_path, root, *extra):
+    """Flags of a program that trains on the images of the dataset at `root`."""
+    return [root, "--dataset", "folder", "--arch", "resnet18", "--image-size", "32", "-j", "0",
             "--save", tmp_path / "out", "--indices", tmp_path / "idx", *extra]
 
 
 @pytest.mark.parametrize("main, args", [
     (eval_lincls.main, lambda tmp_path, folder: folder.args(tmp_path)),
-    (trainer_DP.main, trainer_args),
-    (finetune.main, lambda tmp_path, folder: trainer_args(tmp_path, folder, "--backbone", "random"))],
+    (trainer_DP.main, lambda tmp_path, folder: trainer_args(tmp_path, folder.root)),
+    (finetune.main, lambda tmp_path, folder: trainer_args(tmp_path, folder.root, "--backbone", "random"))],
     ids=["eval_lincls_images", "trainer_DP", "finetune"])
 def test_trainers_refuse_a_pool_holding_the_unreadable_image_by_name(tmp_path, folder, capsys, main, args):
     write_pool(tmp_path, "hand", [folder.readable[0], folder.broken])
@@ -220,3 +221,19 @@ def test_export_names_the_files_of_the_dataset_indices(tmp_path, folder, capsys)
     rows = (tmp_path / "export" / "kmeans_folder_11.csv").read_text().splitlines()[1:]
     pool = index_file(tmp_path, "kmeans", 11)
     assert [row.split(",")[1] for row in rows] == [files[i].relative_to(folder.root).as_posix() for i in pool]
+
+
+@pytest.mark.parametrize("broken", [0, 3, 5], ids=["first", "middle", "last"])
+@pytest.mark.parametrize("main, extra", [
+    (trainer_DP.main, ("--name", "hand", "--splits", "3")),
+    (active_sampler.main, ("--name", "entropy", "--init-random", "3", "--splits", "2", "--backbone", "random"))],
+    ids=["trainer_DP", "active_sampler_images"])
+def test_programs_validating_on_images_leave_an_unreadable_evaluation_image_out(tmp_path, folder_root, capsys,
+                                                                               broken, main, extra):
+    sorted((folder_root / "val").rglob("*.png"))[broken].write_bytes(b"garbage, not a PNG")
+    write_pool(tmp_path, "hand", [0, 6, 10])
+    status, out, err = call_main(main, [*trainer_args(tmp_path, folder_root), "--epochs", "1",
+                                        *extra], capsys)
+    assert status == 0, err
+    assert "decoding the 6 val image files once" in out
+    assert "1 unreadable image file(s) skipped: they are left out of the evaluation" in out
