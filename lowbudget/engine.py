@@ -30,7 +30,7 @@ from lowbudget.cli import UsageError
 from lowbudget.fileio import atomic_write, atomic_write_bytes, text_digest
 from lowbudget.indices import pool_digest
 from lowbudget.metrics import class_mean_accuracy
-from models.checkpoints import strip_module_prefix
+from models.checkpoints import load_weights_only, strip_module_prefix
 
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
 EpochBatches = Callable[[int], Batches]  # an epoch's batches, from that epoch's seed
@@ -282,7 +282,7 @@ def read_checkpoint(path: str) -> dict:
     """A checkpoint that fit() wrote, loaded with weights_only (no code runs); anything else, a file torch
     cannot read or one that holds other objects, is a one-line UsageError naming --resume."""
     try:
-        saved = torch.load(path, map_location="cpu", weights_only=True)
+        saved = load_weights_only(path)
     except Exception as err:
         why = f"{type(err).__name__}: {err}".strip().splitlines()[0].split(". ")[0]
         raise UsageError(f"--resume: {path!r} is not a checkpoint this suite can load ({why})") from None

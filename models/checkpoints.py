@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import warnings
 
 import torch
 import torchvision
@@ -55,6 +56,14 @@ def remove_classifier(model: nn.Module, arch: str) -> tuple[str, int]:
     return head, linear.in_features
 
 
+def load_weights_only(path: str) -> object:
+    """torch.load on CPU with weights_only (no code runs), without the warning torch's unpickler prints before
+    it refuses a pickle of another protocol than its own: the caller's one-line refusal names the file."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
 def read_checkpoint(path: str) -> object:
     """torch.load with weights_only=True on CPU; argparse.Namespace allowed for CompRess 'opt'."""
     if not path:
@@ -63,7 +72,7 @@ def read_checkpoint(path: str) -> object:
         raise UsageError(f"--weights: no checkpoint found at {path!r}")
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location="cpu", weights_only=True)
+            return load_weights_only(path)
     except Exception as err:
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UsageError(f"--weights: cannot read checkpoint {path!r}: {first_line}") from None

