@@ -5,22 +5,25 @@ The cache is one uncompressed `.npz` per (dataset, split, arch, backbone, weight
 float16), `labels` (int64; absent for an unlabelled folder), `skipped` (int64 indices of the image files
 that could not be decoded: their rows are zero), `meta` (JSON; its `dtype` names the type of `feats`,
 and a cache without one, written before float16 existed, holds float32) and `digest` (the SHA-256 of
-the arrays, checked on every load: a cache whose bytes changed is recomputed, never used). A cache
-written before digests were stored is checked as np.load once checked it, against its zip CRC-32,
-and for NaN. It is written atomically, and a cache whose metadata differs from the request is
-recomputed, never used. Features are finite: a backbone whose output holds NaN or infinity stops the
-run at its first batch, before anything is cached. The dtype is the exception
-that is converted, not recomputed: a float32 cache serves a float16 run by rounding its rows, exactly
-what extracting them again would store; a float16 cache is never widened for a float32 run (its
-rounding cannot be undone), it is recomputed. For `--dataset folder` the metadata includes a digest of
-the file listing and labels, so a folder whose files changed is never matched to stale features.
+the arrays). It is written atomically, and a cache whose metadata differs from the request is
+recomputed, never used. The dtype is the exception that is converted, not recomputed: a float32 cache
+serves a float16 run by rounding its rows, exactly what extracting them again would store; a float16
+cache is never widened for a float32 run (its rounding cannot be undone), it is recomputed. For
+`--dataset folder` the metadata includes a digest of the file listing and labels, so a folder whose
+files changed is never matched to stale features.
+
+Every load checks the digest: a cache whose bytes changed is recomputed, never used. A cache written
+before digests were stored is checked as np.load checked it before the features were memory-mapped,
+against its zip CRC-32, and for NaN. Features are finite: a backbone whose output holds NaN or infinity
+stops the run at its first batch, before anything is cached.
 
 Features are memory-mapped, never loaded whole, wherever they are stored raw: the cache's `feats`, a
 `.npy` file and an uncompressed `.npz` member of --feats. A cache in the requested dtype, or a --feats
-file whose rows already have unit norm in it, is used in place (pages are read on demand and shared
-with the operating system's file cache); anything else (another dtype, rows to normalise, a compressed
-member, a .pth file) is read a block of rows at a time into one new array. The maps are copy-on-write:
-the file is opened read-only and never changes, and the arrays behave as loaded ones.
+file whose rows already have unit norm in it, is used in place (its pages are shared with the operating
+system's file cache; the digest check reads a cache's once); anything else (another dtype, rows to
+normalise, a compressed member, a .pth file) is read a block of rows at a time into one new array. The
+maps are copy-on-write: the file is opened read-only and never changes, and the arrays behave as loaded
+ones.
 
 Under torchrun each process extracts a contiguous block of the images; every process receives all the
 rows back in dataset order (the next steps need them, and the gather costs what reading the cache
