@@ -30,6 +30,20 @@ def brute_sq(queries, base):
     return ((queries[:, None].astype(np.float64) - base[None].astype(np.float64)) ** 2).sum(-1)
 
 
+def clear_radius(x, sq, near):
+    """A squared radius near `near` that no squared distance in `sq` (between rows of `x`) lies within float32
+    rounding of, so that float32 searches and this float64 reference put the same pairs inside: the middle
+    of the widest gap among the 200 distinct values around `near`. The rounding: a few float32 steps of the
+    terms |a|^2, |b|^2, 2 a.b, and the sqrt(D) of their sums, on either side."""
+    ordered = np.unique(sq)
+    at = int(np.searchsorted(ordered, near))
+    window = ordered[max(at - 100, 0):at + 100]
+    widest = int(np.argmax(np.diff(window)))
+    rounding = (8 + 2 * np.sqrt(x.shape[1])) * np.finfo(np.float32).eps * (x.astype(np.float64) ** 2).sum(1).max()
+    assert window[widest + 1] - window[widest] > 2 * rounding
+    return float(window[widest] + window[widest + 1]) / 2
+
+
 def cells(x, count, probes):
     return replace(ivf.cell_index(x, cells=count), probes=probes)
 
@@ -67,7 +81,7 @@ def test_searches_probing_every_cell_equal_brute_force():
     dist, found = ivf.search(x, index, rows, 10)
     assert found.dtype == np.int32 and np.array_equal(found, np.argsort(sq, 1)[:, :10])
     assert np.allclose(dist, np.sort(sq, 1)[:, :10], rtol=1e-4, atol=1e-5)
-    radius = float(np.quantile(sq, 0.05))
+    radius = clear_radius(x, sq, np.quantile(sq, 0.05))
     pairs = np.concatenate([np.stack(p, 1) for p in ivf.range_pairs(x, index, rows, radius)])
     expected = np.stack([rows[np.nonzero(sq < radius)[0]], np.nonzero(sq < radius)[1]], 1)
     assert {tuple(p) for p in pairs} == {tuple(p) for p in expected}
@@ -193,8 +207,9 @@ def test_probcover_graph_probing_every_cell_equals_the_exact_graph():
     exact_graph, exact_delta = C.probcover_graph(x, None, pseudo_classes=5, neighbours=8)
     assert C.probcover_graph(x, None, pseudo_classes=5, neighbours=8, approximate=index)[1] == pytest.approx(
         exact_delta, rel=1e-5)
-    exact_graph, _ = C.probcover_graph(x, 0.3, neighbours=8)  # balls past 8 neighbours: range searches
-    graph, _ = C.probcover_graph(x, 0.3, neighbours=8, approximate=index)
+    delta = np.sqrt(clear_radius(x, brute_sq(x, x), 0.3 ** 2))
+    exact_graph, _ = C.probcover_graph(x, delta, neighbours=8)  # balls past 8 neighbours: range searches
+    graph, _ = C.probcover_graph(x, delta, neighbours=8, approximate=index)
     assert np.diff(exact_graph.indptr).max() > 8
     assert np.array_equal(graph.indptr, exact_graph.indptr) and np.array_equal(graph.indices, exact_graph.indices)
 

@@ -44,7 +44,8 @@ def test_array_batches_equal_torchvision_pil_transform(cifar10_root):
     reference = T.Compose([T.ToTensor(), T.Normalize(info.mean, info.std)])
     for i in range(8):
         pil = Image.fromarray(images.images[i].transpose(1, 2, 0))
-        assert torch.allclose(batch[i], reference(pil), atol=1e-6)
+        # a few float32 roundings of values below 1, then divided by a std of about 1/4
+        assert torch.allclose(batch[i], reference(pil), rtol=0, atol=4 * torch.finfo(torch.float32).eps / min(info.std))
 
 
 def test_fashion_mnist_idx_gz_in_torchvision_layout(tmp_path):
