@@ -79,7 +79,7 @@ import numpy as np
 import torch
 
 import strategies
-from lowbudget import faiss_ops
+from lowbudget import cover, faiss_ops
 from lowbudget.strategy_table import STRATEGIES, Inputs
 
 DIM = 512
@@ -337,7 +337,7 @@ def bench_kmeans(feats: np.ndarray, budget: int, repeats: int) -> None:
 
 def probcover(feats: np.ndarray, budget: int) -> strategies.Selection:
     """ProbCover as sampler.py runs it: δ by the purity heuristic under 10 pseudo-classes."""
-    graph, _ = strategies.probcover_graph(feats, None, purity=0.95, pseudo_classes=10)
+    graph, _ = cover.probcover_graph(feats, None, purity=0.95, pseudo_classes=10)
     return strategies.probcover_select(graph, np.zeros(0, np.int64), budget)[0]
 
 
@@ -529,9 +529,9 @@ def child_probcover_neighbours(rows: int, dim: int, budget: int, method: str, se
     set_threads(threads)
     feats = approximate_features(rows, dim, seed, path)
     start = time.perf_counter()
-    approximate = strategies.probcover_index(feats, method, seed=seed)
+    approximate = cover.probcover_index(feats, method, seed=seed)
     index_s = time.perf_counter() - start
-    graph, delta = strategies.probcover_graph(feats, None, purity=0.95, pseudo_classes=10, seed=seed,
+    graph, delta = cover.probcover_graph(feats, None, purity=0.95, pseudo_classes=10, seed=seed,
                                               approximate=approximate)
     selection, covered = strategies.probcover_select(graph, np.zeros(0, np.int64), budget, seed=seed)
     return {"seconds": time.perf_counter() - start, "index": index_s, "picks": selection.indices, "delta": delta,
