@@ -52,8 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 class Pool(NamedTuple):
-    """The training set as the strategy sees it: every array by dataset index, cut to the selectable rows
-    only where a strategy reads it."""
+    """The training set, every array by dataset index: a strategy sees them cut to the selectable rows
+    (dataset_pools)."""
 
     feats: np.ndarray  # features of every training image (N x 0 for the strategies that need none)
     labels: np.ndarray | None  # label of every training image, None for unlabelled images

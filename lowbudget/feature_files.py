@@ -49,8 +49,7 @@ class Selectable:
     @classmethod
     def all_but(cls, num_images: int, unreadable: Iterable[int]) -> Selectable:
         """Every image of a training set of `num_images` but the `unreadable` ones."""
-        return cls(DatasetIndices(np.setdiff1d(np.arange(num_images), np.fromiter(unreadable, np.int64))),
-                   num_images)
+        return cls(DatasetIndices(np.arange(num_images)), num_images).without(unreadable)
 
     @property
     def num_rows(self) -> int:
