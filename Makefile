@@ -1,6 +1,8 @@
 # make setup: create .venv if missing and install the project (editable) with its test and lint tools
 # (make demo installs the project alone).
 # make test: the full test suite (what CI runs); make quick: the fast tier for the edit loop.
+# make quick-numerics: the fast tier under another numeric code path (MKL's COMPATIBLE kernels, ATen's
+# kernels without SIMD), as CI runs it too: a tolerance that holds with one CPU's rounding alone fails there.
 # make setup GPU=1: the same with faiss built for CUDA (FAISS_GPU, default faiss-gpu) in place of faiss-cpu.
 # make test-gpu: tools/gpu_check.py, the GPU paths against their CPU twins (skipped without a CUDA device).
 # make lint: ruff and mypy. make demo: the whole pipeline on Fashion-MNIST (output/demo/).
@@ -10,7 +12,7 @@ PY := $(VENV)/bin/python
 
 FAISS_GPU ?= faiss-gpu
 
-.PHONY: setup test test-gpu quick lint bench demo
+.PHONY: setup test test-gpu quick quick-numerics lint bench demo
 
 # The runtime (what the scripts and `make demo` need) apart from the test and lint tools, so that a first
 # `make demo` installs no more than it runs.
@@ -43,6 +45,9 @@ test-gpu: setup
 
 quick: setup
 	$(PY) -m pytest -q -m 'not slow'
+
+quick-numerics: setup
+	MKL_CBWR=COMPATIBLE ATEN_CPU_CAPABILITY=default $(PY) -m pytest -q -m 'not slow'
 
 lint: setup
 	$(PY) -m ruff check .
