@@ -351,12 +351,15 @@ def labelled_split(args: argparse.Namespace, split: str) -> tuple[datasets.Image
 
 
 def decodable(args: argparse.Namespace, images: datasets.Images, split: str) -> Selectable:
-    """The `split` images whose files decode, each decoded once now, the others reported (the first an
-    error with --strict): for the programs that read the images themselves and no features, so that no
-    unreadable image is picked or trained on, nor stops a validation after the training."""
+    """The `split` images whose files decode, each decoded once now (under torchrun each process decodes
+    a block), the others reported (the first an error with --strict): for the programs that read the
+    images themselves and no features, so that no unreadable image is picked or trained on, nor stops a
+    validation after the training."""
     if isinstance(images, datasets.FileImages):
         print(f"=> decoding the {len(images)} {split} image files once, to find any that cannot be read")
-    unreadable = datasets.unreadable_files(images, np.arange(len(images)), args.workers)
+    block = np.arange(len(images))[distributed.shard(len(images))]
+    parts = distributed.gather_objects(datasets.unreadable_files(images, block, args.workers))
+    unreadable = {i: why for part in parts for i, why in part.items()}
     report_skips(images, unreadable, getattr(args, "strict", False))
     report_skip_count(np.array(sorted(unreadable), np.int64), split)
     return Selectable.all_but(len(images), unreadable)
