@@ -4,7 +4,6 @@ import hashlib
 import json
 import os
 import subprocess
-import sys
 import time
 
 import numpy as np
@@ -146,7 +145,7 @@ def test_a_folder_where_the_sidecar_goes_leaves_the_previous_pair(tmp_path):
 
 
 def dead_pid() -> int:
-    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child = subprocess.Popen(["true"])  # any process that ends; a Python would take a second to start
     child.wait()
     return child.pid
 
