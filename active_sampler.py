@@ -28,13 +28,15 @@ from lowbudget.feature_files import DatasetIndices, Rows, Selectable, check_same
 from lowbudget.features import (
     decodable,
     evaluation_images,
-    labelled_split,
+    file_labels,
     loaded_backbone,
     provenance,
+    split_images,
     train_features,
     val_features,
 )
 from lowbudget.indices import index_path, read_indices, require_files, write_indices, write_indices_and_result
+from lowbudget.labels import require_labelled
 from lowbudget.metrics import coverage
 from lowbudget.results import append_result
 from lowbudget.runtime import faiss_uses_gpu, on_device, resolve_device, seed_everything
@@ -49,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli.add_data_args(parser, indices_written=True)
     cli.add_backbone_args(parser)
     cli.add_val_feats_arg(parser)
+    cli.add_labels_arg(parser)
     cli.add_split_args(parser, names(model=True))
     cli.add_training_args(parser)
     parser.add_argument("--resume", default="", type=str, help="accepted, unused, as the original "
@@ -71,17 +74,26 @@ class RoundData:
 
     def __init__(self, args: argparse.Namespace, device: torch.device, strategy_features: bool):
         self.args, self.device = args, device
+        listed = split_images(args, "train") if args.labels or not args.cached else None
+        self.annotations = file_labels(args, listed) if args.labels and listed is not None else None
+        self.listed = listed
+        self.evaluates = bool(args.val_feats) or datasets.has_evaluation_split(args.dataset, args.data, args.unlabeled)
         if args.cached:
             train = train_features(args, device)
-            self.feats, self.labels, self.dim = train.feats, require_labels(train, "--feats"), train.feats.shape[1]
+            self.feats, self.dim = train.feats, train.feats.shape[1]
+            self.labels = self.training_labels(train.labels, len(train.feats), "--feats")
             self.fingerprint, self.selectable = train.fingerprint, train.selectable_images()
             self.strategy_feats = self.feats
-            val = val_features(args, device)
-            check_same_width(train, val)
-            self.val_feats, self.val_labels = val.feats, require_labels(val, "--val-feats")
+            if self.evaluates:
+                val = val_features(args, device)
+                check_same_width(train, val)
+                self.val_feats, self.val_labels = val.feats, require_labels(val, "--val-feats")
         else:
-            self.images, self.labels = labelled_split(args, "train")
-            self.val_images, self.val_labels = evaluation_images(args)
+            assert listed is not None
+            self.images = listed
+            self.labels = self.training_labels(self.images.labels, len(self.images), "data")
+            if self.evaluates:
+                self.val_images, self.val_labels = evaluation_images(args)
             model, self.dim, self.preprocess = loaded_backbone(args)
             self.backbone = on_device(model, device)
             self.fingerprint = f"{args.arch}-{args.backbone}-images"
@@ -91,6 +103,32 @@ class RoundData:
             else:
                 self.strategy_feats = np.zeros((len(self.labels), 0), np.float32)
                 self.selectable = decodable(args, self.images, "train")
+
+    def training_labels(self, found: np.ndarray | None, num_images: int, flag: str) -> np.ndarray:
+        """The training images' labels: --labels' (UNLABELLED where it has none), else the dataset's own."""
+        if self.annotations is not None:
+            return self.annotations.per_image(num_images)
+        if found is None:
+            raise datasets.labels_required(self.args.data) if flag == "data" else cli.UsageError(
+                f"{flag}: the features have no labels; give --labels, or an .npz with 'labels'")
+        return found
+
+    def describe(self, index: int) -> str:
+        """A training image's file relative to the dataset root ('' for images held in arrays)."""
+        if not isinstance(self.listed, datasets.FileImages):
+            return ""
+        return os.path.relpath(self.listed.paths[index], self.args.data)
+
+    @property
+    def num_classes(self) -> int:
+        if self.annotations is not None:
+            return len(self.annotations.classes)
+        return int(max(self.labels.max(), self.val_labels.max())) + 1
+
+    def require_labelled(self, pool: DatasetIndices) -> None:
+        """Every image the head trains on has a label (--labels may leave the last round's picks without)."""
+        if self.annotations is not None:
+            require_labelled(self.labels, pool, self.describe)
 
     def batches(self, pool: DatasetIndices) -> engine.EpochBatches:
         """Per-epoch training batches of the pool."""
@@ -160,7 +198,7 @@ def train_head(pool_data: RoundData, pool: DatasetIndices, num_classes: int, sch
     args = pool_data.args
     torch.manual_seed(args.seed)
     head = engine.linear_head(pool_data.dim, num_classes, normalize=False)
-    validate = functools.partial(pool_data.accuracy, head)
+    validate = functools.partial(pool_data.accuracy, head) if pool_data.evaluates else None
     checkpoint = os.path.join(args.save, f"active_{args.name}{purpose}_{args.dataset}_{len(pool)}_seed{args.seed}.pth")
     model = distributed.ddp(head.to(pool_data.device), pool_data.device)
     result = engine.fit(model, torch.optim.Adam(model.parameters(), args.lr), epoch_batches=pool_data.batches(pool),
@@ -231,18 +269,23 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.cached and not distributed.main_continues_alone():
         return
     pool = initial_pool(args, pool_data.selectable, sum(splits))
+    pool_data.require_labelled(pool)
     print(f"current indices size: {len(pool)}. {coverage(pool_data.labels, pool)}% of all categories is seen")
-    num_classes = int(max(pool_data.labels.max(), pool_data.val_labels.max())) + 1
+    num_classes = pool_data.num_classes
     schedule = engine.Schedule(args.epochs, args.lr, milestones, max(args.print_freq, 1))
     results_file = cli.results_path(args)
     fields = {"script": "active_sampler", "dataset": args.dataset, "name": args.name, "seed": args.seed,
               **provenance(args)}
     record = functools.partial(append_result, results_file, **fields)
     for increment in splits:
+        pool_data.require_labelled(pool)
         print("Training task model started ...")
         head, result = train_head(pool_data, pool, num_classes, schedule)
-        print(f"Final accuracy of {len(pool)} labeled data is: {result['top1']:.3f}")
-        record(split=len(pool), metric="active_top1", value=result["top1"])
+        if result:
+            print(f"Final accuracy of {len(pool)} labeled data is: {result['top1']:.3f}")
+            record(split=len(pool), metric="active_top1", value=result["top1"])
+        else:
+            print(f"=> no evaluation set: the head trained on {len(pool)} labelled images is not validated")
         print(f"Query sampling with {args.name} started ...")
         hook = model_scores(pool_data, head, num_classes=num_classes, schedule=schedule)
         picked, selection = select(strategy, pool_data, hook, pool, increment)
@@ -256,7 +299,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         write_indices_and_result(path, pool, {
             "strategy": args.name, "dataset": args.dataset, "params": params,
             "seed": args.seed, "initial_pool": {"size": len(previous), "path": args.resume_indices or None},
-            "features": pool_data.fingerprint, **provenance(args)},
+            "features": pool_data.fingerprint, **provenance(args),
+            **({} if selection.scores is None else {"scores": selection.scores.tolist()})},
             results_file=results_file, result={**fields, "split": len(pool), "metric": "coverage", "value": seen})
         print(f"=> saved {path}")
 

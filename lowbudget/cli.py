@@ -311,6 +311,13 @@ def add_precision_arg(parser: argparse.ArgumentParser) -> None:
                              "(default: auto)")
 
 
+def add_labels_arg(parser: argparse.ArgumentParser) -> None:
+    """--labels: the annotations of an unlabelled folder (tools/import_labels.py), for the scripts that train."""
+    parser.add_argument("--labels", default=None, type=str, metavar="FILE",
+                        help="labels file written by tools/import_labels.py: the training images' labels, for an "
+                             "unlabelled folder; every image of a labelled pool must have one")
+
+
 def add_val_feats_arg(parser: argparse.ArgumentParser) -> None:
     """--val-feats, the evaluators' twin of --feats."""
     parser.add_argument("--val-feats", default=None, type=str, metavar="FILE",

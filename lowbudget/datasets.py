@@ -346,6 +346,11 @@ def load_folder(root: str, split: str, unlabeled: bool = False) -> FileImages:
     return unlabeled_images(train if os.path.isdir(train) else root)
 
 
+def has_evaluation_split(dataset: str, root: str, unlabeled: bool = False) -> bool:
+    """Whether the dataset has a labelled evaluation split: every one but an unlabelled folder."""
+    return dataset != "folder" or (not unlabeled and _has_subfolders(os.path.join(root, "train")))
+
+
 def labels_required(root: str) -> UsageError:
     return UsageError(f"data: labels are required, and {root!r} is an unlabelled image folder (--dataset folder "
                       "takes labels from train/<class>/ and val/<class>/ sub-folders)")

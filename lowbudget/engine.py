@@ -315,7 +315,7 @@ def check_resumable(path: str, saved: dict, *, schedule: Schedule, seed: int,
 
 
 def fit(model: nn.Module, optimizer: torch.optim.Optimizer, *, epoch_batches: EpochBatches,
-        validate: Callable[[], dict[str, float]], schedule: Schedule, device: torch.device, seed: int,
+        validate: Callable[[], dict[str, float]] | None, schedule: Schedule, device: torch.device, seed: int,
         checkpoint: str, resume: bool = False, embed: Callable[[torch.Tensor], torch.Tensor] | None = None,
         amp: bool = False, trained_on: dict[str, str] | None = None) -> dict[str, float]:
     """Train `model` (already on `device`) for the schedule, validating (`validate()`: accuracy now) as
@@ -326,7 +326,8 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, *, epoch_batches: Ep
     `trained_on` (e.g. {'pool': digest, 'features': fingerprint}) is recorded in the checkpoint, and a
     resumed checkpoint must record the same (check_resumable).
 
-    Returns the last validation ('top1', 'top5', 'class_mean') and 'best_top1'. With `resume` and an
+    Returns the last validation ('top1', 'top5', 'class_mean') and 'best_top1'; {} with `validate` None (no
+    evaluation set: an unlabelled folder labelled through --labels), which trains alone. With `resume` and an
     existing checkpoint, training continues from it (weights, optimiser, scheduler, scaler, history).
     """
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, schedule.milestones, gamma=0.1)
@@ -354,7 +355,7 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, *, epoch_batches: Ep
                                embed=embed)
             print(f"Epoch: [{epoch}]\tLoss {loss:.4f}")
             check_diverged(model, loss, epoch)
-            if schedule.validates_at(epoch):
+            if validate is not None and schedule.validates_at(epoch):
                 validation = validate()
                 print(f" * Acc@1 {validation['top1']:.3f} Acc@5 {validation['top5']:.3f}")
                 if state.record(validation):
@@ -369,6 +370,8 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, *, epoch_batches: Ep
                            "scaler": scaler.state_dict()})
     finally:
         latest.write()
+    if validate is None:
+        return {}
     if state.last is None:  # a schedule of no epochs (the programs refuse --epochs 0): still measure
         state.record(validate())
     return state.result()

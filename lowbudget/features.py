@@ -60,6 +60,7 @@ from lowbudget.feature_files import (
     store_rows,
 )
 from lowbudget.fileio import atomic_write, text_digest
+from lowbudget.labels import Labels, read_labels
 from lowbudget.runtime import for_inference, inference_autocast, resolve_precision
 from models import families
 from models.checkpoints import weights_fingerprint
@@ -339,6 +340,14 @@ def split_images(args: argparse.Namespace, split: str) -> datasets.Images:
     if images.labels is None:
         print(f"=> {args.data}: {len(images)} image files, labels unknown (unlabelled folder)")
     return images
+
+
+def file_labels(args: argparse.Namespace, images: datasets.Images) -> Labels:
+    """--labels, checked against the training `images` as the flags list them (dataset, listing, range)."""
+    if not args.data:
+        raise UsageError("--labels: needs the dataset root (data), whose image listing the labels refer to")
+    return read_labels(args.labels, dataset=args.dataset, listing=datasets.listing_record(images, args.data),
+                       num_images=len(images))
 
 
 def labelled_split(args: argparse.Namespace, split: str) -> tuple[datasets.Images, np.ndarray]:

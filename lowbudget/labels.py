@@ -14,6 +14,7 @@ is unlabelled, and a labelled pool that holds an unlabelled image is refused by 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -108,11 +109,12 @@ def read_labels(path: str, *, dataset: str, listing: dict | None, num_images: in
                   tuple(entries[i][1] for i in order))
 
 
-def require_labelled(per_image: np.ndarray, pool: np.ndarray, paths: list[str] | None, flag: str = "--labels"
-                     ) -> None:
-    """Every image of `pool` (dataset indices) must have a label; the first that has none is named."""
+def require_labelled(per_image: np.ndarray, pool: np.ndarray, describe: Callable[[int], str] | None = None,
+                     flag: str = "--labels") -> None:
+    """Every image of `pool` (dataset indices) must have a label; the first that has none is named (with
+    `describe(index)`, its file, when given)."""
     missing = pool[per_image[pool] == UNLABELLED]
     if len(missing):
-        name = f" ({paths[int(missing[0])]})" if paths else ""
+        name = f" ({describe(int(missing[0]))})" if describe else ""
         raise UsageError(f"{flag}: image {missing[0]}{name} of the labelled pool has no label "
                          f"({len(missing)} of {len(pool)} have none): import its annotation first")

@@ -9,6 +9,7 @@ import shutil
 import numpy as np
 import pytest
 
+import active_sampler
 import sampler
 from lowbudget.labels import read_labels
 from tests.helpers import call_main, write_photo_folder
@@ -217,3 +218,65 @@ def test_the_export_queues_by_score_and_leaves_out_labelled_images(exported, tmp
         [(queue[0], 1, 0.9), (queue[1], 2, 0.5), (queue[2], 3, 0.2)]
     plain = list(csv.DictReader((out / "random_folder_8.csv").open()))  # no scores: selection order, no score
     assert [int(r["index"]) for r in plain] == pool.tolist() and {r["score"] for r in plain} == {""}
+
+
+def write_class_images(root, per_class: int = 8, seed: int = 0) -> dict[str, str]:
+    """An unlabelled folder of loose images of three kinds (a dominant colour each): {relative path: kind}."""
+    from PIL import Image
+    rng = np.random.default_rng(seed)
+    kinds = {}
+    for k in range(3 * per_class):
+        kind = CLASSES[k % 3]
+        pixels = rng.integers(0, 60, (24, 24, 3), dtype=np.uint8)
+        pixels[..., k % 3] += 180
+        name = f"shot_{k:02d}.png"
+        root.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(pixels).save(root / name)
+        kinds[name] = kind
+    return kinds
+
+
+@pytest.mark.parametrize("name", ["dropquery", "entropy"])
+def test_the_labelling_loop_from_the_command_line(tmp_path, capsys, name):
+    """Select, export, annotate (Label Studio's export format), import, a model-in-the-loop round on the labels,
+    export the round's new picks: no file edited by hand."""
+    root = tmp_path / "photos"
+    kinds = write_class_images(root)
+    paths = sorted(kinds)
+    backbone = ["--dataset", "folder", "--arch", "resnet18", "--backbone", "random", "--image-size", 32,
+                "--save", tmp_path / "save", "--indices", tmp_path / "indices"]
+    status, _, err = call_main(sampler.main, [root, *backbone, "--splits", 6, "--name", "kmeans"], capsys)
+    assert status == 0, err
+    round1 = tmp_path / "indices" / "kmeans_folder_6.npy"
+    status, _, err = call_main(export.main, [round1, "--data", root, "--out", tmp_path / "export1"], capsys)
+    assert status == 0, err
+    annotated = write_json(tmp_path / "project-1.json", label_studio_export(
+        tmp_path / "export1" / "kmeans_folder_6_label_studio.json", answer=lambda i: kinds[paths[i]]))
+    status, _, err = call_main(import_labels.main, [round1, annotated, "--data", root, "--classes", ",".join(CLASSES)],
+                               capsys)
+    assert status == 0, err
+    labels_file = tmp_path / "indices" / "kmeans_folder_6_labels.json"
+    status, out, err = call_main(active_sampler.main, [root, *backbone, "--cached", "--load_cache", "--labels",
+                                                       labels_file, "--resume-indices", round1, "--splits", 4,
+                                                       "--name", name, "--epochs", 3], capsys)
+    assert status == 0, err
+    assert "=> no evaluation set: the head trained on 6 labelled images is not validated" in out
+    round2 = tmp_path / "indices" / f"{name}_folder_10.npy"
+    pool = np.load(round2)
+    assert pool[:6].tolist() == np.load(round1).tolist() and len(set(pool.tolist())) == 10
+    status, out, err = call_main(export.main, [round2, "--data", root, "--out", tmp_path / "export2",
+                                               "--labels", labels_file], capsys)
+    assert status == 0, err
+    rows = list(csv.DictReader((tmp_path / "export2" / f"{name}_folder_10.csv").open()))
+    assert sorted(int(r["index"]) for r in rows) == sorted(pool[6:].tolist())
+    assert [r["path"] for r in rows] == [paths[int(r["index"])] for r in rows]
+    if name == "entropy":  # the uncertainty scores order the queue
+        scores = [float(r["score"]) for r in rows]
+        assert scores == sorted(scores, reverse=True) and len(scores) == 4
+    unlabelled_round = [round2, "--labels", labels_file]
+    status, _, err = call_main(active_sampler.main, [root, *backbone, "--cached", "--load_cache",
+                                                     "--resume-indices", *unlabelled_round, "--splits", 2, "--name",
+                                                     name, "--epochs", 3], capsys)
+    first_new = int(pool[6])  # the round's new picks are not annotated yet
+    assert status == 2 and f"--labels: image {first_new} ({paths[first_new]}) of the labelled pool has no label " \
+        "(4 of 10 have none)" in err, err
