@@ -28,15 +28,16 @@ from lowbudget.feature_files import DatasetIndices, Rows, Selectable, check_same
 from lowbudget.features import (
     decodable,
     evaluation_images,
-    file_labels,
+    has_evaluation_set,
     loaded_backbone,
     provenance,
-    split_images,
+    require_pools_labelled,
     train_features,
+    training_images,
+    training_labels,
     val_features,
 )
 from lowbudget.indices import index_path, read_indices, require_files, write_indices, write_indices_and_result
-from lowbudget.labels import require_labelled
 from lowbudget.metrics import coverage
 from lowbudget.results import append_result
 from lowbudget.runtime import faiss_uses_gpu, on_device, resolve_device, seed_everything
@@ -74,14 +75,12 @@ class RoundData:
 
     def __init__(self, args: argparse.Namespace, device: torch.device, strategy_features: bool):
         self.args, self.device = args, device
-        listed = split_images(args, "train") if args.labels or not args.cached else None
-        self.annotations = file_labels(args, listed) if args.labels and listed is not None else None
-        self.listed = listed
-        self.evaluates = bool(args.val_feats) or datasets.has_evaluation_split(args.dataset, args.data, args.unlabeled)
+        self.evaluates = has_evaluation_set(args)
         if args.cached:
             train = train_features(args, device)
             self.feats, self.dim = train.feats, train.feats.shape[1]
-            self.labels = self.training_labels(train.labels, len(train.feats), "--feats")
+            self.labels, self.classes = training_labels(args, lambda: require_labels(train, "--feats"),
+                                                        len(train.feats))
             self.fingerprint, self.selectable = train.fingerprint, train.selectable_images()
             self.strategy_feats = self.feats
             if self.evaluates:
@@ -89,9 +88,7 @@ class RoundData:
                 check_same_width(train, val)
                 self.val_feats, self.val_labels = val.feats, require_labels(val, "--val-feats")
         else:
-            assert listed is not None
-            self.images = listed
-            self.labels = self.training_labels(self.images.labels, len(self.images), "data")
+            self.images, self.labels, self.classes = training_images(args)
             if self.evaluates:
                 self.val_images, self.val_labels = evaluation_images(args)
             model, self.dim, self.preprocess = loaded_backbone(args)
@@ -104,31 +101,9 @@ class RoundData:
                 self.strategy_feats = np.zeros((len(self.labels), 0), np.float32)
                 self.selectable = decodable(args, self.images, "train")
 
-    def training_labels(self, found: np.ndarray | None, num_images: int, flag: str) -> np.ndarray:
-        """The training images' labels: --labels' (UNLABELLED where it has none), else the dataset's own."""
-        if self.annotations is not None:
-            return self.annotations.per_image(num_images)
-        if found is None:
-            raise datasets.labels_required(self.args.data) if flag == "data" else cli.UsageError(
-                f"{flag}: the features have no labels; give --labels, or an .npz with 'labels'")
-        return found
-
-    def describe(self, index: int) -> str:
-        """A training image's file relative to the dataset root ('' for images held in arrays)."""
-        if not isinstance(self.listed, datasets.FileImages):
-            return ""
-        return os.path.relpath(self.listed.paths[index], self.args.data)
-
     @property
     def num_classes(self) -> int:
-        if self.annotations is not None:
-            return len(self.annotations.classes)
-        return int(max(self.labels.max(), self.val_labels.max())) + 1
-
-    def require_labelled(self, pool: DatasetIndices) -> None:
-        """Every image the head trains on has a label (--labels may leave the last round's picks without)."""
-        if self.annotations is not None:
-            require_labelled(self.labels, pool, self.describe)
+        return self.classes or int(max(self.labels.max(), self.val_labels.max())) + 1
 
     def batches(self, pool: DatasetIndices) -> engine.EpochBatches:
         """Per-epoch training batches of the pool."""
@@ -269,7 +244,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.cached and not distributed.main_continues_alone():
         return
     pool = initial_pool(args, pool_data.selectable, sum(splits))
-    pool_data.require_labelled(pool)
+    require_pools_labelled(args, pool_data.labels, [pool])
     print(f"current indices size: {len(pool)}. {coverage(pool_data.labels, pool)}% of all categories is seen")
     num_classes = pool_data.num_classes
     schedule = engine.Schedule(args.epochs, args.lr, milestones, max(args.print_freq, 1))
@@ -278,7 +253,7 @@ def main(argv: Sequence[str] | None = None) -> None:
               **provenance(args)}
     record = functools.partial(append_result, results_file, **fields)
     for increment in splits:
-        pool_data.require_labelled(pool)
+        require_pools_labelled(args, pool_data.labels, [pool])  # the last round's picks need their labels
         print("Training task model started ...")
         head, result = train_head(pool_data, pool, num_classes, schedule)
         if result:

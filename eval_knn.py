@@ -13,7 +13,14 @@ import numpy as np
 
 from lowbudget import cli, distributed, faiss_ops
 from lowbudget.feature_files import check_same_width, readable_pools, require_labels
-from lowbudget.features import provenance, train_features, val_features
+from lowbudget.features import (
+    provenance,
+    require_evaluation_set,
+    require_pools_labelled,
+    train_features,
+    training_labels,
+    val_features,
+)
 from lowbudget.indices import read_split_pools, split_files
 from lowbudget.metrics import class_mean_accuracy, coverage, majority_vote, top1
 from lowbudget.results import append_result
@@ -25,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli.add_data_args(parser, workers=8, print_freq=90)
     cli.add_backbone_args(parser, arch="resnet18")
     cli.add_val_feats_arg(parser)
+    cli.add_labels_arg(parser)
     cli.add_split_args(parser, ["any strategy that wrote {indices}/{name}_{dataset}_{split}.npy"])
     parser.add_argument("-k", default=1, type=cli.int_at_least(1), help="number of neighbours (default: 1)")
     return parser
@@ -43,13 +51,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     paths = split_files(args)
     seed_everything(args.seed)
     device = distributed.init_from_env(resolve_device(args.device))
+    if args.labels:
+        require_evaluation_set(args)
     val = val_features(args, device)  # first: an unlabelled folder stops here, before any extraction
     train = train_features(args, device)
-    train_labels, val_labels = require_labels(train, "--feats"), require_labels(val, "--val-feats")
+    train_labels, _ = training_labels(args, lambda: require_labels(train, "--feats"), len(train.feats))
+    val_labels = require_labels(val, "--val-feats")
     if not distributed.main_continues_alone():
         return
     check_same_width(train, val)
     pools = readable_pools(train, read_split_pools(paths, len(train.feats), args.dataset), paths)
+    require_pools_labelled(args, train_labels, pools.values())
     gpu = faiss_uses_gpu(device)
     for split, pool in pools.items():
         print(f"current_indices loaded from {paths[split]} with {len(pool)} indices.")

@@ -23,10 +23,13 @@ from lowbudget import cli, datasets, distributed, engine
 from lowbudget.feature_files import check_same_width, decodable_pools, readable_pools, require_labels
 from lowbudget.features import (
     embedding_provenance,
-    labelled_split,
     loaded_backbone,
     provenance,
+    require_evaluation_set,
+    require_pools_labelled,
     train_features,
+    training_images,
+    training_labels,
     val_features,
 )
 from lowbudget.indices import read_split_pools, split_files
@@ -40,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli.add_data_args(parser)
     cli.add_backbone_args(parser)
     cli.add_val_feats_arg(parser)
+    cli.add_labels_arg(parser)
     cli.add_split_args(parser, ["any strategy that wrote {indices}/{name}_{dataset}_{split}.npy"])
     cli.add_training_args(parser)
     cli.add_resume_arg(parser)
@@ -69,22 +73,26 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise cli.UsageError("data: the default protocol trains on the images; give the dataset root or use --cached")
     seed_everything(args.seed)
     device = distributed.init_from_env(resolve_device(args.device))
+    if args.labels:
+        require_evaluation_set(args)
     val = val_features(args, device)
     val_labels = require_labels(val, "--val-feats")
     source: str | dict  # what the head sees: the train features' fingerprint, or embedded_images()
     if args.cached:
         train = train_features(args, device)
         check_same_width(train, val)
-        feats, labels, source = train.feats, require_labels(train, "--feats"), train.fingerprint
+        feats, source = train.feats, train.fingerprint
+        labels, classes = training_labels(args, lambda: require_labels(train, "--feats"), len(train.feats))
         if not distributed.main_continues_alone():
             return
         pools = readable_pools(train, read_split_pools(paths, len(labels), args.dataset), paths)
     else:
-        images, labels = labelled_split(args, "train")
+        images, labels, classes = training_images(args)
         model, _, preprocess = loaded_backbone(args)
         backbone, source = on_device(model, device), embedded_images(args, images)
         pools = decodable_pools(images, read_split_pools(paths, len(labels), args.dataset), paths, args.workers)
-    num_classes = int(max(labels.max(), val_labels.max())) + 1
+    require_pools_labelled(args, labels, pools.values())
+    num_classes = classes or int(max(labels.max(), val_labels.max())) + 1
     schedule = engine.Schedule(args.epochs, args.lr, milestones, args.print_freq)
     for split, pool in pools.items():
         print(f"=> Loading current indices: {paths[split]}")

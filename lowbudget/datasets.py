@@ -103,6 +103,13 @@ class FileImages:
 Images = ArrayImages | FileImages
 
 
+def with_labels(images: Images, labels: np.ndarray) -> Images:
+    """The same images under other labels (an unlabelled folder's, from its annotations)."""
+    if isinstance(images, ArrayImages):
+        return ArrayImages(images.images, labels)
+    return FileImages(images.paths, labels, images.classes)
+
+
 # ---------------------------------------------------------------- CIFAR (our own pickle reader)
 
 CIFAR_ROW = 3 * 32 * 32  # values per image in a batch's data rows

@@ -38,6 +38,7 @@ import json
 import os
 import re
 import zipfile
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
@@ -60,7 +61,7 @@ from lowbudget.feature_files import (
     store_rows,
 )
 from lowbudget.fileio import atomic_write, text_digest
-from lowbudget.labels import Labels, read_labels
+from lowbudget.labels import Labels, read_labels, require_labelled
 from lowbudget.runtime import for_inference, inference_autocast, resolve_precision
 from models import families
 from models.checkpoints import weights_fingerprint
@@ -348,6 +349,57 @@ def file_labels(args: argparse.Namespace, images: datasets.Images) -> Labels:
         raise UsageError("--labels: needs the dataset root (data), whose image listing the labels refer to")
     return read_labels(args.labels, dataset=args.dataset, listing=datasets.listing_record(images, args.data),
                        num_images=len(images))
+
+
+def training_labels(args: argparse.Namespace, own: Callable[[], np.ndarray], num_images: int
+                    ) -> tuple[np.ndarray, int | None]:
+    """(the training images' labels, the class count): --labels' (UNLABELLED where it gives none) and its
+    classes when given, else `own()` (the dataset's or the --feats file's labels; it raises when there are
+    none) and None, for the caller to count the classes of the data."""
+    if getattr(args, "labels", None):
+        annotations = file_labels(args, split_images(args, "train"))
+        return annotations.per_image(num_images), len(annotations.classes)
+    return own(), None
+
+
+def training_images(args: argparse.Namespace) -> tuple[datasets.Images, np.ndarray, int | None]:
+    """(the training images carrying their labels, the labels, the class count as training_labels), for the
+    programs that train on the images themselves."""
+    images = split_images(args, "train")
+    labels, classes = training_labels(args, lambda: own_labels(args, images), len(images))
+    return datasets.with_labels(images, labels), labels, classes
+
+
+def own_labels(args: argparse.Namespace, images: datasets.Images) -> np.ndarray:
+    """The images' own labels; an unlabelled folder is the UsageError that says labels are required."""
+    if images.labels is None:
+        raise datasets.labels_required(args.data)
+    return images.labels
+
+
+def require_pools_labelled(args: argparse.Namespace, labels: np.ndarray, pools: Iterable[np.ndarray]) -> None:
+    """With --labels, every image of every pool has a label; the first that has none is named with its file."""
+    if not getattr(args, "labels", None):
+        return
+
+    def describe(index: int) -> str:
+        images = datasets.load_images(args.dataset, args.data, "train", args.lt_list, unlabeled=args.unlabeled)
+        return os.path.relpath(images.paths[index], args.data) if isinstance(images, datasets.FileImages) else ""
+    for pool in pools:
+        require_labelled(labels, pool, describe)
+
+
+def has_evaluation_set(args: argparse.Namespace) -> bool:
+    """--val-feats, or a dataset with a labelled evaluation split (every one but an unlabelled folder)."""
+    return bool(getattr(args, "val_feats", None)) or datasets.has_evaluation_split(args.dataset, args.data or "",
+                                                                                  args.unlabeled)
+
+
+def require_evaluation_set(args: argparse.Namespace) -> None:
+    """The evaluators measure on labelled evaluation images: an unlabelled folder has none of its own."""
+    if not has_evaluation_set(args):
+        raise UsageError(f"--val-feats: {args.data!r} is an unlabelled folder, which has no evaluation set; give the "
+                         "evaluation images' features with their labels")
 
 
 def labelled_split(args: argparse.Namespace, split: str) -> tuple[datasets.Images, np.ndarray]:

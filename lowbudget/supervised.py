@@ -16,7 +16,13 @@ from torch import nn
 
 from lowbudget import cli, datasets, distributed, engine
 from lowbudget.feature_files import decodable_pools
-from lowbudget.features import evaluation_images, labelled_split, provenance
+from lowbudget.features import (
+    evaluation_images,
+    has_evaluation_set,
+    provenance,
+    require_pools_labelled,
+    training_images,
+)
 from lowbudget.indices import read_split_pools, split_files
 from lowbudget.metrics import coverage
 from lowbudget.results import append_result
@@ -30,6 +36,7 @@ def add_args(parser: argparse.ArgumentParser, *, sgd: bool) -> None:
     cli.add_split_args(parser, ["any strategy that wrote {indices}/{name}_{dataset}_{split}.npy"])
     cli.add_training_args(parser, cached=False, sgd=sgd)
     cli.add_resume_arg(parser)
+    cli.add_labels_arg(parser)
     parser.add_argument("--amp", action="store_true", help="mixed precision on CUDA")
 
 
@@ -52,10 +59,12 @@ def train_splits(args: argparse.Namespace, script: str, build: ModelBuilder, val
     cli.check_resume(args, list(paths))
     seed_everything(args.seed)
     device = distributed.init_from_env(resolve_device(args.device))
-    train, train_labels = labelled_split(args, "train")
-    val, val_labels = evaluation_images(args)
+    train, train_labels, classes = training_images(args)
+    evaluates = has_evaluation_set(args)
+    val, val_labels = evaluation_images(args) if evaluates else (train, None)
     pools = decodable_pools(train, read_split_pools(paths, len(train), args.dataset), paths, args.workers)
-    num_classes = int(max(train_labels.max(), val_labels.max())) + 1
+    require_pools_labelled(args, train_labels, pools.values())
+    num_classes = classes or int(max(train_labels.max(), val_labels.max() if val_labels is not None else 0)) + 1
     schedule = engine.Schedule(args.epochs, args.lr, milestones, validate_every)
     for split, pool in pools.items():
         print(f"=> Loading current indices: {paths[split]}")
@@ -67,14 +76,18 @@ def train_splits(args: argparse.Namespace, script: str, build: ModelBuilder, val
                                       preprocess)
         checkpoint = cli.checkpoint_for(args, os.path.join(args.save, f"{script}_{args.name}_{args.dataset}_{split}"
                                                                       f"_seed{args.seed}.pth"))
-        validate = functools.partial(image_accuracy, model, val, labels=val_labels, args=args, device=device,
-                                     preprocess=preprocess)
+        validate = None if val_labels is None else functools.partial(
+            image_accuracy, model, val, labels=val_labels, args=args, device=device, preprocess=preprocess)
         result = engine.fit(model, make_optimizer(engine.unwrap(model)), epoch_batches=batches, validate=validate,
                             schedule=schedule, device=device, seed=args.seed, checkpoint=checkpoint,
                             resume=bool(args.resume), amp=args.amp,
                             trained_on=engine.trained_on(pool, images=datasets.listing_record(train, args.data),
                                                          model=[args.arch, getattr(args, "backbone", None),
                                                                 getattr(args, "weights", None)]))
+        if not result:
+            print(f"=> no evaluation set: the model trained on {split} labelled images is in {checkpoint}, "
+                  "not validated")
+            continue
         print(f"Final accuracy of {split} labeled data is: {result['top1']:.2f} "
               f"(best {result['best_top1']:.2f}, top-5 {result['top5']:.2f})")
         measures = {"top1": result["top1"], "top1_best": result["best_top1"], "top5": result["top5"],

@@ -10,6 +10,9 @@ import numpy as np
 import pytest
 
 import active_sampler
+import eval_knn
+import eval_lincls
+import finetune
 import sampler
 from lowbudget.labels import read_labels
 from tests.helpers import call_main, write_photo_folder
@@ -236,14 +239,14 @@ def write_class_images(root, per_class: int = 8, seed: int = 0) -> dict[str, str
     return kinds
 
 
-@pytest.mark.parametrize("name", ["dropquery", "entropy"])
-def test_the_labelling_loop_from_the_command_line(tmp_path, capsys, name):
+@pytest.mark.parametrize("name, mode", [("dropquery", ["--cached"]), ("entropy", ["--cached"]), ("dropquery", [])])
+def test_the_labelling_loop_from_the_command_line(tmp_path, capsys, name, mode):
     """Select, export, annotate (Label Studio's export format), import, a model-in-the-loop round on the labels,
     export the round's new picks: no file edited by hand."""
     root = tmp_path / "photos"
     kinds = write_class_images(root)
     paths = sorted(kinds)
-    backbone = ["--dataset", "folder", "--arch", "resnet18", "--backbone", "random", "--image-size", 32,
+    backbone = ["--dataset", "folder", "--arch", "resnet18", "--backbone", "random", "--image-size", 32, "-j", 0,
                 "--save", tmp_path / "save", "--indices", tmp_path / "indices"]
     status, _, err = call_main(sampler.main, [root, *backbone, "--splits", 6, "--name", "kmeans"], capsys)
     assert status == 0, err
@@ -256,7 +259,7 @@ def test_the_labelling_loop_from_the_command_line(tmp_path, capsys, name):
                                capsys)
     assert status == 0, err
     labels_file = tmp_path / "indices" / "kmeans_folder_6_labels.json"
-    status, out, err = call_main(active_sampler.main, [root, *backbone, "--cached", "--load_cache", "--labels",
+    status, out, err = call_main(active_sampler.main, [root, *backbone, *mode, "--load_cache", "--labels",
                                                        labels_file, "--resume-indices", round1, "--splits", 4,
                                                        "--name", name, "--epochs", 3], capsys)
     assert status == 0, err
@@ -274,9 +277,45 @@ def test_the_labelling_loop_from_the_command_line(tmp_path, capsys, name):
         scores = [float(r["score"]) for r in rows]
         assert scores == sorted(scores, reverse=True) and len(scores) == 4
     unlabelled_round = [round2, "--labels", labels_file]
-    status, _, err = call_main(active_sampler.main, [root, *backbone, "--cached", "--load_cache",
+    status, _, err = call_main(active_sampler.main, [root, *backbone, *mode, "--load_cache",
                                                      "--resume-indices", *unlabelled_round, "--splits", 2, "--name",
                                                      name, "--epochs", 3], capsys)
     first_new = int(pool[6])  # the round's new picks are not annotated yet
     assert status == 2 and f"--labels: image {first_new} ({paths[first_new]}) of the labelled pool has no label " \
         "(4 of 10 have none)" in err, err
+
+
+def test_evaluators_and_finetune_train_on_the_labels_of_an_unlabelled_folder(tmp_path, capsys):
+    """eval_knn and eval_lincls need an evaluation set, which an unlabelled folder has not: --val-feats gives it;
+    finetune trains on the labelled pool and, with nothing to validate on, says so."""
+    root = tmp_path / "photos"
+    kinds = write_class_images(root)
+    paths = sorted(kinds)
+    backbone = ["--dataset", "folder", "--arch", "resnet18", "--backbone", "random", "--image-size", 32, "-j", 0,
+                "--save", tmp_path / "save", "--indices", tmp_path / "indices"]
+    status, _, err = call_main(sampler.main, [root, *backbone, "--splits", 9, "--name", "kmeans"], capsys)
+    assert status == 0, err
+    pool_file = tmp_path / "indices" / "kmeans_folder_9.npy"
+    pool = np.load(pool_file)
+    csv_file = tmp_path / "labels.csv"
+    csv_file.write_text("index,label\n" + "".join(f"{i},{kinds[paths[i]]}\n" for i in pool.tolist()))
+    status, _, err = call_main(import_labels.main, [pool_file, csv_file, "--data", root], capsys)
+    assert status == 0, err
+    labels = ["--labels", tmp_path / "indices" / "kmeans_folder_9_labels.json", "--splits", 9, "--name", "kmeans"]
+    status, _, err = call_main(eval_knn.main, [root, *backbone, "--load_cache", *labels], capsys)
+    assert status == 2 and "--val-feats:" in err and "has no evaluation set" in err
+    rng = np.random.default_rng(1)
+    val = tmp_path / "val.npz"
+    np.savez(val, feats=rng.standard_normal((12, 512)).astype(np.float32), labels=np.arange(12) % 3)
+    for program in (eval_knn, eval_lincls):
+        extra = ["--cached", "--epochs", 2] if program is eval_lincls else []
+        status, out, err = call_main(program.main, [root, *backbone, "--load_cache", "--val-feats", val, *labels,
+                                                    *extra], capsys)
+        assert status == 0, err
+        assert "current indices size: 9" in out or "with 9 indices" in out
+    status, out, err = call_main(finetune.main, [root, *backbone, *labels, "--epochs", 1, "-b", 3], capsys)
+    assert status == 0, err
+    assert "=> no evaluation set: the model trained on 9 labelled images is in" in out
+    records = [json.loads(line) for line in (tmp_path / "save" / "results.jsonl").read_text().splitlines()]
+    assert {r["script"] for r in records if r["metric"].endswith("top1")} == {"eval_knn", "eval_lincls"}
+    assert not [r for r in records if r["script"] == "finetune"]
