@@ -294,8 +294,9 @@ def add_backbone_args(parser: argparse.ArgumentParser, arch: str = "resnet50") -
                         help="stop at the first image file that cannot be decoded (default: report it, skip "
                              "it: it keeps its index but is never selected)")
     parser.add_argument("--feats", default=None, type=str, metavar="FILE",
-                        help="precomputed train features (.npy, .npz with feats/labels, or a "
-                             "(feats, labels) .pth/.pth.tar); data and --weights are then optional")
+                        help="precomputed train features (.npy, .npz with feats/labels, a (feats, labels) "
+                             ".pth/.pth.tar, or a .parquet table with an embedding column); data and --weights "
+                             "are then optional")
     parser.add_argument("--feats-dtype", default="float32", choices=FEATURE_DTYPES,
                         help="how the features are held in memory and cached: float16 halves the memory and the "
                              "bytes read, distances stay float32 (default: float32)")

@@ -26,6 +26,8 @@ from tqdm import tqdm
 from lowbudget import datasets, distributed
 from lowbudget.cli import UsageError
 from lowbudget.fileio import file_digest
+from lowbudget.parquet import read_parquet_features
+from models.checkpoints import load_weights_only
 
 MEMMAP_MODE: Literal["c"] = "c"  # copy-on-write: the file opened read-only, the array writable as a loaded one
 BLOCK_BYTES = 1 << 24  # rows read, checked, normalised or converted at a time (16 MiB of them)
@@ -319,8 +321,11 @@ def _read_feature_arrays(path: str, flag: str) -> tuple[RowSource, np.ndarray | 
             if "feats" not in data:
                 raise UsageError(f"{flag}: {path!r} has no 'feats' array")
             return npz_source(path, data, "feats"), (data["labels"] if "labels" in data else None)
+    if path.endswith(".parquet"):
+        table = read_parquet_features(path, flag)
+        return table.feats, table.labels
     if path.endswith((".pth", ".pth.tar", ".pt")):
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = load_weights_only(path)
         if isinstance(obj, dict) and "feats" in obj:
             obj = (obj["feats"], obj.get("labels"))
         if not isinstance(obj, (tuple, list)) or len(obj) < 1:
@@ -328,7 +333,7 @@ def _read_feature_arrays(path: str, flag: str) -> tuple[RowSource, np.ndarray | 
         feats = obj[0]
         labels = obj[1] if len(obj) > 1 else None
         return _as_numpy(feats), (None if labels is None else _as_numpy(labels))
-    raise UsageError(f"{flag}: {path!r} is not .npy, .npz, .pth or .pth.tar")
+    raise UsageError(f"{flag}: {path!r} is not .npy, .npz, .pth, .pth.tar or .parquet")
 
 
 MAX_FOLDER_CLASSES = 100_000  # --dataset folder: labels at or above this are a slip (a head that wide is GBs)

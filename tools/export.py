@@ -4,6 +4,10 @@ Usage, from the repository root:
 
     python tools/export.py INDEX_FILE --data DIR --out DIR [--dataset folder] [--unlabeled]
         [--url-prefix /data/local-files/?d=] [--compare INDEX_FILE2] [--labels FILE] [--thumb 96] [--columns 10]
+    python tools/export.py INDEX_FILE --feats TABLE.parquet --out DIR
+
+With --feats (a selection made from a Parquet table of embeddings, sampler.py --feats TABLE.parquet) it
+writes STEM.csv alone, `index,id,label,priority,score`, `id` being the table's id (or path) column.
 
 The index file's entries are dataset indices, mapped to images exactly as sampler.py listed them (pass
 the same DIR, --dataset and --unlabeled). Writes into --out, STEM being the index file's name without
@@ -54,9 +58,10 @@ from tqdm import tqdm
 
 from lowbudget import cli, datasets
 from lowbudget.cli import UsageError
-from lowbudget.fileio import atomic_write_folder
+from lowbudget.fileio import atomic_write_folder, file_digest
 from lowbudget.indices import read_indices, read_sidecar
 from lowbudget.labels import read_labels
+from lowbudget.parquet import read_parquet_features
 
 GAP = 4  # pixels around every thumbnail
 STRIP = 20  # height of the title strip above each panel
@@ -68,7 +73,11 @@ FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")  # what a spreadsheet reads as
 def build_parser() -> argparse.ArgumentParser:
     parser = cli.Parser(description=__doc__.splitlines()[0])
     parser.add_argument("index_file", metavar="INDEX_FILE", help="index file written by a sampler (.npy)")
-    parser.add_argument("--data", required=True, metavar="DIR", help="the dataset root the sampler read")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--data", metavar="DIR", help="the dataset root the sampler read")
+    source.add_argument("--feats", metavar="FILE.parquet",
+                        help="the Parquet table the sampler read with --feats: its rows' id (or path) column named, "
+                             "in a CSV only")
     parser.add_argument("--out", required=True, metavar="DIR", help="folder for the exported files")
     parser.add_argument("--dataset", default=None, choices=cli.DATASET_NAMES,
                         help="dataset name (default: the index file's sidecar's, else folder)")
@@ -166,6 +175,8 @@ def check_listing(recorded: object, current: dict | None, path: str, root: str) 
 def check_args(args: argparse.Namespace) -> None:
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise UsageError(f"--out: {args.out!r} is a file, not a folder")
+    if args.data is None:
+        return
     data, out = os.path.realpath(args.data), os.path.realpath(args.out)  # symbolic links resolved: one may lead inside
     if os.path.commonpath([data, out]) == data:
         raise UsageError(f"--out: {args.out!r} is inside --data: exported images would join the dataset "
@@ -296,9 +307,37 @@ def png_bytes(image: Image.Image) -> bytes:
     return out.getvalue()
 
 
+def table_csv(args: argparse.Namespace) -> dict[str, bytes]:
+    """The selection from a Parquet table (--feats) as `index,id,label,priority,score`: each row's id (or path)
+    and label as the table gives them; the table must be the one the sidecar says was read."""
+    if not args.feats.endswith(".parquet"):
+        raise UsageError(f"--feats: {args.feats!r} is not a .parquet table (only a table names its rows)")
+    table = read_parquet_features(args.feats, "--feats")
+    sidecar = read_sidecar(args.index_file, "INDEX_FILE")
+    recorded = sidecar.get("features")
+    if isinstance(recorded, str) and recorded.split("-")[0] != file_digest(args.feats):
+        raise UsageError(f"--feats: {args.feats!r} is not the table {args.index_file!r} was selected from (its "
+                         "contents changed, or another file)")
+    indices = read_indices(args.index_file, len(table.feats), flag="INDEX_FILE", dataset=sidecar.get("dataset"))
+    stem = os.path.basename(args.index_file).removesuffix(".npy")
+    selection = in_priority_order(IndexFile(stem, indices, stem, recorded_scores(sidecar, len(indices),
+                                                                                   args.index_file, "INDEX_FILE")))
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(["index", table.id_column or "id", "label", "priority", "score"])
+    for rank, i in enumerate(selection.indices.tolist()):
+        name = "" if table.ids is None else table.ids[i]
+        label = "" if table.labels is None else str(int(table.labels[i]))
+        writer.writerow([i, spreadsheet_text(name), label, rank + 1, score_text(selection, rank)])
+    return {f"{stem}.csv": out.getvalue().encode()}
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     check_args(args)
+    if args.feats:
+        write_outputs(args.out, table_csv(args))
+        return
     dataset = resolve_dataset(args)
     images = datasets.load_images(dataset, args.data, "train", args.lt_list, unlabeled=args.unlabeled)
     selections = [read_selection(path, images, root=args.data, dataset=dataset, flag=flag)
