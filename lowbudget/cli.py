@@ -312,6 +312,16 @@ def add_precision_arg(parser: argparse.ArgumentParser) -> None:
                              "(default: auto)")
 
 
+def add_selection_listing_args(parser: argparse.ArgumentParser) -> None:
+    """--dataset, --unlabeled and --lt-list of the tools that read a selection's images: how the sampler listed
+    them, the dataset by default the index file's sidecar's."""
+    parser.add_argument("--dataset", default=None, choices=DATASET_NAMES,
+                        help="dataset name (default: the index file's sidecar's, else folder)")
+    add_unlabeled_arg(parser)
+    parser.add_argument("--lt-list", default="data/ImageNet_LT_train.txt",
+                        help="ImageNet-LT train list (default: data/ImageNet_LT_train.txt)")
+
+
 def add_labels_arg(parser: argparse.ArgumentParser) -> None:
     """--labels: the annotations of an unlabelled folder (tools/import_labels.py), for the scripts that train."""
     parser.add_argument("--labels", default=None, type=str, metavar="FILE",

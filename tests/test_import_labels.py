@@ -239,18 +239,24 @@ def write_class_images(root, per_class: int = 8, seed: int = 0) -> dict[str, str
     return kinds
 
 
+def kmeans_on_class_images(tmp_path, capsys, budget: int):
+    """write_class_images, embedded by a random ResNet-18 and a k-means pick of `budget`: (folder, kinds, the
+    backbone and output flags, the index file)."""
+    root = tmp_path / "photos"
+    kinds = write_class_images(root)
+    backbone = ["--dataset", "folder", "--arch", "resnet18", "--backbone", "random", "--image-size", 32, "-j", 0,
+                "--save", tmp_path / "save", "--indices", tmp_path / "indices"]
+    status, _, err = call_main(sampler.main, [root, *backbone, "--splits", budget, "--name", "kmeans"], capsys)
+    assert status == 0, err
+    return root, kinds, backbone, tmp_path / "indices" / f"kmeans_folder_{budget}.npy"
+
+
 @pytest.mark.parametrize("name, mode", [("dropquery", ["--cached"]), ("entropy", ["--cached"]), ("dropquery", [])])
 def test_the_labelling_loop_from_the_command_line(tmp_path, capsys, name, mode):
     """Select, export, annotate (Label Studio's export format), import, a model-in-the-loop round on the labels,
     export the round's new picks: no file edited by hand."""
-    root = tmp_path / "photos"
-    kinds = write_class_images(root)
+    root, kinds, backbone, round1 = kmeans_on_class_images(tmp_path, capsys, 6)
     paths = sorted(kinds)
-    backbone = ["--dataset", "folder", "--arch", "resnet18", "--backbone", "random", "--image-size", 32, "-j", 0,
-                "--save", tmp_path / "save", "--indices", tmp_path / "indices"]
-    status, _, err = call_main(sampler.main, [root, *backbone, "--splits", 6, "--name", "kmeans"], capsys)
-    assert status == 0, err
-    round1 = tmp_path / "indices" / "kmeans_folder_6.npy"
     status, _, err = call_main(export.main, [round1, "--data", root, "--out", tmp_path / "export1"], capsys)
     assert status == 0, err
     annotated = write_json(tmp_path / "project-1.json", label_studio_export(
@@ -288,14 +294,8 @@ def test_the_labelling_loop_from_the_command_line(tmp_path, capsys, name, mode):
 def test_evaluators_and_finetune_train_on_the_labels_of_an_unlabelled_folder(tmp_path, capsys):
     """eval_knn and eval_lincls need an evaluation set, which an unlabelled folder has not: --val-feats gives it;
     finetune trains on the labelled pool and, with nothing to validate on, says so."""
-    root = tmp_path / "photos"
-    kinds = write_class_images(root)
+    root, kinds, backbone, pool_file = kmeans_on_class_images(tmp_path, capsys, 9)
     paths = sorted(kinds)
-    backbone = ["--dataset", "folder", "--arch", "resnet18", "--backbone", "random", "--image-size", 32, "-j", 0,
-                "--save", tmp_path / "save", "--indices", tmp_path / "indices"]
-    status, _, err = call_main(sampler.main, [root, *backbone, "--splits", 9, "--name", "kmeans"], capsys)
-    assert status == 0, err
-    pool_file = tmp_path / "indices" / "kmeans_folder_9.npy"
     pool = np.load(pool_file)
     csv_file = tmp_path / "labels.csv"
     csv_file.write_text("index,label\n" + "".join(f"{i},{kinds[paths[i]]}\n" for i in pool.tolist()))

@@ -79,11 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the Parquet table the sampler read with --feats: its rows' id (or path) column named, "
                              "in a CSV only")
     parser.add_argument("--out", required=True, metavar="DIR", help="folder for the exported files")
-    parser.add_argument("--dataset", default=None, choices=cli.DATASET_NAMES,
-                        help="dataset name (default: the index file's sidecar's, else folder)")
-    cli.add_unlabeled_arg(parser)
-    parser.add_argument("--lt-list", default="data/ImageNet_LT_train.txt",
-                        help="ImageNet-LT train list (default: data/ImageNet_LT_train.txt)")
+    cli.add_selection_listing_args(parser)
     parser.add_argument("--url-prefix", default=LABEL_STUDIO_PREFIX,
                         help=f"put before each relative path in the Label Studio file (default: {LABEL_STUDIO_PREFIX})")
     parser.add_argument("--compare", default=None, metavar="INDEX_FILE2",

@@ -60,11 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("annotations", metavar="ANNOTATIONS",
                         help="Label Studio JSON export, CSV (label and index or path), or a class-folder tree")
     parser.add_argument("--data", required=True, metavar="DIR", help="the dataset root the sampler read")
-    parser.add_argument("--dataset", default=None, choices=cli.DATASET_NAMES,
-                        help="dataset name (default: the index file's sidecar's, else folder)")
-    cli.add_unlabeled_arg(parser)
-    parser.add_argument("--lt-list", default="data/ImageNet_LT_train.txt",
-                        help="ImageNet-LT train list (default: data/ImageNet_LT_train.txt)")
+    cli.add_selection_listing_args(parser)
     parser.add_argument("--classes", default=None, metavar="NAMES",
                         help="comma-separated class names every label must be one of (default: those of --merge, "
                              "else the labels found)")
