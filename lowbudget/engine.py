@@ -94,14 +94,18 @@ class SeededItems(Dataset[datasets.TrainingItem]):
 
 
 def image_loader(images: datasets.Images, pool: np.ndarray, dataset: str, image_size: int | None, batch_size: int,
-                 workers: int, preprocess: datasets.Preprocess | None = None) -> EpochBatches:
+                 workers: int, preprocess: datasets.Preprocess | None = None, *, batch_norm: bool = False
+                 ) -> EpochBatches:
     """Shuffled, augmented (image, label) batches of the pool for each epoch, normalised as the backbone's
     `preprocess` says (else as the dataset's); under torchrun this process's share of each batch, from a
-    DistributedSampler."""
+    DistributedSampler. `batch_norm` (a network whose BatchNorm layers train) leaves out a last batch of a
+    single image, which BatchNorm cannot train on, when the epoch has other batches."""
     items = SeededItems(datasets.AugmentedSubset(images, pool, dataset, image_size, preprocess))
     sampler: DistributedSampler[datasets.TrainingItem] | None = (
         DistributedSampler(items, seed=0) if distributed.active() else None)
     per_process = distributed.per_process_batch(batch_size)
+    share = len(items) if sampler is None else sampler.num_samples
+    drop_single = batch_norm and share > per_process and share % per_process == 1
 
     def epoch_batches(seed: int) -> Batches:
         items.epoch_seed = seed
@@ -109,7 +113,7 @@ def image_loader(images: datasets.Images, pool: np.ndarray, dataset: str, image_
             sampler.set_epoch(seed)  # it shuffles with seed + epoch, here the epoch's own seed
         return DataLoader(items, batch_size=per_process, shuffle=sampler is None, sampler=sampler,
                           num_workers=workers, generator=torch.Generator().manual_seed(seed),
-                          pin_memory=torch.cuda.is_available())
+                          pin_memory=torch.cuda.is_available(), drop_last=drop_single)
     return epoch_batches
 
 

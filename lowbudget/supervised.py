@@ -73,7 +73,7 @@ def train_splits(args: argparse.Namespace, script: str, build: ModelBuilder, val
         model, make_optimizer = build(num_classes)
         model = distributed.ddp(on_device(model, device), device)
         batches = engine.image_loader(train, pool, args.dataset, args.image_size, args.batch_size, args.workers,
-                                      preprocess)
+                                      preprocess, batch_norm=True)
         checkpoint = cli.checkpoint_for(args, os.path.join(args.save, f"{script}_{args.name}_{args.dataset}_{split}"
                                                                       f"_seed{args.seed}.pth"))
         validate = None if val_labels is None else functools.partial(
