@@ -52,6 +52,9 @@ def required_args(parser: argparse.ArgumentParser) -> list[str]:
             args.append("missing.input")
         elif action.required:
             args += [action.option_strings[0], "missing.input"]
+    for group in parser._mutually_exclusive_groups:  # one of a required choice (export's --data or --feats)
+        if group.required:
+            args += [group._group_actions[0].option_strings[0], "missing.input"]
     return args
 
 
