@@ -315,7 +315,7 @@ def test_real_efficientnet_lite0_beats_random_weights(tmp_path):
     if not os.path.isdir(datasets.DEBIAN_FASHION_DIR):
         pytest.skip(f"real Fashion-MNIST images are needed ({datasets.DEBIAN_FASHION_DIR}: apt-get install "
                     "dataset-fashion-mnist)")
-    train = datasets.load_fashion_mnist(datasets.DEBIAN_FASHION_DIR, "train").subset(np.arange(1000))
+    train = datasets.load_fashion_mnist(datasets.DEBIAN_FASHION_DIR, "train").subset(np.arange(500))
     test = datasets.load_fashion_mnist(datasets.DEBIAN_FASHION_DIR, "val").subset(np.arange(500))
     pretrained, _, preprocess = load_backbone("tf_efficientnet_lite0", "timm", weights, image_size=64)
     torch.manual_seed(0)
@@ -328,7 +328,7 @@ def test_real_efficientnet_lite0_beats_random_weights(tmp_path):
         nearest = (b @ a.T).argmax(axis=1)
         accuracies[label] = float((train.labels[nearest] == test.labels).mean())
         print(f"{label}: 1-NN {accuracies[label]:.3f} ({time.perf_counter() - start:.1f} s)")
-    assert accuracies["lite0"] > accuracies["random"] + 0.05, accuracies  # measured: 0.788 vs 0.680 at 64 px
+    assert accuracies["lite0"] > accuracies["random"] + 0.05, accuracies  # measured: 0.758 vs 0.668 at 64 px
 
 
 # ---------------------------------------------------------------- downloads offline, caches per weights
