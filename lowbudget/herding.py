@@ -30,8 +30,9 @@ class HerdingKernel:
     @property
     def rounding(self) -> float:
         """The relative float32 error of one kernel entry, whichever block shape computed it: the squared
-        distance |a|^2 + |b|^2 - 2 a.b of unit rows is off by a few float32 steps of its terms (at most 4)
-        plus the D-term dot product's rounding (about sqrt(D) steps), which the Gaussian divides by h^2."""
+        distance |a|^2 + |b|^2 - 2 a.b of unit rows is off by up to 8 float32 steps of 1 (its terms reach 2)
+        plus the D-term sums' rounding (about sqrt(D) steps); the Gaussian divides that by h^2, and exp
+        rounds once more. tests/test_low_budget.py checks it against the kernel in float64."""
         return float(np.finfo(np.float32).eps) * (1 + (8 + math.sqrt(self.feats.shape[1])) / self.bandwidth ** 2)
 
     def rows(self, rows: torch.Tensor) -> torch.Tensor:
