@@ -8,7 +8,7 @@ import torch
 
 import sampler
 from lowbudget import datasets, features
-from tests.helpers import call_main, compress_checkpoint, resnet_backbone_state
+from tests.helpers import call_main, compress_checkpoint, resnet_backbone_state, run_cli, run_script
 
 
 def base_args(tmp_path, root, name, splits, *extra):
@@ -84,15 +84,31 @@ def index_files(out, name) -> list[bytes]:
     return [(out / "idx" / f"{name}_cifar10_{n}.npy").read_bytes() for n in sizes]
 
 
-@pytest.mark.parametrize("name", ["random", "uniform", "kmeans", "accu_kmeans", "coreset"])
-def test_seeded_runs_write_identical_files(tmp_path, cifar10_root, capsys, script_run, name):
-    """A second seeded run, in this process after the first or in a new process, writes the same bytes."""
+def assert_a_second_run_writes_the_same_bytes(tmp_path, cifar10_root, capsys, name, second_run) -> None:
     status, _, err = call_main(sampler.main, seeded_args(tmp_path / "a", cifar10_root, name), capsys)
     assert status == 0, err
     forget_earlier_runs()
-    status, _, err = script_run("sampler.py", *seeded_args(tmp_path / "b", cifar10_root, name))
+    status, _, err = second_run(seeded_args(tmp_path / "b", cifar10_root, name))
     assert status == 0, err
     assert index_files(tmp_path / "a", name) == index_files(tmp_path / "b", name)
+
+
+@pytest.mark.parametrize("name", ["random", "uniform", "kmeans", "accu_kmeans", "coreset"])
+def test_seeded_runs_write_identical_files(tmp_path, cifar10_root, capsys, monkeypatch, name):
+    """A second seeded run in this process, through the script's __main__ block, writes the same bytes."""
+    assert_a_second_run_writes_the_same_bytes(tmp_path, cifar10_root, capsys, name,
+                                              lambda args: run_script("sampler.py", args, capsys, monkeypatch))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["random", "kmeans"])
+def test_seeded_runs_in_a_new_process_write_identical_files(tmp_path, cifar10_root, capsys, name):
+    """A second seeded run in a new process (fresh global state) writes the same bytes: a label-only strategy
+    and one that runs the backbone and faiss."""
+    def new_process(args):
+        done = run_cli("sampler.py", *args)
+        return done.returncode, done.stdout, done.stderr
+    assert_a_second_run_writes_the_same_bytes(tmp_path, cifar10_root, capsys, name, new_process)
 
 
 def test_feats_file_without_data_and_row_warning(tmp_path, capsys):
