@@ -280,7 +280,8 @@ def run_all(runs: list[Run], logs: str, jobs: int) -> None:
     """Run every step, each after the step it reads from: one after another in this process (jobs 1), else up to
     `jobs` at once in worker processes. A line per finished step and a bar go to the terminal, whatever the
     steps write goes to their logs."""
-    terminal = os.fdopen(os.dup(2), "w")  # stays the terminal while a step in this process has fd 2 captured
+    # the terminal, also while a step in this process has fd 2 captured; line by line, for a log file too
+    terminal = os.fdopen(os.dup(2), "w", buffering=1)
     count = itertools.count(1)
     with terminal, tqdm(total=len(runs), desc="demo", file=terminal, disable=None) as bar:
         def finished(run: Run, seconds: float) -> None:
