@@ -244,7 +244,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.cached and not distributed.main_continues_alone():
         return
     pool = initial_pool(args, pool_data.selectable, sum(splits))
-    require_pools_labelled(args, pool_data.labels, [pool])
     print(f"current indices size: {len(pool)}. {coverage(pool_data.labels, pool)}% of all categories is seen")
     num_classes = pool_data.num_classes
     schedule = engine.Schedule(args.epochs, args.lr, milestones, max(args.print_freq, 1))

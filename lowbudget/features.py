@@ -351,13 +351,14 @@ def file_labels(args: argparse.Namespace, images: datasets.Images) -> Labels:
                        num_images=len(images))
 
 
-def training_labels(args: argparse.Namespace, own: Callable[[], np.ndarray], num_images: int
-                    ) -> tuple[np.ndarray, int | None]:
+def training_labels(args: argparse.Namespace, own: Callable[[], np.ndarray], num_images: int,
+                    listed: datasets.Images | None = None) -> tuple[np.ndarray, int | None]:
     """(the training images' labels, the class count): --labels' (UNLABELLED where it gives none) and its
     classes when given, else `own()` (the dataset's or the --feats file's labels; it raises when there are
-    none) and None, for the caller to count the classes of the data."""
+    none) and None, for the caller to count the classes of the data. `listed`: the training images when the
+    caller has listed them already, which --labels is checked against."""
     if getattr(args, "labels", None):
-        annotations = file_labels(args, split_images(args, "train"))
+        annotations = file_labels(args, listed if listed is not None else split_images(args, "train"))
         return annotations.per_image(num_images), len(annotations.classes)
     return own(), None
 
@@ -366,7 +367,7 @@ def training_images(args: argparse.Namespace) -> tuple[datasets.Images, np.ndarr
     """(the training images carrying their labels, the labels, the class count as training_labels), for the
     programs that train on the images themselves."""
     images = split_images(args, "train")
-    labels, classes = training_labels(args, lambda: own_labels(args, images), len(images))
+    labels, classes = training_labels(args, lambda: own_labels(args, images), len(images), images)
     return datasets.with_labels(images, labels), labels, classes
 
 
