@@ -286,14 +286,18 @@ def herding_sample(num_rows: int, size: int, seed: int = 0) -> np.ndarray | None
     return np.sort(np.random.default_rng(seed).choice(num_rows, size, replace=False))
 
 
+class SampleTooSmall(ValueError):
+    """A herding round asks more picks than its sample has unlabelled rows."""
+
+
 def herding_rows(num_rows: int, sample: np.ndarray | None, labeled: np.ndarray, budget: int) -> np.ndarray:
-    """A round's rows, ascending: every row, or the sample with the labelled pool added. ValueError when
+    """A round's rows, ascending: every row, or the sample with the labelled pool added. SampleTooSmall when
     the sample has fewer than `budget` unlabelled rows."""
     if sample is None:
         return np.arange(num_rows)
     rows = np.union1d(sample, labeled)
     if budget > len(rows) - len(labeled):
-        raise ValueError(f"{budget} picks asked of a sample with {len(rows) - len(labeled)} unlabelled images")
+        raise SampleTooSmall(f"{budget} picks asked of a sample with {len(rows) - len(labeled)} unlabelled images")
     return rows
 
 

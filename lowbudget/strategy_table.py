@@ -271,9 +271,7 @@ def _herding_round(name: str, inputs: Inputs, select: Callable[[], Selection]) -
     """One MaxHerding or UHerding round: --herding-sample's refusal as a UsageError, the kernel's h logged."""
     try:
         selection = select()
-    except ValueError as err:
-        if "sample" not in str(err):
-            raise
+    except strategies.SampleTooSmall as err:
         raise UsageError(f"--herding-sample: {err}; raise it, or 0 for every image") from None
     inputs.log(f"=> {name}: Gaussian kernel exp(-|x-y|^2 / h^2), h = {selection.params['bandwidth']:.4f}")
     return selection
