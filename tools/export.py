@@ -47,7 +47,7 @@ import io
 import json
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
@@ -209,14 +209,20 @@ def score_text(selection: IndexFile, rank: int) -> str:
     return f"{selection.scores[rank]:.6g}"
 
 
-def csv_text(images: datasets.Images, selection: IndexFile, root: str) -> str:
+def queue_csv(selection: IndexFile, name_column: str, name_of: Callable[[int], str],
+              label_of: Callable[[int], str]) -> str:
+    """The selection in its order as `index,NAME,label,priority,score`, the cells guarded against formulas."""
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(["index", "path", "label", "priority", "score"])
+    writer.writerow(["index", name_column, "label", "priority", "score"])
     for rank, i in enumerate(selection.indices.tolist()):
-        writer.writerow([i, spreadsheet_text(relative_path(images, i, root)), spreadsheet_text(label_name(images, i)),
-                         rank + 1, score_text(selection, rank)])
+        writer.writerow([i, spreadsheet_text(name_of(i)), spreadsheet_text(label_of(i)), rank + 1,
+                         score_text(selection, rank)])
     return out.getvalue()
+
+
+def csv_text(images: datasets.Images, selection: IndexFile, root: str) -> str:
+    return queue_csv(selection, "path", lambda i: relative_path(images, i, root), lambda i: label_name(images, i))
 
 
 def label_studio_tasks(images: datasets.FileImages, selection: IndexFile, root: str, prefix: str) -> list[dict]:
@@ -318,14 +324,9 @@ def table_csv(args: argparse.Namespace) -> dict[str, bytes]:
     stem = os.path.basename(args.index_file).removesuffix(".npy")
     selection = in_priority_order(IndexFile(stem, indices, stem, recorded_scores(sidecar, len(indices),
                                                                                    args.index_file, "INDEX_FILE")))
-    out = io.StringIO()
-    writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(["index", table.id_column or "id", "label", "priority", "score"])
-    for rank, i in enumerate(selection.indices.tolist()):
-        name = "" if table.ids is None else table.ids[i]
-        label = "" if table.labels is None else str(int(table.labels[i]))
-        writer.writerow([i, spreadsheet_text(name), label, rank + 1, score_text(selection, rank)])
-    return {f"{stem}.csv": out.getvalue().encode()}
+    text = queue_csv(selection, table.id_column or "id", lambda i: "" if table.ids is None else table.ids[i],
+                     lambda i: "" if table.labels is None else str(int(table.labels[i])))
+    return {f"{stem}.csv": text.encode()}
 
 
 def main(argv: Sequence[str] | None = None) -> None:
