@@ -24,7 +24,7 @@ import lowbudget
 from lowbudget.cli import UsageError
 from lowbudget.feature_files import normalized_rows, read_feats_file
 from lowbudget.fileio import bytes_digest
-from lowbudget.indices import index_path, read_indices, write_indices
+from lowbudget.indices import checked_indices, index_path, read_indices, write_indices
 from lowbudget.runtime import faiss_uses_gpu, resolve_device, seed_everything
 from lowbudget.strategy_table import Inputs, Strategy, check_budgets, lookup, select_pools
 
@@ -85,7 +85,8 @@ def select(features: np.ndarray | str, budget: int, strategy: str = "kmeans", la
     if isinstance(labelled, (str, os.PathLike)):
         initial = read_indices(os.fspath(labelled), len(feats), flag="labelled")
     elif labelled is not None:
-        initial = _checked_pool(np.asarray(labelled), len(feats))
+        pool = np.asarray(labelled)
+        initial = checked_indices(pool if len(pool) else pool.astype(np.int64), len(feats), "labelled")
     pool_start = initial if row.incremental else np.zeros(0, np.int64)
     check_budgets(row, [budget], len(feats), len(pool_start))
     settings = _options(row, options)
@@ -101,15 +102,3 @@ def select(features: np.ndarray | str, budget: int, strategy: str = "kmeans", la
             "features": fingerprint, "listing": None, "arch": None, "backbone": None,
             "version": lowbudget.__version__})
     return pool[len(pool_start):]
-
-
-def _checked_pool(pool: np.ndarray, num_rows: int) -> np.ndarray:
-    """`labelled` as given in memory, with the checks read_indices makes of an index file."""
-    if pool.ndim != 1 or (len(pool) and not np.issubdtype(pool.dtype, np.integer)):
-        raise UsageError(f"labelled: expected a 1-D array of dataset indices, got {pool.dtype} {pool.shape}")
-    if len(pool) and (pool.min() < 0 or pool.max() >= num_rows):
-        raise UsageError(f"labelled: indices must lie in 0..{num_rows - 1}")
-    if len(np.unique(pool)) != len(pool):
-        raise UsageError("labelled: the pool holds an index twice")
-    return pool.astype(np.int64)
-

@@ -104,18 +104,25 @@ def read_indices(path: str, num_images: int, flag: str = "--resume-indices",
         indices = np.load(path, allow_pickle=False)
     except (OSError, ValueError, EOFError) as err:
         raise UsageError(f"{flag}: cannot read index file {path!r} ({err})".splitlines()[0]) from None
-    if indices.ndim != 1 or not np.issubdtype(indices.dtype, np.integer):
-        raise UsageError(f"{flag}: {path!r} must be a 1-D integer array, got {indices.dtype} {indices.shape}")
-    if size is not None and len(indices) != size:
-        raise UsageError(f"{flag}: {path!r} holds {len(indices)} indices, its name says {size}")
-    if len(indices) and (indices.min() < 0 or indices.max() >= num_images):
-        raise UsageError(f"{flag}: {path!r} has indices outside [0, {num_images}) "
-                         f"(min {indices.min()}, max {indices.max()}): wrong dataset or pool size?")
-    if len(np.unique(indices)) != len(indices):
-        raise UsageError(f"{flag}: {path!r} contains {len(indices) - len(np.unique(indices))} duplicate indices")
-    indices = indices.astype(np.int64)
+    indices = checked_indices(indices, num_images, f"{flag}: {path!r}", size)
     check_sidecar(path, indices, flag, dataset)
     return indices
+
+
+def checked_indices(indices: np.ndarray, num_images: int, what: str, size: int | None = None) -> np.ndarray:
+    """`indices` as int64 when they are a pool: 1-D integers within [0, num_images), none twice, `size` of them
+    when given (the size an index file's name says); else a UsageError beginning with `what` (the flag and
+    file, or the argument)."""
+    if indices.ndim != 1 or not np.issubdtype(indices.dtype, np.integer):
+        raise UsageError(f"{what} must be a 1-D integer array, got {indices.dtype} {indices.shape}")
+    if size is not None and len(indices) != size:
+        raise UsageError(f"{what} holds {len(indices)} indices, its name says {size}")
+    if len(indices) and (indices.min() < 0 or indices.max() >= num_images):
+        raise UsageError(f"{what} has indices outside [0, {num_images}) "
+                         f"(min {indices.min()}, max {indices.max()}): wrong dataset or pool size?")
+    if len(np.unique(indices)) != len(indices):
+        raise UsageError(f"{what} contains {len(indices) - len(np.unique(indices))} duplicate indices")
+    return indices.astype(np.int64)
 
 
 def read_split_pools(paths: dict[int, str], num_images: int, dataset: str) -> dict[int, np.ndarray]:

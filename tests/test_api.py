@@ -83,8 +83,9 @@ def test_the_features_are_not_changed_and_unnormalised_rows_pick_as_normalised(f
     (lambda x: select(x, 10, "kmeans", knn=3), "knn: not an option of kmeans"),
     (lambda x: select(x, 10, "kmeans", kmeans_restarts=0), "--kmeans-restarts"),
     (lambda x: select(x, 10, "typiclust", typicality="cubic"), "--typicality: 'cubic' is not one of"),
-    (lambda x: select(x, 10, "coreset", labelled=[3, 3]), "labelled: the pool holds an index twice"),
-    (lambda x: select(x, 10, "coreset", labelled=[300]), "labelled: indices must lie in 0..299"),
+    (lambda x: select(x, 10, "coreset", labelled=[3, 3]), "labelled contains 1 duplicate indices"),
+    (lambda x: select(x, 10, "coreset", labelled=[300]), "labelled has indices outside [0, 300)"),
+    (lambda x: select(x, 10, "coreset", labelled=[[1]]), "labelled must be a 1-D integer array"),
     (lambda x: select(np.full((5, 4), np.nan, np.float32), 2), "NaN"),
     (lambda x: select(x[0], 2), "features: expected a non-empty 2-D array"),
 ])
