@@ -17,7 +17,7 @@ import argparse
 import functools
 import os
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -42,7 +42,17 @@ from lowbudget.metrics import coverage
 from lowbudget.results import append_result
 from lowbudget.runtime import faiss_uses_gpu, on_device, resolve_device, seed_everything
 from lowbudget.selection import Selection
-from lowbudget.strategy_table import STRATEGIES, HeadScore, Inputs, ModelScores, Strategy, add_options, lookup, names
+from lowbudget.strategy_table import (
+    STRATEGIES,
+    HeadScore,
+    Inputs,
+    ModelScores,
+    Strategy,
+    add_options,
+    lookup,
+    names,
+    no_model,
+)
 
 MODEL_ROWS = [STRATEGIES[name] for name in names(model=True)]
 
@@ -142,15 +152,17 @@ def check_room(pool_size: int, to_add: int, selectable: int) -> None:
         raise cli.UsageError(f"--splits: {to_add} images to add but only {selectable - pool_size} are unlabelled")
 
 
-def initial_pool(args: argparse.Namespace, images: Selectable, to_add: int) -> DatasetIndices:
+def initial_pool(args: argparse.Namespace, images: Selectable, to_add: int, cold_start: bool) -> DatasetIndices:
     """--resume-indices, or a seeded random pool of --init-random readable images (written as random_*.npy
-    once the rounds are known to fit)."""
+    once the rounds are known to fit), or with neither an empty pool when the strategy can start from one."""
     if args.resume_indices:
         pool = images.check(DatasetIndices(read_indices(args.resume_indices, images.num_images,
                                                         dataset=args.dataset)), "--resume-indices")
         print(f"=> Loading current indices: {args.resume_indices}")
         check_room(len(pool), to_add, images.num_rows)
         return pool
+    if args.init_random <= 0 and cold_start:
+        return DatasetIndices(np.zeros(0, np.int64))
     if args.init_random <= 0:
         raise cli.UsageError("--resume-indices: active learning needs an initial pool; give --resume-indices FILE "
                              "or --init-random N")
@@ -230,6 +242,19 @@ def select(strategy: Strategy, pool_data: RoundData, hook: ModelScores, pool: Da
     return images.dataset_indices(Rows(selection.indices)), selection
 
 
+def pool_model(pool_data: RoundData, pool: DatasetIndices, num_classes: int, schedule: engine.Schedule,
+               record: Callable[..., None]) -> ModelScores:
+    """The round's model: a head trained on `pool`, its accuracy printed and recorded, as the strategy's hook."""
+    print("Training task model started ...")
+    head, result = train_head(pool_data, pool, num_classes, schedule)
+    if result:
+        print(f"Final accuracy of {len(pool)} labeled data is: {result['top1']:.3f}")
+        record(split=len(pool), metric="active_top1", value=result["top1"])
+    else:
+        print(f"=> no evaluation set: the head trained on {len(pool)} labelled images is not validated")
+    return model_scores(pool_data, head, num_classes=num_classes, schedule=schedule)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     strategy = lookup(args.name, model=True)
@@ -243,7 +268,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     pool_data = RoundData(args, device, strategy.needs_features and not strategy.learns_from_images)
     if args.cached and not distributed.main_continues_alone():
         return
-    pool = initial_pool(args, pool_data.selectable, sum(splits))
+    pool = initial_pool(args, pool_data.selectable, sum(splits), strategy.cold_start)
     print(f"current indices size: {len(pool)}. {coverage(pool_data.labels, pool)}% of all categories is seen")
     num_classes = pool_data.num_classes
     schedule = engine.Schedule(args.epochs, args.lr, milestones, max(args.print_freq, 1))
@@ -253,15 +278,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     record = functools.partial(append_result, results_file, **fields)
     for increment in splits:
         require_pools_labelled(args, pool_data.labels, [pool])  # the last round's picks need their labels
-        print("Training task model started ...")
-        head, result = train_head(pool_data, pool, num_classes, schedule)
-        if result:
-            print(f"Final accuracy of {len(pool)} labeled data is: {result['top1']:.3f}")
-            record(split=len(pool), metric="active_top1", value=result["top1"])
-        else:
-            print(f"=> no evaluation set: the head trained on {len(pool)} labelled images is not validated")
+        hook = pool_model(pool_data, pool, num_classes, schedule, record) if len(pool) else no_model  # a cold start
         print(f"Query sampling with {args.name} started ...")
-        hook = model_scores(pool_data, head, num_classes=num_classes, schedule=schedule)
         picked, selection = select(strategy, pool_data, hook, pool, increment)
         previous, pool = pool, DatasetIndices(np.concatenate([pool, picked]))
         seen = coverage(pool_data.labels, pool)

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from lowbudget import cover, faiss_ops, herding, kcenter
+from lowbudget import cover, dcom, faiss_ops, herding, kcenter
 from lowbudget.cover import CoverGraph
 from lowbudget.herding import HerdingKernel
 from lowbudget.selection import Selection, check_budget, eligible_mask, seeded_fill
@@ -262,6 +262,46 @@ def probcover_select(graph: CoverGraph, labeled: np.ndarray, budget: int, seed: 
         picks.append(pick)
     fill = seeded_fill(eligible, budget - len(picks), seed)
     return Selection(np.concatenate([np.asarray(picks, dtype=np.int64), fill]), len(fill)), float(state.covered.mean())
+
+
+def dcom_select(feats: np.ndarray, labeled: np.ndarray, budget: int, *, labels: np.ndarray,
+                predictions: np.ndarray, margins: np.ndarray, neighbours: cover.Neighbours, seed: int = 0,
+                device: str | torch.device = "cpu") -> Selection:
+    """DCoM (Mishal & Weinshall 2024): each labelled row gets the largest ball whose purity under the model's
+    pseudo-labels (`predictions` of every row; the labelled rows' own `labels`) reaches 0.2 * coverage + 0.4,
+    found by binary search, the coverage being that of the balls themselves (dcom.consistent_radii). The
+    coverage sets the competence weight c (dcom.competence). On the ball graph of the mean radius, each pick
+    maximises c * margin uncertainty + (1 - c) * density of uncovered rows (dcom.dcom_greedy); `margins` are
+    the model's 1 - (p1 - p2) of every row. Radii and coverage are exact; the graph is ProbCover's, read off
+    the k-NN pass `neighbours` alone: a ball counts at most its k nearest rows, which bounds memory by N k
+    where the mean radius reaches thousands of rows (as it does once the model's predictions are smooth)."""
+    labeled = np.asarray(labeled, dtype=np.int64)
+    if not len(labeled):
+        raise ValueError("dcom needs a labelled pool: its radii come from the labels")
+    balls = dcom.labelled_balls(feats, labeled, labels[labeled], predictions, device)
+    radii = dcom.consistent_radii(balls, len(feats))
+    delta = float(radii.radii.mean())
+    graph = cover.cover_graph(feats, delta, neighbours, complete=False)
+    weight = dcom.competence(radii.coverage)
+    selection = dcom.dcom_greedy(graph, radii.covered, labeled, margins, weight, budget, seed)
+    return Selection(selection.indices, selection.filled, {
+        "coverage": radii.coverage, "competence": weight, "purity_threshold": radii.threshold, "delta": delta,
+        "radius_min": float(radii.radii.min()), "radius_max": float(radii.radii.max()), "edges": len(graph.indices)})
+
+
+AUTO_READY = 10.0  # labels per class from which `auto` uses the model (docs/strategies.md, measured)
+
+
+def auto_method(pool_labels: np.ndarray, ready_at: float = AUTO_READY) -> tuple[str, str]:
+    """The method of an `auto` round and why, from the labelled pool's labels alone: label-free multi-batch
+    k-means ("accu_kmeans"; k-means itself from an empty pool) until the pool holds `ready_at` labels per
+    class it has seen, DropQuery from then on."""
+    if not len(pool_labels):
+        return "accu_kmeans", "no labels yet: k-means"
+    per_class = len(pool_labels) / len(np.unique(pool_labels))
+    if per_class >= ready_at:
+        return "dropquery", f"{per_class:.1f} labels per class, at least {ready_at:g}: the model is ready"
+    return "accu_kmeans", f"{per_class:.1f} labels per class, fewer than {ready_at:g}: label-free"
 
 
 def labelled_bandwidth(feats: np.ndarray, labeled: np.ndarray, gpu: bool = False) -> float | None:

@@ -94,6 +94,13 @@ def purity_delta(feats: np.ndarray, pseudo_labels: np.ndarray, purity: float, ne
     return delta
 
 
+class TooManyEdges(ValueError):
+    """A ball graph would hold more edges than memory allows."""
+
+    def __init__(self, delta: float, max_edges: int):
+        super().__init__(f"δ = {delta:.4g} gives more than {max_edges} edges; choose a smaller δ")
+
+
 @dataclass(frozen=True)
 class CoverGraph:
     """Symmetric δ-ball graph in CSR form: the ball of row i is indices[indptr[i]:indptr[i+1]] (itself included)."""
@@ -125,29 +132,31 @@ def _range_blocks(feats: np.ndarray, rows: np.ndarray, delta: float, approximate
 
 def _range_edges(feats: np.ndarray, rows: np.ndarray, delta: float, max_edges: int,
                  approximate: ivf.CellIndex | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """All (row, y) with |x_row - y| < δ for `rows` (_range_blocks); ValueError past `max_edges`."""
+    """All (row, y) with |x_row - y| < δ for `rows` (_range_blocks); TooManyEdges past `max_edges`."""
     sources, targets, edges = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)], 0
     for source, target in _range_blocks(feats, rows, delta, approximate) if len(rows) else []:
         sources.append(source)
         targets.append(target)
         edges += len(target)
         if edges > max_edges:
-            raise ValueError(f"δ = {delta:.4g} gives more than {max_edges} edges; choose a smaller δ")
+            raise TooManyEdges(delta, max_edges)
     return np.concatenate(sources), np.concatenate(targets)
 
 
 def cover_graph(feats: np.ndarray, delta: float, neighbours: Neighbours, max_edges: int = 2 ** 29,
-                approximate: ivf.CellIndex | None = None) -> CoverGraph:
+                approximate: ivf.CellIndex | None = None, complete: bool = True) -> CoverGraph:
     """Edges x - y for |x - y| < δ, and x - x, as a sparse edge list: memory grows with the number
     of edges, never N x N. A ball smaller than the k precomputed neighbours is read off them; the
     rows whose k-th neighbour is still inside δ are range-searched in full (in the `approximate`
-    index when given). Raises ValueError past `max_edges` (δ too large for memory)."""
+    index when given), or with `complete` False keep their k neighbours alone (at most N (2k + 1)
+    edges, whatever δ). Raises TooManyEdges past `max_edges` (δ too large for memory)."""
     n = len(feats)
     inside = neighbours.sq_dist < delta * delta
-    overflow = np.flatnonzero(inside[:, -1]) if neighbours.index.shape[1] < n else np.zeros(0, np.int64)
+    overflow = (np.flatnonzero(inside[:, -1]) if complete and neighbours.index.shape[1] < n
+                else np.zeros(0, np.int64))
     inside[overflow] = False
     if inside.sum() > max_edges:
-        raise ValueError(f"δ = {delta:.4g} gives more than {max_edges} edges; choose a smaller δ")
+        raise TooManyEdges(delta, max_edges)
     far_rows, far_cols = _range_edges(feats, overflow, delta, max_edges, approximate=approximate)
     rows = np.concatenate([np.arange(n), np.nonzero(inside)[0], far_rows])
     cols = np.concatenate([np.arange(n), neighbours.index[inside], far_cols])
@@ -187,8 +196,11 @@ class Coverage:
         self.degree = np.diff(graph.indptr)
 
     def add(self, centres: np.ndarray) -> None:
-        """Cover the balls of `centres`; every ball that held a newly covered point loses it."""
-        members = np.unique(ball_members(self.graph, np.atleast_1d(centres)))
-        new = members[~self.covered[members]]
+        """Cover the balls of `centres`."""
+        self.cover_rows(np.unique(ball_members(self.graph, np.atleast_1d(centres))))
+
+    def cover_rows(self, rows: np.ndarray) -> None:
+        """Cover `rows` (unique); every ball that held a newly covered row loses it."""
+        new = rows[~self.covered[rows]]
         self.covered[new] = True
         np.subtract.at(self.degree, ball_members(self.graph, new), 1)  # symmetric: y's ball = balls holding y

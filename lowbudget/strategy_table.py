@@ -45,7 +45,8 @@ class ModelScores(Protocol):
                  ) -> np.ndarray: ...
 
 
-def _no_model(rows: np.ndarray, score: HeadScore, *, trained_on: np.ndarray | None = None) -> np.ndarray:
+def no_model(rows: np.ndarray, score: HeadScore, *, trained_on: np.ndarray | None = None) -> np.ndarray:
+    """The hook where no model exists (no labelled pool, or a strategy that needs none)."""
     raise TypeError("this strategy needs a model trained on the pool: give Inputs(model_scores=...)")
 
 
@@ -60,7 +61,7 @@ class Inputs:
     gpu: bool = False  # faiss on GPU
     verbose: bool = False  # faiss' own progress lines
     log: Callable[[str], None] = print
-    model_scores: ModelScores = _no_model
+    model_scores: ModelScores = no_model
     pixels: datasets.Images | None = None  # the training images, for strategies that learn from them (VAAL)
     dataset: str = ""  # the dataset `pixels` belong to (how to decode them)
     workers: int = 0  # data-loading processes for `pixels`
@@ -101,6 +102,7 @@ class Strategy:
     # features with --cached: the program then embeds nothing for it
     learns_from_images: bool = False
     randomised: bool = False  # the seed changes the selection (beyond ties)
+    cold_start: bool = False  # a round strategy whose first round needs no labels: it may start from an empty pool
     nested: bool = False  # the pool of a larger absolute budget contains the smaller one's
     options: tuple[Option, ...] = field(default=())
     label: str = ""  # its name in tables and plots (the paper's, e.g. Max-Entropy); the name itself when empty
@@ -116,10 +118,10 @@ class Strategy:
 
 # ---------------------------------------------------------------- options
 
-KMEANS_RESTARTS = Option("--kmeans-restarts", 5, "kmeans, accu_kmeans: faiss k-means runs, the best kept (the "
+KMEANS_RESTARTS = Option("--kmeans-restarts", 5, "kmeans, accu_kmeans, auto: faiss k-means runs, the best kept (the "
                          "original's 5; each costs a whole k-means)", cli.int_at_least(1), metavar="N")
-KMEANS_SAMPLE = Option("--kmeans-sample", None, "kmeans, accu_kmeans: train k-means on a seeded sample of N points "
-                       "per cluster (faiss' subsampling), then assign every point exactly (default: all points, "
+KMEANS_SAMPLE = Option("--kmeans-sample", None, "kmeans, accu_kmeans, auto: train k-means on a seeded sample of N "
+                       "points per cluster (faiss' subsampling), then assign every point exactly (default: all points, "
                        "the original's)", cli.int_at_least(1), metavar="N")
 KMEANS_OPTIONS = (KMEANS_RESTARTS, KMEANS_SAMPLE)
 MAX_CLUSTERS = Option("--max-clusters", 500, "typiclust: at most this many k-means clusters (|pool| + increment "
@@ -137,11 +139,11 @@ PURITY = Option("--purity", 0.95, "probcover: purity target of --delta auto", cl
 PSEUDO_CLASSES = Option("--pseudo-classes", None, "probcover: clusters of the pseudo-labels of --delta auto "
                         "(default: the number of classes in the labels; required without labels)",
                         cli.int_at_least(2), metavar="K")
-NEIGHBOURS = Option("--neighbours", "auto", "probcover: nearest-neighbour search: exact (faiss flat, N^2 distances), "
-                    "ivf (approximate: an inverted file of 2 sqrt(N) cells searched by matrix products, its probed "
-                    f"cells raised until recall@64 on 1,000 sampled rows reaches {ivf.TARGET_RECALL}; printed and "
-                    f"recorded), or auto: ivf from {ivf.APPROXIMATE_FROM_ROWS:,} rows on a CPU, exact below "
-                    "and on a GPU",
+NEIGHBOURS = Option("--neighbours", "auto", "probcover, dcom: nearest-neighbour search: exact (faiss flat, N^2 "
+                    "distances), ivf (approximate: an inverted file of 2 sqrt(N) cells searched by matrix products, "
+                    f"its probed cells raised until recall@64 on 1,000 sampled rows reaches {ivf.TARGET_RECALL}; "
+                    f"printed and recorded), or auto: ivf from {ivf.APPROXIMATE_FROM_ROWS:,} rows on a CPU, exact "
+                    "below and on a GPU",
                     choices=ivf.NEIGHBOUR_SEARCHES)
 BANDWIDTH_HELP = ("h of the Gaussian kernel exp(-|x-y|^2 / h^2) on the L2-normalised features, exact over all "
                   "points (up to --herding-sample); auto: the smallest distance between two labelled points "
@@ -158,10 +160,14 @@ HERDING_SAMPLE = Option("--herding-sample", 60_000, "maxherding, uherding: from 
 CALIBRATION_HOLDOUT = Option("--calibration-holdout", 0.3, "uherding: share of the labelled pool held out to choose "
                              "the softmax temperature (1.0 to 20 by 0.1, smallest 15-bin ECE) of a head trained on "
                              "the rest", cli.share)
-DROPOUT = Option("--dropout", 0.75, "dropquery: probability of dropping each input feature of the head",
+DROPOUT = Option("--dropout", 0.75, "dropquery, auto: probability of dropping each input feature of the head",
                  cli.Number(0, 0.99, low_open=True))
-DROPOUT_PASSES = Option("--dropout-passes", 3, "dropquery: predictions with dropout compared with the one without; "
-                        "candidates differ in more than half of them", cli.int_at_least(1))
+DROPOUT_PASSES = Option("--dropout-passes", 3, "dropquery, auto: predictions with dropout compared with the one "
+                        "without; candidates differ in more than half of them", cli.int_at_least(1))
+AUTO_READY = Option("--auto-ready", strategies.AUTO_READY, "auto: labels per class (the pool's size over the "
+                    "classes it holds) from which a round uses the model trained on the pool (dropquery); before, "
+                    "label-free multi-batch k-means (accu_kmeans; k-means from an empty pool)",
+                    cli.Number(0, 1e6, low_open=True), metavar="N")
 VAAL_EPOCHS = Option("--vaal-epochs", vaal.VaalSettings.epochs, "vaal: epochs of VAE and discriminator training "
                      "per round (an epoch: every training image once, labelled and unlabelled)", cli.EPOCHS)
 VAAL_IMAGE_SIZE = Option("--vaal-image-size", vaal.VaalSettings.image_size, "vaal: the image VAE's input size "
@@ -226,6 +232,22 @@ def _pseudo_class_count(inputs: Inputs, options: Options) -> int | None:
     return None if inputs.labels is None else len(np.unique(inputs.labels))
 
 
+def _neighbour_index(inputs: Inputs, options: Options, name: str) -> ivf.CellIndex | None:
+    """--neighbours' inverted file (None: exact search), its recall logged."""
+    approximate = cover.probcover_index(inputs.feats, options["neighbours"], seed=inputs.seed, gpu=inputs.gpu)
+    if approximate is not None:
+        inputs.log(f"=> {name}: approximate neighbours (IVF, {approximate.cells} cells, "
+                   f"{approximate.probes} probed): recall@{approximate.k} {approximate.recall:.3f} on "
+                   f"{min(ivf.RECALL_QUERIES, inputs.num_rows)} sampled rows (target {ivf.TARGET_RECALL})")
+    return approximate
+
+
+def _neighbour_params(approximate: ivf.CellIndex | None) -> dict[str, Any]:
+    """What the sidecar records of --neighbours."""
+    return {"neighbours": "exact" if approximate is None else "ivf",
+            "recall": None if approximate is None else approximate.recall}
+
+
 def _build_probcover(inputs: Inputs, options: Options) -> Step:
     """Choose δ (given, or the purity heuristic), build the ball graph once, report the coverage of each round."""
     delta, purity = options["delta"], options["purity"]
@@ -234,11 +256,7 @@ def _build_probcover(inputs: Inputs, options: Options) -> Step:
         raise UsageError("--pseudo-classes: --delta auto needs the class count, and the features have no labels")
     if delta is None and classes is not None and classes > inputs.num_rows:
         raise UsageError(f"--pseudo-classes: {classes} clusters for {inputs.num_rows} points")
-    approximate = cover.probcover_index(inputs.feats, options["neighbours"], seed=inputs.seed, gpu=inputs.gpu)
-    if approximate is not None:
-        inputs.log(f"=> probcover: approximate neighbours (IVF, {approximate.cells} cells, "
-                   f"{approximate.probes} probed): recall@{approximate.k} {approximate.recall:.3f} on "
-                   f"{min(ivf.RECALL_QUERIES, inputs.num_rows)} sampled rows (target {ivf.TARGET_RECALL})")
+    approximate = _neighbour_index(inputs, options, "probcover")
     try:
         graph, delta = cover.probcover_graph(inputs.feats, delta, purity, classes, seed=inputs.seed,
                                                   gpu=inputs.gpu, approximate=approximate)
@@ -249,9 +267,7 @@ def _build_probcover(inputs: Inputs, options: Options) -> Step:
                    f"under {classes} k-means pseudo-labels")
     inputs.log(f"=> probcover: {len(graph.indices)} edges, {len(graph.indices) / inputs.num_rows:.1f} points per "
                "ball on average")
-    params = {"delta": delta, "purity": purity if options["delta"] is None else None,
-              "neighbours": "exact" if approximate is None else "ivf",
-              "recall": None if approximate is None else approximate.recall}
+    params = {"delta": delta, "purity": purity if options["delta"] is None else None, **_neighbour_params(approximate)}
 
     def step(labelled: np.ndarray, budget: int) -> Selection:
         selection, covered = strategies.probcover_select(graph, labelled, budget, seed=inputs.seed)
@@ -345,6 +361,49 @@ def _build_dropquery(inputs: Inputs, options: Options) -> Step:
     return step
 
 
+def _margins_and_predictions(logits: torch.Tensor) -> torch.Tensor:
+    """Per row: the margin uncertainty 1 - (p1 - p2) of softmax(logits), and the predicted class."""
+    return torch.stack([strategies.margin_uncertainty(logits), logits.argmax(1).double()], 1)
+
+
+def _build_dcom(inputs: Inputs, options: Options) -> Step:
+    """The k-NN pass once; each round, the model's margins and predictions of every row, then DCoM."""
+    labels = inputs.labels
+    if labels is None:
+        raise ValueError("dcom needs labels")
+    approximate = _neighbour_index(inputs, options, "dcom")
+    near = cover.nearest_neighbours(inputs.feats, cover.PROBCOVER_KNN, inputs.gpu, approximate)
+
+    def step(labelled: np.ndarray, budget: int) -> Selection:
+        _unlabelled(inputs, labelled)
+        view = inputs.model_scores(np.arange(inputs.num_rows), lambda head, x, rows: _margins_and_predictions(head(x)))
+        selection = strategies.dcom_select(inputs.feats, labelled, budget, labels=labels,
+                                           predictions=view[:, 1].astype(np.int64), margins=view[:, 0],
+                                           neighbours=near, seed=inputs.seed, device=inputs.device)
+        p = selection.params
+        inputs.log(f"=> dcom: the labelled balls (purity {p['purity_threshold']:.3f}, radii {p['radius_min']:.3f} to "
+                   f"{p['radius_max']:.3f}) cover {p['coverage']:.2%}: competence {p['competence']:.3f}; "
+                   f"density on balls of radius {p['delta']:.4f} ({p['edges']} edges)")
+        return Selection(selection.indices, selection.filled, {**p, **_neighbour_params(approximate)})
+    return step
+
+
+def _build_auto(inputs: Inputs, options: Options) -> Step:
+    """Label-free rounds until the pool holds --auto-ready labels per class, then DropQuery's."""
+    labels = inputs.labels
+    if labels is None:
+        raise ValueError("auto needs labels")
+    steps = {"accu_kmeans": _build_accu_kmeans(inputs, options), "dropquery": _build_dropquery(inputs, options)}
+
+    def step(labelled: np.ndarray, budget: int) -> Selection:
+        method, reason = strategies.auto_method(labels[labelled], options["auto_ready"])
+        inputs.log(f"=> auto: {method}, {reason}")
+        selection = steps[method](labelled, budget)
+        return Selection(selection.indices, selection.filled, {**selection.params, "method": method, "reason": reason},
+                         selection.scores)
+    return step
+
+
 def _build_vaal(inputs: Inputs, options: Options) -> Step:
     """A β-VAE and a discriminator trained each round on the images (or, without them, the features); the
     picks are the unlabelled rows the discriminator rates least likely to be labelled."""
@@ -388,6 +447,10 @@ STRATEGIES: dict[str, Strategy] = {row.name: row for row in (
              options=(UHERDING_BANDWIDTH, CALIBRATION_HOLDOUT, HERDING_SAMPLE), label="UHerding"),
     Strategy("dropquery", _build_dropquery, incremental=True, needs_labels=True, needs_model=True, randomised=True,
              options=(DROPOUT, DROPOUT_PASSES), label="DropQuery"),
+    Strategy("auto", _build_auto, incremental=True, needs_labels=True, needs_model=True, randomised=True,
+             cold_start=True, options=(*KMEANS_OPTIONS, DROPOUT, DROPOUT_PASSES, AUTO_READY), label="Auto"),
+    Strategy("dcom", _build_dcom, incremental=True, needs_labels=True, needs_model=True, options=(NEIGHBOURS,),
+             label="DCoM"),
 )}
 
 

@@ -60,9 +60,9 @@ PROGRAMS = {f"{program.__name__}.py": program for program in (sampler, active_sa
 # Rounds that start from another method's pool of the smallest budget: the paper's active methods from
 # Random's (that is why its first column equals Random's), the label-using newer methods from K-means'.
 ROUNDS_FROM = {"entropy": "random", "coreset": "random", "vaal": "random", "uherding": "kmeans",
-               "dropquery": "kmeans"}
+               "dropquery": "kmeans", "dcom": "kmeans"}
 METHODS = tuple(name for name in (*names(model=False), *names(model=True)) if name in ROUNDS_FROM
-                or not STRATEGIES[name].needs_model)
+                or not STRATEGIES[name].needs_model or STRATEGIES[name].cold_start)
 BUDGETS = "10,20,50,100,200,500,1000"
 VAAL_EPOCHS = 1  # a VAAL round trains on every image (about 15 s an epoch here)
 # With the first seed only: the slowest methods apart from the paper's k-means baselines (VAAL about 90 s,
@@ -327,12 +327,17 @@ def int_list(text: str, flag: str, minimum: int) -> list[int]:
 
 def method_runs(args: argparse.Namespace, name: str, budgets: list[int], seed: int, train: str, test: str
                 ) -> list[Run]:
-    """The selection runs of one method and seed: absolute budgets or rounds from an empty pool for most;
-    rounds from another method's smallest-budget pool for those in ROUNDS_FROM (the paper's protocol)."""
+    """The selection runs of one method and seed: absolute budgets or rounds from an empty pool for most (with
+    the model in the loop for the cold-start strategies, auto); rounds from another method's smallest-budget
+    pool for those in ROUNDS_FROM (the paper's protocol)."""
     indices = os.path.join(args.out, "indices", f"seed{seed}")
     common = ["--dataset", "fashion_mnist", "--seed", seed, "--indices", indices,
               "--save", os.path.join(args.out, "checkpoints"), "--results", os.path.join(args.out, "results.jsonl")]
     row = STRATEGIES[name]
+    if row.cold_start:
+        return [script_run(step_label(name, seed, "rounds"), "active_sampler.py", [
+            "--feats", train, "--name", name, "--splits", joined(increments(budgets)), *model_flags(args, test),
+            *common])]
     if name not in ROUNDS_FROM:
         splits = increments(budgets) if row.incremental else budgets
         return [script_run(step_label(name, seed, "select"), "sampler.py",
@@ -344,12 +349,17 @@ def method_runs(args: argparse.Namespace, name: str, budgets: list[int], seed: i
                 functools.partial(start_pool, start_file, name, own_file, args.pool), f"cp {start_file} {own_file}",
                 after=step_label(start, seed, "select"))]
     if len(budgets) > 1:
-        script, extra = ("active_sampler.py", ["--val-feats", test, "--cached", "--epochs", args.epochs,
-                                               *vaal_flags(args, name)]) if row.needs_model else ("sampler.py", [])
+        script, extra = ("active_sampler.py", [*model_flags(args, test), *vaal_flags(args, name)]
+                         ) if row.needs_model else ("sampler.py", [])
         runs.append(script_run(step_label(name, seed, "rounds"), script, [
             "--feats", train, "--name", name, "--resume-indices", own_file,
             "--splits", joined(increments(budgets)[1:]), *extra, *common], after=runs[0].label))
     return runs
+
+
+def model_flags(args: argparse.Namespace, test: str) -> list:
+    """active_sampler.py's rounds on the cached features, the head trained for --epochs and validated on `test`."""
+    return ["--val-feats", test, "--cached", "--epochs", args.epochs]
 
 
 def vaal_flags(args: argparse.Namespace, name: str) -> list:
