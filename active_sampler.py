@@ -47,6 +47,7 @@ from lowbudget.strategy_table import (
     HeadScore,
     Inputs,
     ModelScores,
+    Step,
     Strategy,
     add_options,
     lookup,
@@ -228,17 +229,32 @@ def model_scores(pool_data: RoundData, head: torch.nn.Module, *, num_classes: in
     return scores
 
 
-def select(strategy: Strategy, pool_data: RoundData, hook: ModelScores, pool: DatasetIndices, budget: int
-           ) -> tuple[DatasetIndices, Selection]:
-    """(the `budget` unlabelled images that the strategy picks with the model `hook`, a head trained on
-    `pool`; the strategy's selection, in its rows): the strategy sees the selectable images alone."""
+class RoundModel:
+    """The strategy's model hook for a whole run: the head of the current round (no model before the first
+    labels), so that the strategy is built once and keeps what does not change between rounds."""
+
+    def __init__(self) -> None:
+        self.current: ModelScores = no_model
+
+    def __call__(self, rows: np.ndarray, score: HeadScore, *, trained_on: np.ndarray | None = None) -> np.ndarray:
+        return self.current(rows, score, trained_on=trained_on)
+
+
+def build_step(strategy: Strategy, pool_data: RoundData, hook: ModelScores) -> Step:
+    """The strategy, built once per run on the selectable images (their features, labels and pixels as it needs
+    them), its model reached through `hook`: what does not depend on the pool (DCoM's k-NN pass) is done once."""
     args, images = pool_data.args, pool_data.selectable
     pixels = pool_data.images.subset(images.indices) if strategy.learns_from_images and not args.cached else None
     inputs = Inputs(images.of_rows(pool_data.strategy_feats), images.of_rows(pool_data.labels), seed=args.seed,
                     device=pool_data.device, gpu=faiss_uses_gpu(pool_data.device), verbose=sys.stdout.isatty(),
                     model_scores=hook, pixels=pixels, dataset=args.dataset, workers=args.workers,
                     checkpoints=args.save)
-    selection = strategy.build(inputs, vars(args))(images.rows(pool, "--resume-indices"), budget)
+    return strategy.build(inputs, vars(args))
+
+
+def select(step: Step, images: Selectable, pool: DatasetIndices, budget: int) -> tuple[DatasetIndices, Selection]:
+    """(the `budget` unlabelled images that the strategy's step picks; its selection, in its rows)."""
+    selection = step(images.rows(pool, "--resume-indices"), budget)
     return images.dataset_indices(Rows(selection.indices)), selection
 
 
@@ -276,11 +292,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     fields = {"script": "active_sampler", "dataset": args.dataset, "name": args.name, "seed": args.seed,
               **provenance(args)}
     record = functools.partial(append_result, results_file, **fields)
+    model = RoundModel()
+    step = build_step(strategy, pool_data, model)
     for increment in splits:
         require_pools_labelled(args, pool_data.labels, [pool])  # the last round's picks need their labels
-        hook = pool_model(pool_data, pool, num_classes, schedule, record) if len(pool) else no_model  # a cold start
+        model.current = pool_model(pool_data, pool, num_classes, schedule, record) if len(pool) else no_model
         print(f"Query sampling with {args.name} started ...")
-        picked, selection = select(strategy, pool_data, hook, pool, increment)
+        picked, selection = select(step, pool_data.selectable, pool, increment)
         previous, pool = pool, DatasetIndices(np.concatenate([pool, picked]))
         seen = coverage(pool_data.labels, pool)
         print(f"{len(pool)} indices are sampled in total, {len(np.unique(pool))} of them are unique")
