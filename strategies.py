@@ -289,7 +289,7 @@ def dcom_select(feats: np.ndarray, labeled: np.ndarray, budget: int, *, labels: 
         "radius_min": float(radii.radii.min()), "radius_max": float(radii.radii.max()), "edges": len(graph.indices)})
 
 
-AUTO_READY = 10.0  # labels per class from which `auto` uses the model (docs/strategies.md, measured)
+AUTO_READY = 5.0  # labels per class from which `auto` uses the model (measured: docs/strategies.md)
 
 
 def auto_method(pool_labels: np.ndarray, ready_at: float = AUTO_READY) -> tuple[str, str]:

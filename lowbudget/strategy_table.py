@@ -447,10 +447,10 @@ STRATEGIES: dict[str, Strategy] = {row.name: row for row in (
              options=(UHERDING_BANDWIDTH, CALIBRATION_HOLDOUT, HERDING_SAMPLE), label="UHerding"),
     Strategy("dropquery", _build_dropquery, incremental=True, needs_labels=True, needs_model=True, randomised=True,
              options=(DROPOUT, DROPOUT_PASSES), label="DropQuery"),
-    Strategy("auto", _build_auto, incremental=True, needs_labels=True, needs_model=True, randomised=True,
-             cold_start=True, options=(*KMEANS_OPTIONS, DROPOUT, DROPOUT_PASSES, AUTO_READY), label="Auto"),
     Strategy("dcom", _build_dcom, incremental=True, needs_labels=True, needs_model=True, options=(NEIGHBOURS,),
              label="DCoM"),
+    Strategy("auto", _build_auto, incremental=True, needs_labels=True, needs_model=True, randomised=True,
+             cold_start=True, options=(*KMEANS_OPTIONS, DROPOUT, DROPOUT_PASSES, AUTO_READY), label="Auto"),
 )}
 
 

@@ -68,7 +68,11 @@ def test_demo_end_to_end_then_reuses_features(tmp_path, fashion_root, capsys, mo
     assert report.count("Mean ± std over seeds: 2 per cell, except where (n=…) says otherwise.") == 3
     assert report.count("| VAAL | ") == 6 and "(n=1)" in report
     assert report.count("| *K-means − Random* |") == 6  # under the run's three tables and the paper's three
-    assert "Core-set, Max-Entropy and VAAL from Random's; UHerding and DropQuery from K-means's pool of 10" in report
+    assert ("Core-set, Max-Entropy and VAAL from Random's; UHerding, DropQuery and DCoM from K-means's pool of 10"
+            in report)
+    assert "Auto chooses each round's method itself" in report
+    auto = json.loads((out / "indices" / "seed0" / "auto_fashion_mnist_50.json").read_text())
+    assert auto["params"]["method"] == "accu_kmeans" and auto["initial_pool"]["size"] == 20
     for plot in ("coverage", "knn_top1", "lincls_top1"):
         assert (out / f"fashion-mnist_{plot}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert stdout.count("| K-means |") == 6  # the report is printed too

@@ -46,6 +46,7 @@ import active_sampler
 import eval_knn
 import eval_lincls
 import sampler
+import strategies
 from lowbudget import cli, datasets
 from lowbudget.cli import UsageError
 from lowbudget.features import extract, file_name_part
@@ -439,6 +440,9 @@ def protocol_note(methods: Sequence[str], first: int) -> str:
         note += f", starting from an empty pool except {'; '.join(clauses)} pool of {first} (their first column)"
     if "vaal" in methods:
         note += ". VAAL runs on the cached features (this project's MLP variant, not the paper's image VAE)"
+    if "auto" in methods:
+        note += (f". Auto chooses each round's method itself: k-means rounds until the pool holds "
+                 f"{strategies.AUTO_READY:g} labels per class, DropQuery's from then on")
     slow = [STRATEGIES[name].title for name in methods if name in SLOW]
     if slow:
         note += f". {' and '.join(slow)}, the slowest, run{'s' if len(slow) == 1 else ''} with the first seed only"
