@@ -219,9 +219,10 @@ class TabulatedKernel(CountingKernel):
 
 
 @pytest.mark.parametrize("kind", [TabulatedKernel, CountingKernel])
-def test_herding_updates_equal_recomputed_gains_and_read_only_the_rows_a_pick_covers_better(kind):
-    """Updated and recomputed gains read a kernel entry from blocks of other shapes: from a table they agree
-    up to the order of float64 sums; computed, within the gains' slack (the entries' float32 rounding)."""
+def test_herding_gains_from_a_row_equal_the_blocked_gains_and_read_that_row_alone(kind):
+    """A gain recomputed from the candidate's own kernel row and the blocked gains read its kernel entries
+    from blocks of other shapes: from a table they agree up to the order of float64 sums; computed, within
+    the gains' slack (the entries' float32 rounding)."""
     x = unit_rows(300, 6, seed=3)
     plain = H.herding_kernel(x, 0.4)
     kernel = kind(plain.feats, plain.sq_norms, 0.4, block_elements=11 * 300)
@@ -229,14 +230,14 @@ def test_herding_updates_equal_recomputed_gains_and_read_only_the_rows_a_pick_co
     object.__setattr__(kernel, "table", plain.rows(torch.arange(300)))
     weights = torch.from_numpy(np.random.default_rng(1).uniform(0.1, 1, 300)).float()
     state = H.HerdingState(kernel, weights, np.array([4, 90]), progress=False)
-    gains, slack = state.gains(torch.arange(300))
-    tolerance = slack * (1e-12 / kernel.rounding if kind is TabulatedKernel else 1)
     for pick in (17, 250, 5, 133):
-        raised = int((plain.rows(torch.tensor([pick]))[0] > state.cover).sum())
+        state.cover_with(plain.rows(torch.tensor([pick]))[0])
+        gains, slack = state.gains(torch.arange(300))
+        tolerance = slack * (1e-12 / kernel.rounding if kind is TabulatedKernel else 1)
         kernel.counts.clear()
-        gains -= state.add(pick)
-        assert sum(kernel.counts) == 1 + raised < 150  # the pick's own row, then only the rows it covers better
-        assert ((gains - state.gains(torch.arange(300))[0]).abs() <= tolerance).all()
+        row = torch.tensor([pick + 1])
+        assert (state.block_gains(kernel.rows(row))[0] - gains[row]).abs() <= tolerance[row]
+        assert kernel.counts == [1]
 
 
 def test_maxherding_rounds_continue_one_greedy_with_the_picks_of_rounds_started_again():
@@ -248,17 +249,21 @@ def test_maxherding_rounds_continue_one_greedy_with_the_picks_of_rounds_started_
         kernels.append(CountingKernel(plain.feats, plain.sq_norms, 0.5, block_elements=7 * 250))
         object.__setattr__(kernels[-1], "counts", counts)
     greedy, pool, restarted, continued = H.HerdingGreedy(kernels[0], np.array([9, 40])), np.array([9, 40]), [], []
+    round_reads = []
     for increment in (3, 7, 20):
         assert greedy.continues(0.5, pool)
+        continued_reads.clear(), restarted_reads.clear()
         continued.append(greedy.take(increment).indices)
         restarted.append(herding(kernels[1], pool, increment).indices)
+        round_reads.append((sum(continued_reads), sum(restarted_reads)))
         pool = np.concatenate([pool, restarted[-1]])
     continued_picks = np.concatenate(continued)
     assert (herding_margins(x, 0.5, np.array([9, 40]), continued_picks) > 3).all()  # no near-tie to swap
     assert [c.tolist() for c in continued] == [r.tolist() for r in restarted]
     assert_herding_greedy(x, 0.5, np.array([9, 40]), Selection(continued_picks, 0, {}))
-    # a round started again reads every row once more (the labelled rows' cover, the candidates' gains)
-    assert sum(restarted_reads) - sum(continued_reads) == 2 * 250
+    # a round started again reads every row once more (the labelled rows' cover, the candidates' gains); a
+    # continued round only the kernel rows of the gains it recomputes and of its picks
+    assert all(continued < restarted and restarted > 250 for continued, restarted in round_reads[1:])
     assert not greedy.continues(0.4, pool) and not greedy.continues(0.5, pool[:-1])
 
 
