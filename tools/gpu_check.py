@@ -6,7 +6,9 @@ Checks, one PASS/FAIL line each with its numbers (about a minute on one GPU): fe
 (random ResNet-18, 256 synthetic images, CUDA against CPU, cosine >= 0.999 per image); faiss flat
 search (the same neighbours up to ties) and k-means (objective within 1 %) on the GPU against the CPU;
 the core-set CUDA path against the CPU path on float32 and float16 features (the same picks, or the
-first differing pick a tie within float rounding and the same covering radius); a linear probe trained
+first differing pick a tie within float rounding and the same covering radius); the herding greedy of
+UHerding and MaxHerding (the same objective within 1e-4) and DCoM's radii (the same threshold and
+coverage) on CUDA against the CPU; a linear probe trained
 with mixed precision (`engine.fit(amp=True)`); and a one-process torchrun on NCCL all-reducing a tensor.
 Exit status 1 if any check fails. Without a CUDA device it prints one line and exits 0.
 """
@@ -22,7 +24,7 @@ import numpy as np
 import torch
 
 import strategies
-from lowbudget import datasets, engine, faiss_ops
+from lowbudget import datasets, dcom, engine, faiss_ops, herding
 from lowbudget.features import extract
 from lowbudget.runtime import faiss_uses_gpu, resolve_precision
 from models.checkpoints import build_backbone
@@ -127,6 +129,44 @@ def check_coreset() -> bool:
                   "; ".join(f"{dtype}: {numbers}" for dtype, (_, numbers) in verdicts.items()))
 
 
+def herding_objective(feats: np.ndarray, chosen: np.ndarray, weights: np.ndarray, bandwidth: float) -> float:
+    """sum_j u_j max over the chosen rows of k(x_j, x), in float64: what the herding greedy maximises."""
+    x = torch.from_numpy(feats).double()
+    sq_dist = torch.cdist(x[torch.from_numpy(chosen)], x).square()
+    return float((torch.exp(-sq_dist / bandwidth ** 2).amax(0) * torch.from_numpy(weights)).sum())
+
+
+def check_herding() -> bool:
+    """UHerding's and MaxHerding's lazy greedy on CUDA against the CPU: the same picks, or the same objective
+    within float32 rounding where near-ties differ."""
+    feats = clustered_rows(8000, 64, 6)
+    weights = np.random.default_rng(6).random(len(feats)) + 0.01
+    labeled = np.arange(10)
+    picks = {device: herding.HerdingGreedy(herding.herding_kernel(feats, 0.5, device), labeled, weights).take(200)
+             for device in (CPU, CUDA)}
+    same = int(np.argmin(picks[CPU].indices == picks[CUDA].indices)) if not np.array_equal(
+        picks[CPU].indices, picks[CUDA].indices) else len(picks[CPU].indices)
+    objectives = [herding_objective(feats, np.concatenate([labeled, picks[d].indices]), weights, 0.5)
+                  for d in (CPU, CUDA)]
+    gap = abs(objectives[0] - objectives[1]) / objectives[0]
+    return report("herding greedy", gap <= 1e-4, f"{same} of 200 picks the same before the first difference; "
+                  f"objective {objectives[0]:.4f} (CPU) against {objectives[1]:.4f} (CUDA), relative {gap:.1e}")
+
+
+def check_dcom_radii() -> bool:
+    """DCoM's ball radii, sorted on CUDA against the CPU: the same self-consistent threshold and coverage."""
+    feats, labels = clustered(20000, 64, 7)
+    predictions = np.where(np.random.default_rng(7).random(len(feats)) < 0.6, labels, (labels + 1) % 20)
+    labelled = np.arange(0, 20000, 400)  # coverage about 0.87: the threshold is set by the bisection
+    radii = {device: dcom.consistent_radii(dcom.labelled_balls(feats, labelled, labels[labelled], predictions,
+                                                               device), len(feats)) for device in (CPU, CUDA)}
+    gap = float(np.abs(radii[CPU].radii - radii[CUDA].radii).max())
+    ok = radii[CPU].threshold == radii[CUDA].threshold and abs(radii[CPU].coverage - radii[CUDA].coverage) <= 1e-3
+    return report("dcom radii", ok and gap <= 1e-4, f"threshold {radii[CPU].threshold:.4f} / "
+                  f"{radii[CUDA].threshold:.4f}, coverage {radii[CPU].coverage:.4f} / {radii[CUDA].coverage:.4f}, "
+                  f"largest radius difference {gap:.1e}")
+
+
 def check_amp_probe() -> bool:
     feats, labels = clustered(4000, 128, 5)
     head = engine.linear_head(128, 20).to(CUDA)
@@ -165,7 +205,8 @@ def main() -> int:
     if not torch.cuda.is_available():
         print("gpu_check: no CUDA device: skipped")
         return 0
-    checks: list[Callable[[], bool]] = [check_extraction, check_coreset, check_amp_probe, check_nccl]
+    checks: list[Callable[[], bool]] = [check_extraction, check_coreset, check_herding, check_dcom_radii,
+                                        check_amp_probe, check_nccl]
     if faiss_uses_gpu(CUDA):
         checks += [check_flat_search, check_kmeans]
     else:
