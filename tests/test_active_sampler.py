@@ -122,8 +122,8 @@ def test_uherding_options_reach_the_strategy(tmp_path, capsys):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["uherding", "dropquery"])
-def test_uherding_and_dropquery_on_images(tmp_path, cifar10_root, capsys, name):
+@pytest.mark.parametrize("name", ["uherding", "dropquery", "dcom"])
+def test_uherding_dropquery_and_dcom_on_images(tmp_path, cifar10_root, capsys, name):
     status, out, err = call_main(active_sampler.main, [
         cifar10_root, "--dataset", "cifar10", "--arch", "resnet18", "--backbone", "random", "-j", "0",
         "--name", name, "--init-random", "10", "--splits", "6", "--epochs", "2", "-p", "1", "-b", "8",
@@ -131,6 +131,19 @@ def test_uherding_and_dropquery_on_images(tmp_path, cifar10_root, capsys, name):
     assert status == 0, err
     pool = np.load(tmp_path / "idx" / f"{name}_cifar10_16.npy")
     assert len(np.unique(pool)) == 16 and "Current unlabeled indices is 190." in out
+
+
+@pytest.mark.slow
+def test_auto_on_images_from_no_labels(tmp_path, cifar10_root, capsys):
+    status, out, err = call_main(active_sampler.main, [
+        cifar10_root, "--dataset", "cifar10", "--arch", "resnet18", "--backbone", "random", "-j", "0",
+        "--name", "auto", "--auto-ready", "1", "--splits", "10,6", "--epochs", "2", "-p", "1", "-b", "8",
+        "--indices", tmp_path / "idx", "--save", tmp_path / "out"], capsys)
+    assert status == 0, err
+    methods = [json.loads((tmp_path / "idx" / f"auto_cifar10_{n}.json").read_text())["params"]["method"]
+               for n in (10, 16)]
+    assert methods == ["accu_kmeans", "dropquery"]
+    assert len(np.unique(np.load(tmp_path / "idx" / "auto_cifar10_16.npy"))) == 16
 
 
 @pytest.mark.slow
