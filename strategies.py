@@ -133,6 +133,33 @@ def kmeans_select(feats: np.ndarray, budget: int, seed: int = 0, gpu: bool = Fal
                                    verbose=verbose, settings=settings)
 
 
+def uncovered_kmeans_select(feats: np.ndarray, labeled: np.ndarray, budget: int, seed: int = 0, gpu: bool = False,
+                            verbose: bool = False, settings: faiss_ops.KmeansSettings = faiss_ops.ORIGINAL_KMEANS
+                            ) -> Selection:
+    """k-means that sees the labelled pool: |pool| + `budget` clusters over all points; the largest clusters
+    that hold no labelled point (at least `budget` of them: the pool sits in at most |pool|) each send their
+    point nearest the centroid (ties: lowest index), in cluster order, and a seeded random fill where empty
+    clusters leave too few. From an empty pool it is kmeans_select. Multi-batch k-means, with `budget`
+    clusters, puts them where the pool's own clusters are when the pool came from k-means, and takes the
+    points next to its picks."""
+    labeled = np.asarray(labeled, dtype=np.int64)
+    eligible = eligible_mask(len(feats), labeled)
+    check_budget(budget, int(eligible.sum()))
+    k = len(labeled) + budget
+    _, assign, dist = faiss_ops.kmeans(feats, k, seed, settings, gpu=gpu, verbose=verbose)
+    nearest = _nearest_per_cluster(assign, dist, eligible, k)
+    sizes = np.bincount(assign, minlength=k)
+    uncovered = np.ones(k, dtype=bool)
+    uncovered[assign[labeled]] = False
+    order = np.argsort(-sizes, kind="stable")
+    picks = nearest[np.sort(order[uncovered[order] & (nearest[order] >= 0)][:budget])]  # in cluster order
+    eligible[picks] = False
+    fill = seeded_fill(eligible, budget - len(picks), seed)
+    return Selection(np.concatenate([picks, fill]), len(fill), {
+        "clusters": k, "niter": settings.niter, "nredo": settings.nredo, "sample": settings.sample,
+        "kmeans_objective": float(dist.sum())})
+
+
 def accu_kmeans_select(feats: np.ndarray, labeled: np.ndarray, budget: int, seed: int = 0, gpu: bool = False,
                        verbose: bool = False, settings: faiss_ops.KmeansSettings = faiss_ops.ORIGINAL_KMEANS
                        ) -> Selection:
@@ -293,15 +320,15 @@ AUTO_READY = 5.0  # labels per class from which `auto` uses the model (measured:
 
 
 def auto_method(pool_labels: np.ndarray, ready_at: float = AUTO_READY) -> tuple[str, str]:
-    """The method of an `auto` round and why, from the labelled pool's labels alone: label-free multi-batch
-    k-means ("accu_kmeans"; k-means itself from an empty pool) until the pool holds `ready_at` labels per
-    class it has seen, DropQuery from then on."""
+    """The method of an `auto` round and why, from the labelled pool's labels alone: label-free k-means
+    ("kmeans": uncovered_kmeans_select, k-means itself from an empty pool) until the pool holds `ready_at`
+    labels per class it has seen, DropQuery from then on."""
     if not len(pool_labels):
-        return "accu_kmeans", "no labels yet: k-means"
+        return "kmeans", "no labels yet"
     per_class = len(pool_labels) / len(np.unique(pool_labels))
     if per_class >= ready_at:
         return "dropquery", f"{per_class:.1f} labels per class, at least {ready_at:g}: the model is ready"
-    return "accu_kmeans", f"{per_class:.1f} labels per class, fewer than {ready_at:g}: label-free"
+    return "kmeans", f"{per_class:.1f} labels per class, fewer than {ready_at:g}: label-free"
 
 
 def labelled_bandwidth(feats: np.ndarray, labeled: np.ndarray, gpu: bool = False) -> float | None:

@@ -166,7 +166,7 @@ DROPOUT_PASSES = Option("--dropout-passes", 3, "dropquery, auto: predictions wit
                         "without; candidates differ in more than half of them", cli.int_at_least(1))
 AUTO_READY = Option("--auto-ready", strategies.AUTO_READY, "auto: labels per class (the pool's size over the "
                     "classes it holds) from which a round uses the model trained on the pool (dropquery); before, "
-                    "label-free multi-batch k-means (accu_kmeans; k-means from an empty pool)",
+                    "label-free k-means with pool + increment clusters, the uncovered ones sending a point each",
                     cli.Number(0, 1e6, low_open=True), metavar="N")
 VAAL_EPOCHS = Option("--vaal-epochs", vaal.VaalSettings.epochs, "vaal: epochs of VAE and discriminator training "
                      "per round (an epoch: every training image once, labelled and unlabelled)", cli.EPOCHS)
@@ -389,11 +389,16 @@ def _build_dcom(inputs: Inputs, options: Options) -> Step:
 
 
 def _build_auto(inputs: Inputs, options: Options) -> Step:
-    """Label-free rounds until the pool holds --auto-ready labels per class, then DropQuery's."""
+    """k-means rounds that see the pool until it holds --auto-ready labels per class, then DropQuery's."""
     labels = inputs.labels
     if labels is None:
         raise ValueError("auto needs labels")
-    steps = {"accu_kmeans": _build_accu_kmeans(inputs, options), "dropquery": _build_dropquery(inputs, options)}
+    settings = _kmeans_settings(options)
+
+    def kmeans(labelled: np.ndarray, budget: int) -> Selection:
+        return strategies.uncovered_kmeans_select(inputs.feats, labelled, budget, seed=inputs.seed, gpu=inputs.gpu,
+                                                  verbose=inputs.verbose, settings=settings)
+    steps = {"kmeans": kmeans, "dropquery": _build_dropquery(inputs, options)}
 
     def step(labelled: np.ndarray, budget: int) -> Selection:
         method, reason = strategies.auto_method(labels[labelled], options["auto_ready"])

@@ -142,7 +142,7 @@ def test_auto_on_images_from_no_labels(tmp_path, cifar10_root, capsys):
     assert status == 0, err
     methods = [json.loads((tmp_path / "idx" / f"auto_cifar10_{n}.json").read_text())["params"]["method"]
                for n in (10, 16)]
-    assert methods == ["accu_kmeans", "dropquery"]
+    assert methods == ["kmeans", "dropquery"]
     assert len(np.unique(np.load(tmp_path / "idx" / "auto_cifar10_16.npy"))) == 16
 
 

@@ -9,7 +9,7 @@ import pytest
 import active_sampler
 import sampler
 import strategies
-from lowbudget import cover, dcom
+from lowbudget import cover, dcom, faiss_ops
 from lowbudget.selection import most_uncertain
 from tests.helpers import args_for, call_main, unit_rows, write_feats
 
@@ -148,9 +148,29 @@ def test_dcom_select_records_a_consistent_coverage_and_competence():
                                neighbours=cover.nearest_neighbours(x, 16))
 
 
+def test_uncovered_kmeans_takes_the_largest_clusters_without_a_labelled_point():
+    x = unit_rows(600, 8, seed=10)
+    assert np.array_equal(strategies.uncovered_kmeans_select(x, np.zeros(0, np.int64), 12, seed=3).indices,
+                          strategies.kmeans_select(x, 12, seed=3).indices)
+    labelled = strategies.kmeans_select(x, 10, seed=3).indices
+    picks = strategies.uncovered_kmeans_select(x, labelled, 15, seed=3)
+    assert len(np.unique(picks.indices)) == 15 and not np.intersect1d(picks.indices, labelled).size
+    _, assign, dist = faiss_ops.kmeans(x, 25, 3)  # the same run: 25 clusters, the same seed and settings
+    covered = set(assign[labelled].tolist())
+    free = sorted([c for c in np.argsort(-np.bincount(assign, minlength=25), kind="stable") if c not in covered][:15])
+    expected = [np.flatnonzero(assign == c)[np.argmin(dist[assign == c])] for c in free]
+    assert picks.indices.tolist() == expected and picks.filled == 0 and picks.params["clusters"] == 25
+    # multi-batch k-means from a k-means pool of the same seed clusters where the pool did: it takes the
+    # points next to the pool's own, which this does not
+    again = strategies.accu_kmeans_select(x, labelled, 10, seed=3).indices
+    nearest = [np.linalg.norm(x[labelled] - x[i], axis=1).min() for i in again]
+    assert np.median(nearest) < np.median([np.linalg.norm(x[labelled] - x[i], axis=1).min()
+                                           for i in picks.indices])
+
+
 def test_auto_method_follows_labels_per_class():
-    assert strategies.auto_method(np.zeros(0, np.int64), 10)[0] == "accu_kmeans"
-    assert strategies.auto_method(np.repeat(np.arange(4), 9), 10)[0] == "accu_kmeans"
+    assert strategies.auto_method(np.zeros(0, np.int64), 10)[0] == "kmeans"
+    assert strategies.auto_method(np.repeat(np.arange(4), 9), 10)[0] == "kmeans"
     method, reason = strategies.auto_method(np.repeat(np.arange(4), 10), 10)
     assert method == "dropquery" and "10.0 labels per class" in reason
     assert strategies.auto_method(np.array([0] * 12 + [1] * 8), 10)[0] == "dropquery"  # 10 per class on average
@@ -162,8 +182,9 @@ def test_auto_starts_from_no_labels_with_kmeans_and_switches_to_the_model(tmp_pa
     status, out, err = call_main(active_sampler.main, args, capsys)
     assert status == 0, err
     meta = [json.loads((tmp_path / "idx" / f"auto_cifar10_{n}.json").read_text()) for n in (8, 12, 24)]
-    assert [m["params"]["method"] for m in meta] == ["accu_kmeans", "accu_kmeans", "dropquery"]
-    assert meta[0]["params"]["reason"] == "no labels yet: k-means" and meta[0]["initial_pool"]["size"] == 0
+    assert [m["params"]["method"] for m in meta] == ["kmeans", "kmeans", "dropquery"]
+    assert meta[0]["params"]["reason"] == "no labels yet" and meta[0]["initial_pool"]["size"] == 0
+    assert meta[1]["params"]["clusters"] == 12
     assert "labels per class" in meta[2]["params"]["reason"] and "candidates" in meta[2]["params"]
     assert "Final accuracy of 8 labeled data" in out and "Final accuracy of 0" not in out
     # the cold start picks what sampler.py's k-means picks

@@ -72,7 +72,7 @@ def test_demo_end_to_end_then_reuses_features(tmp_path, fashion_root, capsys, mo
             in report)
     assert "Auto chooses each round's method itself" in report
     auto = json.loads((out / "indices" / "seed0" / "auto_fashion_mnist_50.json").read_text())
-    assert auto["params"]["method"] == "accu_kmeans" and auto["initial_pool"]["size"] == 20
+    assert auto["params"]["method"] == "kmeans" and auto["initial_pool"]["size"] == 20
     for plot in ("coverage", "knn_top1", "lincls_top1"):
         assert (out / f"fashion-mnist_{plot}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert stdout.count("| K-means |") == 6  # the report is printed too
