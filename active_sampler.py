@@ -3,9 +3,11 @@
 Each `--splits` value is the number of images added in that round (as the original). Strategies:
 entropy (the paper's Max-Entropy), margin, least_confidence (the most uncertain images, scored batch by
 batch so that memory stays O(N)); uherding (MaxHerding's kernel coverage weighted by the head's
-calibrated margin uncertainty) and dropquery (k-means over the images whose prediction flips under
-input-feature dropout), which also read the L2-normalised features of every training image (--cached:
-the cached ones; images: the backbone's, embedded once per run). The pool of every round is written as
+calibrated margin uncertainty), dropquery (k-means over the images whose prediction flips under
+input-feature dropout), dcom (density of uncovered images mixed with margin uncertainty by the coverage
+of per-image balls) and auto (k-means rounds from no labels, DropQuery's once the pool holds --auto-ready
+labels per class), which also read the L2-normalised features of every training image (--cached: the
+cached ones; images: the backbone's, embedded once per run). The pool of every round is written as
 `{indices}/{name}_{dataset}_{N}.npy` with a sidecar; pass the last one as --resume-indices to continue
 a stopped run.
 Under torchrun the processes share out the feature extraction; with images they also train the head in
