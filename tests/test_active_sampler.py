@@ -122,8 +122,10 @@ def test_uherding_options_reach_the_strategy(tmp_path, capsys):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["uherding", "dropquery", "dcom"])
-def test_uherding_dropquery_and_dcom_on_images(tmp_path, cifar10_root, capsys, name):
+@pytest.mark.parametrize("name", ["entropy", "uherding", "dropquery", "dcom"])
+def test_rounds_on_images(tmp_path, cifar10_root, capsys, name):
+    """The default protocol: the head trained on the images through the backbone; the strategies that read
+    features also embed every training image."""
     status, out, err = call_main(active_sampler.main, [
         cifar10_root, "--dataset", "cifar10", "--arch", "resnet18", "--backbone", "random", "-j", "0",
         "--name", name, "--init-random", "10", "--splits", "6", "--epochs", "2", "-p", "1", "-b", "8",
@@ -158,17 +160,6 @@ def test_uherding_and_dropquery_under_torchrun(tmp_path, name):
     assert run.returncode == 0, run.stderr
     pool = np.load(tmp_path / "idx" / f"{name}_cifar10_8.npy")
     assert len(np.unique(pool)) == 8 and pool.max() < 101 and run.stdout.count("=> saved") == 1
-
-
-@pytest.mark.slow
-def test_default_protocol_on_images(tmp_path, cifar10_root, capsys):
-    status, out, err = call_main(active_sampler.main, [
-        cifar10_root, "--dataset", "cifar10", "--arch", "resnet18", "--backbone", "random", "-j", "0",
-        "--name", "entropy", "--init-random", "10", "--splits", "6", "--epochs", "2", "-p", "1", "-b", "8",
-        "--indices", tmp_path / "idx", "--save", tmp_path / "out"], capsys)
-    assert status == 0, err
-    pool = np.load(tmp_path / "idx" / "entropy_cifar10_16.npy")
-    assert len(np.unique(pool)) == 16 and "Current unlabeled indices is 190." in out
 
 
 @pytest.mark.parametrize("extra,pattern", [
