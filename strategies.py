@@ -119,9 +119,13 @@ def _kmeans_representatives(feats: np.ndarray, eligible: np.ndarray, budget: int
     """`budget` faiss k-means clusters over all points, each sending its eligible point nearest the centroid."""
     _, assign, dist = faiss_ops.kmeans(feats, budget, seed, settings, gpu=gpu, verbose=verbose)
     selection = cluster_representatives(assign, dist, eligible, budget)
-    return Selection(selection.indices, selection.filled, {"niter": settings.niter, "nredo": settings.nredo,
-                                                           "sample": settings.sample,
-                                                           "kmeans_objective": float(dist.sum())})
+    return Selection(selection.indices, selection.filled, _kmeans_params(settings, dist))
+
+
+def _kmeans_params(settings: faiss_ops.KmeansSettings, sq_dist: np.ndarray) -> dict[str, float | int | None]:
+    """What a sidecar records of a k-means run: the settings it ran with and its objective."""
+    return {"niter": settings.niter, "nredo": settings.nredo, "sample": settings.sample,
+            "kmeans_objective": float(sq_dist.sum())}
 
 
 def kmeans_select(feats: np.ndarray, budget: int, seed: int = 0, gpu: bool = False, verbose: bool = False,
@@ -155,9 +159,7 @@ def uncovered_kmeans_select(feats: np.ndarray, labeled: np.ndarray, budget: int,
     picks = nearest[np.sort(order[uncovered[order] & (nearest[order] >= 0)][:budget])]  # in cluster order
     eligible[picks] = False
     fill = seeded_fill(eligible, budget - len(picks), seed)
-    return Selection(np.concatenate([picks, fill]), len(fill), {
-        "clusters": k, "niter": settings.niter, "nredo": settings.nredo, "sample": settings.sample,
-        "kmeans_objective": float(dist.sum())})
+    return Selection(np.concatenate([picks, fill]), len(fill), {"clusters": k, **_kmeans_params(settings, dist)})
 
 
 def accu_kmeans_select(feats: np.ndarray, labeled: np.ndarray, budget: int, seed: int = 0, gpu: bool = False,
