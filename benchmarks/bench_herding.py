@@ -28,11 +28,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from bench_strategies import synthetic_features  # this folder: the script's own
 
 from lowbudget import herding
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_strategies import synthetic_features
 
 OLD = "763a9e8622012cf5b473bef560c1f0eb8b1cb7e3"  # the last lowbudget/herding.py that updated every gain
 
